@@ -1,0 +1,1 @@
+"""Conditional diffusion for SAR-to-optical image translation."""

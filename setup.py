@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="sar2opt-diffusion",
+    version="0.1.0",
+    description="Conditional diffusion for SAR-to-optical image translation (Bai, Pu, Xu, GRSL 2023)",
+    packages=["guided_diffusion"],
+    python_requires=">=3.9",
+    # torch is not pinned here on purpose: install the build for your machine first
+    # (README), otherwise pip pulls a multi-gigabyte CUDA build.
+    install_requires=[
+        "torch>=2.0",
+        "numpy",
+        "pillow",
+        "blobfile",
+        "tqdm",
+        "scikit-image",
+    ],
+    extras_require={
+        "mpi": ["mpi4py", "mpich"],
+        "test": ["pytest", "mpi4py", "mpich", "ruff"],
+    },
+)
