@@ -1,0 +1,989 @@
+"""
+Gaussian diffusion for conditional image generation (DDPM, improved DDPM, DDIM).
+
+The optical image ``x_start`` is diffused; the SAR image ``condition`` never is.
+Every call of the network goes through :meth:`GaussianDiffusion._model_output`,
+which concatenates the clean condition to the noisy image (noisy optical first,
+SAR second): training, DDPM, DDIM, the likelihood and the fast solvers all share it.
+
+Schedule coefficients are computed once in float64 (numpy, as guided-diffusion
+does, so the numbers agree bit for bit) and cached as tensors per device.
+"""
+
+import enum
+import math
+from functools import partial
+
+import numpy as np
+import torch as th
+
+from .losses import discretized_gaussian_log_likelihood, normal_kl
+from .nn import mean_flat
+
+
+def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
+    """
+    The beta schedule of a name, as a float64 numpy array.
+
+    "linear" is the DDPM schedule scaled so that any number of steps spans the same
+    noise levels as 1000 steps; "cosine" is improved DDPM's.
+
+    :param schedule_name: "linear" or "cosine".
+    :param num_diffusion_timesteps: the number of diffusion steps T.
+    """
+    if schedule_name == "linear":
+        scale = 1000 / num_diffusion_timesteps
+        beta_start = scale * 0.0001
+        beta_end = scale * 0.02
+        return np.linspace(
+            beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64
+        )
+    if schedule_name == "cosine":
+        return betas_for_alpha_bar(
+            num_diffusion_timesteps,
+            lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
+        )
+    raise ValueError(
+        f"unknown noise schedule {schedule_name!r}: use --noise_schedule linear or cosine"
+    )
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps, alpha_bar, max_beta=0.999):
+    """
+    Discretise a continuous alpha_bar(t), t in [0, 1], into betas.
+
+    :param alpha_bar: the cumulative product of (1 - beta) as a function of t.
+    :param max_beta: the largest beta allowed; keeps the last steps finite.
+    """
+    betas = []
+    for i in range(num_diffusion_timesteps):
+        t1 = i / num_diffusion_timesteps
+        t2 = (i + 1) / num_diffusion_timesteps
+        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
+    return np.array(betas, dtype=np.float64)
+
+
+class ModelMeanType(enum.Enum):
+    """What the network predicts."""
+
+    PREVIOUS_X = enum.auto()  # x_{t-1}
+    START_X = enum.auto()  # x_0
+    EPSILON = enum.auto()  # the noise
+
+
+class ModelVarType(enum.Enum):
+    """
+    The variance of p(x_{t-1} | x_t): fixed (small = the true posterior variance,
+    large = beta_t), or learned as a log value or as an interpolation between the two.
+    """
+
+    LEARNED = enum.auto()
+    FIXED_SMALL = enum.auto()
+    FIXED_LARGE = enum.auto()
+    LEARNED_RANGE = enum.auto()
+
+
+class LossType(enum.Enum):
+    MSE = (
+        enum.auto()
+    )  # MSE on the prediction (plus the VB term when learning the variance)
+    RESCALED_MSE = enum.auto()  # the same with the VB term scaled as for RESCALED_KL
+    KL = enum.auto()  # the variational lower bound
+    RESCALED_KL = enum.auto()  # the VB scaled by T, comparable to the MSE loss
+
+    def is_vb(self):
+        return self in (LossType.KL, LossType.RESCALED_KL)
+
+
+def noise_like(x, generator=None):
+    """
+    Standard normal noise shaped like ``x``.
+
+    :param generator: None draws from the global generator (``th.randn_like``, the
+        order other implementations use); a ``th.Generator`` draws the whole batch
+        from it; a sequence of generators, one per batch element, gives element i
+        noise from generator i alone, so a sample does not depend on its batch mates.
+    """
+    if generator is None:
+        return th.randn_like(x)
+    return noise_of_shape(x.shape, generator, x.device, x.dtype)
+
+
+def noise_of_shape(shape, generator, device, dtype=th.float32):
+    """Standard normal noise of ``shape``; see :func:`noise_like` for ``generator``."""
+    if generator is None:
+        return th.randn(*shape, device=device, dtype=dtype)
+    if isinstance(generator, th.Generator):
+        return th.randn(
+            *shape, generator=generator, device=generator.device, dtype=dtype
+        ).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+    return th.stack(
+        [
+            th.randn(*shape[1:], generator=g, device=g.device, dtype=dtype)
+            for g in generator
+        ]
+    ).to(device)
+
+
+class GaussianDiffusion:
+    """
+    Utilities for training and sampling conditional diffusion models.
+
+    :param betas: a 1-D numpy array of betas for each diffusion step, from T=0 up.
+    :param model_mean_type: a ModelMeanType: what the model outputs.
+    :param model_var_type: a ModelVarType: how the variance is found.
+    :param loss_type: a LossType: the training loss.
+    :param rescale_timesteps: feed the model floats in [0, 1000) instead of step
+        indices, so that models trained with different T see the same range.
+    """
+
+    def __init__(
+        self,
+        *,
+        betas,
+        model_mean_type,
+        model_var_type,
+        loss_type,
+        rescale_timesteps=False,
+    ):
+        self.model_mean_type = model_mean_type
+        self.model_var_type = model_var_type
+        self.loss_type = loss_type
+        self.rescale_timesteps = rescale_timesteps
+
+        # Use float64 for accuracy; tensors are made from these once per device.
+        betas = np.array(betas, dtype=np.float64)
+        self.betas = betas
+        if betas.ndim != 1:
+            raise ValueError("betas must be 1-D")
+        if not ((betas > 0).all() and (betas <= 1).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.num_timesteps = int(betas.shape[0])
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas, axis=0)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
+        assert self.alphas_cumprod_prev.shape == (self.num_timesteps,)
+
+        # The forward process q(x_t | x_0) and its inversion.
+        self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
+
+        # The posterior q(x_{t-1} | x_t, x_0). Its variance is 0 at t = 0, so the
+        # log is clipped by repeating the value at t = 1.
+        self.posterior_variance = (
+            betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_log_variance_clipped = np.log(
+            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        )
+        self.posterior_mean_coef1 = (
+            betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        )
+        self.posterior_mean_coef2 = (
+            (1.0 - self.alphas_cumprod_prev)
+            * np.sqrt(alphas)
+            / (1.0 - self.alphas_cumprod)
+        )
+
+        # The reverse process: fixed "large" variance (beta_t, with the posterior's
+        # value at t = 0 so the log stays finite), the learned range's upper end, and
+        # the inversion of the posterior mean for PREVIOUS_X models.
+        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_log_variance = np.log(self.fixed_large_variance)
+        self.log_betas = np.log(betas)
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = (
+            self.posterior_mean_coef2 / self.posterior_mean_coef1
+        )
+
+        self._tables = {}
+
+    # -- coefficient lookup -------------------------------------------------------
+
+    def _extract(self, name, t, broadcast_shape):
+        """
+        Look up the float64 table ``name`` at timesteps ``t`` and broadcast it.
+
+        :param name: an attribute name, e.g. "alphas_cumprod".
+        :param t: a tensor of timestep indices, (N,).
+        :param broadcast_shape: a shape (N, ...) to broadcast the (N,) values to.
+        :return: a float32 tensor of ``broadcast_shape``.
+        """
+        table = self._table(name, t.device)
+        res = table[t].float()
+        while len(res.shape) < len(broadcast_shape):
+            res = res[..., None]
+        return res.expand(broadcast_shape)
+
+    def _table(self, name, device):
+        key = (name, device)
+        table = self._tables.get(key)
+        if table is None:
+            values = getattr(self, name)
+            # float64 where the device supports it, so values are cast to float32
+            # only after the lookup, as guided-diffusion does.
+            dtype = th.float32 if device.type == "mps" else th.float64
+            table = th.as_tensor(values, dtype=dtype, device=device)
+            self._tables[key] = table
+        return table
+
+    # -- the forward process ------------------------------------------------------
+
+    def q_mean_variance(self, x_start, t):
+        """
+        The distribution q(x_t | x_0).
+
+        :param x_start: the noiseless images, (N, C, H, W).
+        :param t: the number of diffusion steps minus one, (N,).
+        :return: a tuple (mean, variance, log_variance), all of x_start's shape.
+        """
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_sample(self, x_start, t, noise=None):
+        """
+        Diffuse the data t + 1 steps: sample from q(x_t | x_0).
+
+        :param noise: the Gaussian noise to use; drawn with th.randn_like if None.
+        :return: x_t, of x_start's shape.
+        """
+        if noise is None:
+            noise = th.randn_like(x_start)
+        assert noise.shape == x_start.shape
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
+        )
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """
+        The diffusion posterior q(x_{t-1} | x_t, x_0).
+
+        :return: a tuple (mean, variance, log_variance_clipped).
+        """
+        assert x_start.shape == x_t.shape
+        posterior_mean = (
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
+        )
+        posterior_variance = self._extract("posterior_variance", t, x_t.shape)
+        posterior_log_variance_clipped = self._extract(
+            "posterior_log_variance_clipped", t, x_t.shape
+        )
+        return posterior_mean, posterior_variance, posterior_log_variance_clipped
+
+    # -- the model and the reverse process ----------------------------------------
+
+    def _model_output(self, model, x_t, t, condition=None, model_kwargs=None):
+        """
+        Call the network on the noisy image and the clean condition.
+
+        This is the one place where the SAR condition meets the model: the input is
+        ``cat([x_t, condition], dim=1)``, noisy optical channels first.
+
+        :param x_t: the noisy images, (N, C, H, W).
+        :param t: timestep indices, (N,).
+        :param condition: the clean SAR images, (N, C_sar, H, W), or None.
+        :return: the raw model output, (N, C or 2C, H, W).
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        model_in = (
+            x_t if condition is None else th.cat([x_t, condition.to(x_t.dtype)], dim=1)
+        )
+        return model(model_in, self._scale_timesteps(t), **model_kwargs)
+
+    def p_mean_variance(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        condition=None,
+    ):
+        """
+        Apply the model to get p(x_{t-1} | x_t) and a prediction of x_0.
+
+        :param model: the model, called as model(cat([x_t, condition]), t, **model_kwargs).
+        :param x: the (N, C, H, W) tensor at time t.
+        :param t: a (N,) tensor of timesteps.
+        :param clip_denoised: clip the x_0 prediction to [-1, 1].
+        :param denoised_fn: applied to the x_0 prediction before clipping.
+        :param condition: the clean SAR images, or None for an unconditional model.
+        :return: a dict with "mean", "variance", "log_variance" and "pred_xstart".
+        """
+        B, C = x.shape[:2]
+        assert t.shape == (B,)
+        model_output = self._model_output(model, x, t, condition, model_kwargs)
+
+        if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
+            assert model_output.shape == (B, C * 2, *x.shape[2:])
+            model_output, model_var_values = th.split(model_output, C, dim=1)
+            if self.model_var_type == ModelVarType.LEARNED:
+                model_log_variance = model_var_values
+                model_variance = th.exp(model_log_variance)
+            else:
+                min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+                max_log = self._extract("log_betas", t, x.shape)
+                # The model outputs values in [-1, 1] that interpolate the log variance.
+                frac = (model_var_values + 1) / 2
+                model_log_variance = frac * max_log + (1 - frac) * min_log
+                model_variance = th.exp(model_log_variance)
+        else:
+            names = {
+                ModelVarType.FIXED_LARGE: (
+                    "fixed_large_variance",
+                    "fixed_large_log_variance",
+                ),
+                ModelVarType.FIXED_SMALL: (
+                    "posterior_variance",
+                    "posterior_log_variance_clipped",
+                ),
+            }[self.model_var_type]
+            model_variance = self._extract(names[0], t, x.shape)
+            model_log_variance = self._extract(names[1], t, x.shape)
+
+        def process_xstart(x):
+            if denoised_fn is not None:
+                x = denoised_fn(x)
+            if clip_denoised:
+                return x.clamp(-1, 1)
+            return x
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(
+                self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
+            )
+            model_mean = model_output
+        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON):
+            if self.model_mean_type == ModelMeanType.START_X:
+                pred_xstart = process_xstart(model_output)
+            else:
+                pred_xstart = process_xstart(
+                    self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
+                )
+            model_mean, _, _ = self.q_posterior_mean_variance(
+                x_start=pred_xstart, x_t=x, t=t
+            )
+        else:
+            raise NotImplementedError(self.model_mean_type)
+
+        assert (
+            model_mean.shape == model_log_variance.shape == pred_xstart.shape == x.shape
+        )
+        return {
+            "mean": model_mean,
+            "variance": model_variance,
+            "log_variance": model_log_variance,
+            "pred_xstart": pred_xstart,
+        }
+
+    def _predict_xstart_from_eps(self, x_t, t, eps):
+        assert x_t.shape == eps.shape
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
+        )
+
+    def _predict_xstart_from_xprev(self, x_t, t, xprev):
+        assert x_t.shape == xprev.shape
+        return (
+            self._extract("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+            - self._extract("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t
+        )
+
+    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape)
+
+    def _scale_timesteps(self, t):
+        if self.rescale_timesteps:
+            return t.float() * (1000.0 / self.num_timesteps)
+        return t
+
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        Shift the mean by the gradient of a log-probability, cond_fn(x, t) = grad log p(y|x)
+        (Sohl-Dickstein et al. 2015).
+        """
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        Shift the score by the gradient of a log-probability, for DDIM
+        (Song et al. 2020, score-based conditioning).
+        """
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(
+            x, self._scale_timesteps(t), **(model_kwargs or {})
+        )
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(
+            x_start=out["pred_xstart"], x_t=x, t=t
+        )
+        return out
+
+    # -- samplers: one step each --------------------------------------------------
+
+    def p_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        condition=None,
+        generator=None,
+    ):
+        """
+        One ancestral DDPM step: sample x_{t-1} from the model at x_t.
+
+        :param generator: the noise source, see :func:`noise_like`.
+        :return: a dict with "sample" (x_{t-1}) and "pred_xstart".
+        """
+        out = self.p_mean_variance(
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            condition=condition,
+        )
+        # Drawn at every step, t = 0 included, so the random stream matches other
+        # implementations of the same sampler.
+        noise = noise_like(x, generator)
+        nonzero_mask = (
+            (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+        )  # no noise at t == 0
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(
+                cond_fn, out, x, t, model_kwargs=model_kwargs
+            )
+        sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        condition=None,
+        generator=None,
+    ):
+        """
+        One DDIM step (Song et al. 2020, eq. 12): x_t -> x_{t-1}.
+
+        :param eta: 0 for the deterministic sampler, 1 for DDPM-like noise.
+        """
+        out = self.p_mean_variance(
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            condition=condition,
+        )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
+        # 1. The noise implied by the (possibly clipped) x_0 prediction.
+        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
+        # 2. sigma_t(eta) of eq. 16.
+        sigma = (
+            eta
+            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
+        )
+        noise = noise_like(x, generator)
+        # 3. Eq. 12: the predicted x_0, the direction pointing to x_t, and random noise.
+        mean_pred = (
+            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
+            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+        )
+        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
+        sample = mean_pred + nonzero_mask * sigma * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_reverse_sample(
+        self,
+        model,
+        x,
+        t,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        eta=0.0,
+        condition=None,
+    ):
+        """One deterministic reverse DDIM step (the ODE run forwards): x_t -> x_{t+1}."""
+        if eta != 0.0:
+            raise ValueError("the reverse DDIM step is deterministic: eta must be 0")
+        out = self.p_mean_variance(
+            model,
+            x,
+            t,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            condition=condition,
+        )
+        # Written as in the forward step, with the next cumulative alpha.
+        eps = (
+            self._extract("sqrt_recip_alphas_cumprod", t, x.shape) * x
+            - out["pred_xstart"]
+        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape)
+        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
+        mean_pred = (
+            out["pred_xstart"] * th.sqrt(alpha_bar_next)
+            + th.sqrt(1 - alpha_bar_next) * eps
+        )
+        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+
+    # -- samplers: full loops -----------------------------------------------------
+
+    def sample_loop_progressive(
+        self,
+        step_fn,
+        shape,
+        *,
+        noise=None,
+        device=None,
+        progress=False,
+        generator=None,
+        indices=None,
+    ):
+        """
+        The loop every sampler shares: start from noise, apply ``step_fn`` from t = T-1
+        down to 0, and yield each step's output dict.
+
+        :param step_fn: a function (x_t, t) -> dict with at least "sample".
+        :param shape: the shape of the samples, (N, C, H, W).
+        :param noise: the starting x_T; drawn from ``generator`` if None.
+        :param indices: the timestep indices to visit; all of them, descending, if None.
+        """
+        if device is None:
+            device = noise.device if noise is not None else th.device("cpu")
+        img = noise if noise is not None else noise_of_shape(shape, generator, device)
+        if indices is None:
+            indices = list(range(self.num_timesteps))[::-1]
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc="sampling", unit="step", leave=False)
+        for i in indices:
+            t = th.tensor([i] * shape[0], device=device)
+            with th.no_grad():
+                out = step_fn(img, t)
+            yield out
+            img = out["sample"]
+
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        condition=None,
+        generator=None,
+    ):
+        """
+        Generate samples with ancestral DDPM sampling.
+
+        :param shape: the shape of the samples, (N, C, H, W).
+        :param condition: the clean SAR images, (N, C_sar, H, W).
+        :param generator: the noise source, see :func:`noise_like`.
+        :return: a tensor of samples of ``shape``.
+        """
+        return self._last(
+            self.p_sample_loop_progressive(
+                model,
+                shape,
+                noise=noise,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=progress,
+                condition=condition,
+                generator=generator,
+            )
+        )
+
+    def p_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        condition=None,
+        generator=None,
+    ):
+        """Like :meth:`p_sample_loop`, but yield the dict of every step."""
+        step_fn = partial(
+            self.p_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            condition=condition,
+            generator=generator,
+        )
+        device = _resolve_device(device, model, noise, condition)
+        yield from self.sample_loop_progressive(
+            step_fn,
+            shape,
+            noise=noise,
+            device=device,
+            progress=progress,
+            generator=generator,
+        )
+
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        condition=None,
+        generator=None,
+    ):
+        """Generate samples with DDIM; see :meth:`p_sample_loop` for the arguments."""
+        return self._last(
+            self.ddim_sample_loop_progressive(
+                model,
+                shape,
+                noise=noise,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                cond_fn=cond_fn,
+                model_kwargs=model_kwargs,
+                device=device,
+                progress=progress,
+                eta=eta,
+                condition=condition,
+                generator=generator,
+            )
+        )
+
+    def ddim_sample_loop_progressive(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        condition=None,
+        generator=None,
+    ):
+        """Like :meth:`ddim_sample_loop`, but yield the dict of every step."""
+        step_fn = partial(
+            self.ddim_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            condition=condition,
+            generator=generator,
+        )
+        device = _resolve_device(device, model, noise, condition)
+        yield from self.sample_loop_progressive(
+            step_fn,
+            shape,
+            noise=noise,
+            device=device,
+            progress=progress,
+            generator=generator,
+        )
+
+    def ddim_reverse_sample_loop(
+        self,
+        model,
+        x_start,
+        clip_denoised=False,
+        denoised_fn=None,
+        model_kwargs=None,
+        condition=None,
+        progress=False,
+    ):
+        """
+        Encode images into the DDIM latent x_T by running the deterministic ODE forwards.
+
+        :return: the latent, of x_start's shape.
+        """
+        step_fn = partial(
+            self.ddim_reverse_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            condition=condition,
+        )
+        return self._last(
+            self.sample_loop_progressive(
+                step_fn,
+                x_start.shape,
+                noise=x_start,
+                device=x_start.device,
+                progress=progress,
+                indices=list(range(self.num_timesteps)),
+            )
+        )
+
+    @staticmethod
+    def _last(progressive):
+        final = None
+        for out in progressive:
+            final = out
+        return final["sample"]
+
+    # -- training -----------------------------------------------------------------
+
+    def training_losses(
+        self, model, x_start, condition, t, model_kwargs=None, noise=None
+    ):
+        """
+        Training losses for one step.
+
+        :param model: the model, called as model(cat([x_t, condition]), t, **model_kwargs).
+        :param x_start: the clean optical images, (N, C, H, W), in [-1, 1].
+        :param condition: the clean SAR images, (N, C_sar, H, W), never noised.
+        :param t: a batch of timestep indices, (N,).
+        :param noise: the Gaussian noise to add; th.randn_like(x_start) if None.
+        :return: a dict of (N,) tensors: "loss", and "mse" / "vb" where they apply.
+        """
+        if noise is None:
+            noise = th.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise=noise)
+
+        terms = {}
+        if self.loss_type.is_vb():
+            terms["loss"] = self._vb_terms_bpd(
+                model=model,
+                x_start=x_start,
+                x_t=x_t,
+                t=t,
+                clip_denoised=False,
+                model_kwargs=model_kwargs,
+                condition=condition,
+            )["output"]
+            if self.loss_type == LossType.RESCALED_KL:
+                terms["loss"] *= self.num_timesteps
+        elif self.loss_type in (LossType.MSE, LossType.RESCALED_MSE):
+            model_output = self._model_output(model, x_t, t, condition, model_kwargs)
+
+            if self.model_var_type in (
+                ModelVarType.LEARNED,
+                ModelVarType.LEARNED_RANGE,
+            ):
+                B, C = x_t.shape[:2]
+                assert model_output.shape == (B, C * 2, *x_t.shape[2:])
+                model_output, model_var_values = th.split(model_output, C, dim=1)
+                # The VB term learns the variance only: the mean gets no gradient from it.
+                frozen_out = th.cat([model_output.detach(), model_var_values], dim=1)
+                terms["vb"] = self._vb_terms_bpd(
+                    model=lambda *args, r=frozen_out: r,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t,
+                    clip_denoised=False,
+                )["output"]
+                if self.loss_type == LossType.RESCALED_MSE:
+                    # Divide by 1000 for equivalence with the original paper's
+                    # "Loss.RESCALED_KL" term without compounding it with T.
+                    terms["vb"] *= self.num_timesteps / 1000.0
+
+            target = {
+                ModelMeanType.PREVIOUS_X: lambda: self.q_posterior_mean_variance(
+                    x_start=x_start, x_t=x_t, t=t
+                )[0],
+                ModelMeanType.START_X: lambda: x_start,
+                ModelMeanType.EPSILON: lambda: noise,
+            }[self.model_mean_type]()
+            assert model_output.shape == target.shape == x_start.shape
+            terms["mse"] = mean_flat((target - model_output) ** 2)
+            terms["loss"] = (
+                terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+            )
+        else:
+            raise NotImplementedError(self.loss_type)
+        return terms
+
+    # -- the variational bound ----------------------------------------------------
+
+    def _vb_terms_bpd(
+        self,
+        model,
+        x_start,
+        x_t,
+        t,
+        clip_denoised=True,
+        model_kwargs=None,
+        condition=None,
+    ):
+        """
+        One term of the variational bound, in bits per dimension: KL(q(x_{t-1}|x_t,x_0)
+        || p(x_{t-1}|x_t)) for t > 0 and the decoder NLL -log p(x_0|x_1) at t = 0.
+
+        :return: a dict with "output" (an (N,) tensor) and "pred_xstart".
+        """
+        true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(
+            x_start=x_start, x_t=x_t, t=t
+        )
+        out = self.p_mean_variance(
+            model,
+            x_t,
+            t,
+            clip_denoised=clip_denoised,
+            model_kwargs=model_kwargs,
+            condition=condition,
+        )
+        kl = normal_kl(
+            true_mean, true_log_variance_clipped, out["mean"], out["log_variance"]
+        )
+        kl = mean_flat(kl) / np.log(2.0)
+
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"]
+        )
+        assert decoder_nll.shape == x_start.shape
+        decoder_nll = mean_flat(decoder_nll) / np.log(2.0)
+
+        output = th.where((t == 0), decoder_nll, kl)
+        return {"output": output, "pred_xstart": out["pred_xstart"]}
+
+    def _prior_bpd(self, x_start):
+        """
+        The prior term KL(q(x_T|x_0) || N(0, I)) in bits per dimension; it does not
+        depend on the model and is close to zero for a well designed schedule.
+
+        :return: an (N,) tensor.
+        """
+        batch_size = x_start.shape[0]
+        t = th.tensor([self.num_timesteps - 1] * batch_size, device=x_start.device)
+        qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
+        kl_prior = normal_kl(
+            mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0
+        )
+        return mean_flat(kl_prior) / np.log(2.0)
+
+    def calc_bpd_loop(
+        self,
+        model,
+        x_start,
+        clip_denoised=True,
+        model_kwargs=None,
+        condition=None,
+        progress=False,
+    ):
+        """
+        The whole variational bound in bits per dimension, and related quantities.
+
+        :param x_start: the clean optical images, (N, C, H, W).
+        :param condition: the clean SAR images.
+        :return: a dict of "total_bpd" (N,), "prior_bpd" (N,), and "vb", "xstart_mse",
+            "mse" (N, T): each term per timestep.
+        """
+        device = x_start.device
+        batch_size = x_start.shape[0]
+        vb, xstart_mse, mse = [], [], []
+        indices = list(range(self.num_timesteps))[::-1]
+        if progress:
+            from tqdm.auto import tqdm
+
+            indices = tqdm(indices, desc="bpd", unit="step", leave=False)
+        for t in indices:
+            t_batch = th.tensor([t] * batch_size, device=device)
+            noise = th.randn_like(x_start)
+            x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
+            with th.no_grad():
+                out = self._vb_terms_bpd(
+                    model,
+                    x_start=x_start,
+                    x_t=x_t,
+                    t=t_batch,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                    condition=condition,
+                )
+            vb.append(out["output"])
+            xstart_mse.append(mean_flat((out["pred_xstart"] - x_start) ** 2))
+            eps = self._predict_eps_from_xstart(x_t, t_batch, out["pred_xstart"])
+            mse.append(mean_flat((eps - noise) ** 2))
+
+        vb = th.stack(vb, dim=1)
+        xstart_mse = th.stack(xstart_mse, dim=1)
+        mse = th.stack(mse, dim=1)
+        prior_bpd = self._prior_bpd(x_start)
+        total_bpd = vb.sum(dim=1) + prior_bpd
+        return {
+            "total_bpd": total_bpd,
+            "prior_bpd": prior_bpd,
+            "vb": vb,
+            "xstart_mse": xstart_mse,
+            "mse": mse,
+        }
+
+
+def _resolve_device(device, model, noise, condition):
+    """The device to sample on: as given, else the model's, the noise's or the condition's."""
+    if device is not None:
+        return th.device(device)
+    if isinstance(model, th.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    for tensor in (noise, condition):
+        if tensor is not None:
+            return tensor.device
+    return th.device("cpu")
