@@ -1,0 +1,263 @@
+"""
+Process-group setup that works the same under ``mpiexec -n N``, under
+``torchrun --nproc_per_node N`` and as a plain ``python script.py``.
+
+Call :func:`setup_dist` once at the start of a script; every other function
+here is also usable before it (or without it) and then describes a single
+process: rank 0, world size 1.
+"""
+
+import datetime
+import os
+import pickle
+import re
+import socket
+
+import torch as th
+import torch.distributed as dist
+
+# Rendezvous only: a rank that never shows up (wrong -n, a crashed peer) fails
+# the start instead of hanging. Collectives keep the long default below so a
+# rank that is busy for a while (checkpointing, evaluation) is not killed.
+INIT_TIMEOUT_S = 60.0
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+# Variables that MPI launchers set in every process they start.
+_MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
+
+_local_rank = 0
+
+
+def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
+    """
+    Join (or create) the default process group. Calling it again is a no-op.
+
+    Ranks come from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT), else from MPI when an MPI launcher is detected,
+    else the process runs alone as a group of one. The backend is "nccl" when
+    CUDA is available, else "gloo"; each process uses the GPU
+    ``local_rank % device_count``.
+
+    :param init_timeout_s: seconds to wait for every rank to join before
+        giving up with an error.
+    """
+    global _local_rank
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=init_timeout_s)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        _local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        store = _rendezvous("env://", rank, world_size, timeout)
+    elif any(name in os.environ for name in _MPI_ENV_VARS):
+        init_method, rank, world_size, _local_rank = _address_from_mpi()
+        store = _rendezvous(init_method, rank, world_size, timeout)
+    else:
+        # An in-process store: a group of one needs no socket and cannot hang.
+        rank, world_size, _local_rank = 0, 1, 0
+        store = dist.HashStore()
+        store.set_timeout(timeout)
+
+    device = dev()
+    use_cuda = device.type == "cuda"
+    if use_cuda:
+        th.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if use_cuda else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=COLLECTIVE_TIMEOUT,
+        device_id=device if use_cuda else None,
+    )
+    # Later lookups in the store (NCCL connects lazily per peer) must not
+    # inherit the short start-up deadline.
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+
+
+def _rendezvous(init_method, rank, world_size, timeout):
+    try:
+        store, _, _ = next(
+            dist.rendezvous(
+                init_method, rank=rank, world_size=world_size, timeout=timeout
+            )
+        )
+    except (RuntimeError, ValueError) as err:
+        raise RuntimeError(
+            f"rank {rank} of {world_size} could not start the process group through "
+            f"{init_method} within {timeout.total_seconds():g} s: check that every "
+            "rank was started (the -n / --nproc_per_node count) and that "
+            "MASTER_ADDR/MASTER_PORT (torchrun) or the hosts (mpiexec) are reachable"
+        ) from err
+    return store
+
+
+def _address_from_mpi():
+    """
+    Use MPI only to agree on a TCP address for torch's own rendezvous.
+
+    :return: (init_method, rank, world_size, local_rank).
+    """
+    # Imported here so that a plain process never needs an MPI library.
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    local_rank = _local_rank_from_mpi(comm, MPI)
+    hostnames = comm.allgather(socket.gethostname())
+    if rank == 0:
+        # On one machine the loopback interface always works, whatever the
+        # hostname resolves to; across machines the peers resolve rank 0's name.
+        host = "127.0.0.1" if len(set(hostnames)) == 1 else hostnames[0]
+        address = (host, _free_port())
+    else:
+        address = None
+    host, port = comm.bcast(address, root=0)
+    return f"tcp://{host}:{port}", rank, world_size, local_rank
+
+
+def _local_rank_from_mpi(comm, MPI):
+    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local_rank = node_comm.Get_rank()
+    node_comm.Free()
+    return local_rank
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _is_multi_process():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def dev():
+    """
+    The device this process computes on: ``cuda:(local_rank % device_count)``
+    when CUDA is available, else the CPU.
+    """
+    if th.cuda.is_available():
+        return th.device("cuda", get_local_rank() % th.cuda.device_count())
+    return th.device("cpu")
+
+
+def get_rank():
+    """Global rank of this process (0 before :func:`setup_dist`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def get_world_size():
+    """Number of processes in the group (1 before :func:`setup_dist`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def get_local_rank():
+    """Rank of this process among those on the same machine."""
+    return _local_rank if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    """True on rank 0, the process that writes files and prints."""
+    return get_rank() == 0
+
+
+def barrier():
+    """Wait until every rank gets here (no-op for a single process)."""
+    if _is_multi_process():
+        dist.barrier()
+
+
+def cleanup():
+    """Destroy the process group, if any; :func:`setup_dist` may be called again."""
+    global _local_rank
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _local_rank = 0
+
+
+def load_state_dict(path, map_location="cpu"):
+    """
+    Load a checkpoint that holds only tensors and plain containers.
+
+    Every rank reads the file itself. Files that need arbitrary Python objects
+    are refused, since unpickling them can run any code.
+
+    :param path: the checkpoint file.
+    :param map_location: where to put the tensors, as in :func:`torch.load`.
+    :return: the loaded object, usually a state dict.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: check the path "
+            "(--resume_checkpoint, --model_path) and the current directory"
+        )
+    try:
+        return th.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise _unreadable(path, err) from err
+        raise ValueError(
+            f"{path} stores Python objects, not just tensors (it needs "
+            f"{found.group(1)}): it cannot be loaded safely. If you trust its "
+            "origin, load it once with torch.load(path, weights_only=False) and "
+            "save only the state dict (th.save(model.state_dict(), path))."
+        ) from err
+    except (RuntimeError, EOFError) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path, err):
+    return ValueError(
+        f"{path} could not be read as a PyTorch checkpoint "
+        f"({type(err).__name__}: {str(err).splitlines()[0]}): it may be truncated, "
+        "still being written, or not a file made by torch.save; copy or save it again"
+    )
+
+
+def sync_params(params):
+    """
+    Copy rank 0's values into every rank's tensors, in place.
+
+    :param params: an iterable of tensors (e.g. ``model.parameters()``).
+    """
+    if not _is_multi_process():
+        return
+    with th.no_grad():
+        for p in params:
+            dist.broadcast(p, 0)
+
+
+def broadcast_object(obj):
+    """
+    :param obj: any picklable object; only rank 0's value matters.
+    :return: rank 0's ``obj`` on every rank.
+    """
+    if not _is_multi_process():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """
+    :param obj: any picklable object.
+    :return: a list with every rank's ``obj``, indexed by rank.
+    """
+    if not _is_multi_process():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

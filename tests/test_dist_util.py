@@ -1,0 +1,179 @@
+"""dist_util: process groups under no launcher, mpiexec and torchrun; safe loading."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch as th
+
+from guided_diffusion import dist_util
+
+# Run by each process: checks the pre-setup defaults (single process only),
+# sets up twice, then reports what every collective produced.
+WORKER = r"""
+import json, sys
+import torch as th
+from guided_diffusion import dist_util
+
+pre = None
+if sys.argv[1] == "single":
+    pre = dict(
+        rank=dist_util.get_rank(),
+        world_size=dist_util.get_world_size(),
+        local_rank=dist_util.get_local_rank(),
+        main=dist_util.is_main_process(),
+        broadcast=dist_util.broadcast_object("x"),
+        gathered=dist_util.all_gather_object("x"),
+    )
+    dist_util.barrier()
+
+dist_util.setup_dist()
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+
+total = th.tensor([float(rank + 1)], device=dist_util.dev())
+th.distributed.all_reduce(total)
+th.manual_seed(100 + rank)
+params = [th.randn(4, 3), th.randn(5)]
+before = [p.tolist() for p in params]
+dist_util.sync_params(params)
+dist_util.barrier()
+report = dict(
+    pre=pre,
+    rank=rank,
+    world_size=dist_util.get_world_size(),
+    local_rank=dist_util.get_local_rank(),
+    main=dist_util.is_main_process(),
+    device=str(dist_util.dev()),
+    backend=th.distributed.get_backend(),
+    total=total.item(),
+    broadcast=dist_util.broadcast_object({"from": rank}),
+    gathered=dist_util.all_gather_object(rank * 10),
+    before=before,
+    after=[p.tolist() for p in params],
+)
+dist_util.cleanup()
+# One file per rank: lines that two ranks print to one pipe can interleave.
+with open(f"report-{rank}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCAL", "TORCHELASTIC_")
+
+
+def _clean_env():
+    """The test's environment without any launcher's variables, single-threaded."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in LAUNCHER_VARS and not k.startswith(LAUNCHER_PREFIXES)
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run_workers(tmp_path, launcher, mode, timeout):
+    """Run WORKER under ``launcher`` (the command that starts Python) and parse its reports."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    proc = subprocess.run(
+        [*launcher, str(script), mode],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = [json.loads(path.read_text()) for path in tmp_path.glob("report-*.json")]
+    return sorted(reports, key=lambda r: r["rank"])
+
+
+def test_single_process_needs_no_launcher(tmp_path):
+    (report,) = _run_workers(tmp_path, [sys.executable], "single", timeout=60)
+    assert report["pre"] == dict(
+        rank=0, world_size=1, local_rank=0, main=True, broadcast="x", gathered=["x"]
+    )
+    assert report["rank"] == 0 and report["world_size"] == 1 and report["main"]
+    assert report["device"] == "cpu" and report["backend"] == "gloo"
+    assert report["total"] == 1.0
+    assert report["broadcast"] == {"from": 0}
+    assert report["gathered"] == [0]
+    assert report["after"] == report["before"]
+
+
+def _check_two_ranks(reports):
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert [r["local_rank"] for r in reports] == [0, 1]
+    assert [r["main"] for r in reports] == [True, False]
+    assert all(r["backend"] == "gloo" and r["device"] == "cpu" for r in reports)
+    assert [r["total"] for r in reports] == [3.0, 3.0]
+    assert [r["broadcast"] for r in reports] == [{"from": 0}, {"from": 0}]
+    assert [r["gathered"] for r in reports] == [[0, 10], [0, 10]]
+    # Different seeds gave different values; sync_params made rank 1 take rank 0's.
+    assert reports[0]["before"] != reports[1]["before"]
+    assert reports[1]["after"] == reports[0]["before"]
+    assert reports[0]["after"] == reports[0]["before"]
+
+
+@pytest.mark.skipif(
+    shutil.which("mpiexec") is None, reason="no mpiexec (pip install mpich)"
+)
+def test_two_ranks_under_mpiexec(tmp_path):
+    reports = _run_workers(
+        tmp_path, ["mpiexec", "-n", "2", sys.executable], "mpi", timeout=120
+    )
+    _check_two_ranks(reports)
+
+
+def test_two_ranks_under_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    reports = _run_workers(
+        tmp_path, [*torchrun, "--nproc_per_node", "2"], "torchrun", timeout=120
+    )
+    _check_two_ranks(reports)
+
+
+def test_load_state_dict_round_trip(tmp_path):
+    state = {
+        "weight": th.randn(3, 4),
+        "bias": th.arange(5),
+        "nested": {"step": th.tensor(7)},
+    }
+    path = tmp_path / "model000010.pt"
+    th.save(state, path)
+    loaded = dist_util.load_state_dict(path)
+    assert loaded.keys() == state.keys()
+    assert th.equal(loaded["weight"], state["weight"])
+    assert th.equal(loaded["bias"], state["bias"])
+    assert th.equal(loaded["nested"]["step"], state["nested"]["step"])
+
+
+class _Opaque:
+    """A class that a weights-only load must not instantiate."""
+
+
+def test_load_state_dict_refuses_python_objects(tmp_path):
+    path = tmp_path / "pickled.pt"
+    th.save({"weight": th.ones(2), "extra": _Opaque()}, path)
+    with pytest.raises(ValueError, match="Python objects") as info:
+        dist_util.load_state_dict(path)
+    assert str(path) in str(info.value)
+    assert "_Opaque" in str(info.value)
+
+
+def test_load_state_dict_missing_and_corrupt_files(tmp_path):
+    missing = tmp_path / "nowhere.pt"
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        dist_util.load_state_dict(missing)
+
+    truncated = tmp_path / "truncated.pt"
+    th.save({"weight": th.ones(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        dist_util.load_state_dict(truncated)
