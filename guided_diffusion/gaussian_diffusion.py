@@ -35,6 +35,11 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
         scale = 1000 / num_diffusion_timesteps
         beta_start = scale * 0.0001
         beta_end = scale * 0.02
+        if beta_end >= 1.0:
+            raise ValueError(
+                f"--diffusion_steps {num_diffusion_timesteps} is too few for the linear schedule "
+                "(its last beta would reach 1); use more than 20 steps or --noise_schedule cosine"
+            )
         return np.linspace(
             beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64
         )
@@ -161,6 +166,12 @@ class GaussianDiffusion:
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.num_timesteps = int(betas.shape[0])
+        if self.num_timesteps < 2:
+            # The clipped posterior log-variance needs the value at t = 1.
+            raise ValueError(
+                f"a diffusion process needs at least 2 steps, got {self.num_timesteps}: "
+                "raise --timestep_respacing (or --diffusion_steps)"
+            )
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)

@@ -1,0 +1,159 @@
+"""Helpers shared by the test suite.
+
+Only torch and numpy are imported at module level: every test file in the
+suite loads this module, and the data, metrics or distributed tests must not
+fail to collect because a library module they do not use is broken.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch as th
+
+FIXTURES_DIR = Path(__file__).parents[2] / "shared" / "fixtures"
+
+# A U-Net small enough that a forward and backward pass takes milliseconds on
+# one CPU core, but with every kind of block (residual, attention at 16x16,
+# down- and upsampling).
+TINY_FLAGS = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="16",
+    diffusion_steps=50,
+)
+
+
+def randomize_(model, seed=0, std=0.05):
+    """
+    Overwrite every parameter of a module with small Gaussian values.
+
+    The U-Net's output layers start at zero, so a fresh model returns exactly
+    zero and any comparison of two computations through it passes trivially.
+
+    :param model: the th.nn.Module to modify in place.
+    :param seed: seed of the private generator, so the global RNG is untouched.
+    :param std: standard deviation of the new values.
+    :return: the same module.
+    """
+    gen = th.Generator().manual_seed(seed)
+    with th.no_grad():
+        for param in model.parameters():
+            values = th.randn(param.shape, generator=gen, dtype=th.float64) * std
+            param.copy_(values.to(param.dtype))
+    return model
+
+
+def tiny_model_and_diffusion(**overrides):
+    """
+    Build a tiny U-Net and its diffusion through the public factory.
+
+    :param overrides: flags that replace or extend TINY_FLAGS.
+    :return: (model, diffusion) as create_model_and_diffusion returns them.
+    """
+    from guided_diffusion.script_util import create_model_and_diffusion
+
+    return create_model_and_diffusion(**{**TINY_FLAGS, **overrides})
+
+
+def linear_diffusion(num_steps=50, **kwargs):
+    """
+    A GaussianDiffusion on the linear schedule with eps / fixed-large / MSE
+    unless other types are given.
+
+    :param num_steps: number of diffusion steps.
+    :param kwargs: replacements for model_mean_type, model_var_type,
+        loss_type or rescale_timesteps.
+    """
+    from guided_diffusion import gaussian_diffusion as gd
+
+    options = dict(
+        model_mean_type=gd.ModelMeanType.EPSILON,
+        model_var_type=gd.ModelVarType.FIXED_LARGE,
+        loss_type=gd.LossType.MSE,
+    )
+    options.update(kwargs)
+    return gd.GaussianDiffusion(
+        betas=gd.get_named_beta_schedule("linear", num_steps), **options
+    )
+
+
+class RecordingModel(th.nn.Module):
+    """
+    A stand-in for the U-Net that records what it is called with.
+
+    Every call appends a dict with the input tensor ``x``, the timesteps ``t``
+    and the keyword arguments to ``self.calls``, and returns ``fill`` in the
+    shape the diffusion expects.
+
+    :param out_channels: channels of the returned tensor (C, or 2C when the
+        variance is learned).
+    :param fill: value of every returned element.
+    """
+
+    def __init__(self, out_channels, fill=0.0):
+        super().__init__()
+        self.out_channels = out_channels
+        self.fill = fill
+        self.calls = []
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(
+            dict(x=x.detach().clone(), t=t.detach().clone(), kwargs=kwargs)
+        )
+        return th.full(
+            (x.shape[0], self.out_channels, *x.shape[2:]),
+            self.fill,
+            dtype=x.dtype,
+            device=x.device,
+        )
+
+
+class FixedOutputModel(th.nn.Module):
+    """
+    A model that ignores its input and returns a given tensor, for example the
+    true noise of a q_sample call (an ideal eps predictor for that one draw).
+
+    :param output: the tensor to return, shape (N, C', H, W).
+    """
+
+    def __init__(self, output):
+        super().__init__()
+        self.output = output
+
+    def forward(self, x, t, **kwargs):
+        return self.output
+
+
+class GaussianEpsModel(th.nn.Module):
+    """
+    The exact noise predictor for data x_0 ~ N(mu, s^2) in every dimension.
+
+    Then x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar) and
+    E[eps | x_t] = sqrt(1 - abar) (x_t - sqrt(abar) mu) / (abar s^2 + 1 - abar).
+    The model receives ORIGINAL timestep indices (SpacedDiffusion maps them
+    back), so it looks abar up in the base schedule's table.
+
+    :param alphas_cumprod: abar of the base (unspaced) schedule, numpy array.
+    :param mu: data mean.
+    :param s: data standard deviation.
+    """
+
+    def __init__(self, alphas_cumprod, mu, s):
+        super().__init__()
+        self.alphas_cumprod = th.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64))
+        self.mu = mu
+        self.s = s
+        self.seen_t = []
+
+    def forward(self, x, t, **kwargs):
+        self.seen_t.append(t.detach().clone())
+        abar = self.alphas_cumprod[t.long()].view(-1, *([1] * (x.dim() - 1)))
+        x64 = x.double()
+        eps = (
+            (1 - abar).sqrt()
+            * (x64 - abar.sqrt() * self.mu)
+            / (abar * self.s**2 + 1 - abar)
+        )
+        return eps.to(x.dtype)
