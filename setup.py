@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Conditional diffusion for SAR-to-optical image translation (Bai, Pu, Xu, GRSL 2023)",
     packages=["guided_diffusion"],
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # torch is not pinned here on purpose: install the build for your machine first
     # (README), otherwise pip pulls a multi-gigabyte CUDA build.
     install_requires=[

@@ -1,0 +1,603 @@
+"""
+The training loop: steps, EMA, checkpoints that survive crashes, resume, logging.
+
+A checkpoint at step S is the files ``model{S:06d}.pt``, ``ema_{rate}_{S:06d}.pt``
+and ``opt{S:06d}.pt`` (plain state dicts, loadable by the original code) and
+``state{S:06d}.pt`` (everything else resume needs), written in that order, each
+atomically. A checkpoint is complete when its state file exists.
+
+Training is a function of (seed, global batch) alone: the data order, the
+timesteps and the noise of every step are drawn for the whole global batch from
+generators seeded by (seed, step), and each rank takes its block. Two ranks at
+batch B therefore follow the same trajectory as one process at batch 2B, and a
+resumed run the same as an uninterrupted one.
+"""
+
+import json
+import os
+import re
+import signal
+import time
+
+import numpy as np
+import torch as th
+import torch.distributed as dist
+from torch.nn.parallel.distributed import DistributedDataParallel as DDP
+
+from . import dist_util, logger
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+# Stop after this many optimizer steps in a row with a non-finite loss or gradient.
+MAX_NONFINITE_STEPS = 25
+
+_CHECKPOINT_RE = re.compile(
+    r"^(?P<kind>model|opt|state|ema_(?P<rate>[0-9.eE+-]+)_)(?P<step>\d{6,})\.pt$"
+)
+
+
+def train_defaults():
+    """The training flags and their defaults (the single source for the script)."""
+    return dict(
+        data_dir_sar="",
+        data_dir_opt="",
+        schedule_sampler="uniform",
+        lr=1e-4,
+        weight_decay=0.0,
+        lr_anneal_steps=0,  # decay lr linearly to 0 over this many steps, then stop (0: off)
+        max_steps=0,  # stop and save at this step (0: run until stopped)
+        batch_size=1,  # per rank
+        microbatch=-1,  # -1: no microbatches
+        ema_rate="0.9999",  # comma-separated list of EMA rates
+        log_interval=10,
+        save_interval=10000,
+        keep_checkpoints=0,  # keep only the newest N complete checkpoints (0: keep all)
+        resume_checkpoint="",  # a model/EMA file, or "auto"
+        use_fp16=False,
+        use_bf16=False,
+        fp16_scale_growth=1e-3,
+        seed=0,
+        random_crop=False,
+        random_flip=False,
+        num_workers=-1,  # data loading processes per rank (-1: min(4, cores))
+    )
+
+
+class TrainLoop:
+    """
+    :param model: the U-Net (on any device; moved to dist_util.dev()).
+    :param diffusion: the diffusion process.
+    :param data: a function start_batch -> iterator of (batch, model_kwargs), batch of
+        shape (N, C_sar + 3, H, W), SAR channels first; start_batch restores the
+        data position on resume.
+    :param batch_size: the batch per rank.
+    :param microbatch: split each batch into pieces of this size (-1: no split);
+        gradients are synchronised only on the last piece.
+    :param ema_rate: a float or a comma-separated string of EMA rates.
+    :param resume_checkpoint: "", "auto" (the newest complete checkpoint in the log
+        folder), or a model/EMA file whose sibling files are loaded too.
+    :param schedule_sampler: a timestep sampler (default uniform).
+    :param max_steps: stop and save at this step (0: never).
+    :param keep_checkpoints: keep only the newest N complete checkpoints (0: all).
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch,
+        lr,
+        ema_rate,
+        log_interval,
+        save_interval,
+        resume_checkpoint,
+        use_fp16=False,
+        use_bf16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        max_steps=0,
+        seed=0,
+        keep_checkpoints=0,
+    ):
+        self.diffusion = diffusion
+        self.data = data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rates = _parse_rates(ema_rate)
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.resume_checkpoint = resume_checkpoint
+        self.use_bf16 = use_bf16
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.seed = seed
+        self.keep_checkpoints = keep_checkpoints
+
+        self.rank = dist_util.get_rank()
+        self.world_size = dist_util.get_world_size()
+        self.global_batch = batch_size * self.world_size
+        self.device = dist_util.dev()
+
+        self.step = 0
+        self.data_position = 0
+        self.last_saved_step = None
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self._stop_signal = None
+
+        self.model = model.to(self.device)
+        self.mp_trainer = MixedPrecisionTrainer(
+            model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
+        )
+        self.opt = th.optim.AdamW(
+            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay
+        )
+        self.ema_params = [
+            [p.detach().clone() for p in self.mp_trainer.master_params]
+            for _ in self.ema_rates
+        ]
+
+        self._load()
+        if self.world_size > 1:
+            dist_util.sync_params(self.model.parameters())
+            self.ddp_model = DDP(
+                self.model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                bucket_cap_mb=128,
+            )
+        else:
+            self.ddp_model = self.model
+
+    # -- resume -------------------------------------------------------------------
+
+    def _load(self):
+        path = self.resume_checkpoint
+        if path == "auto":
+            path = find_resume_checkpoint(logger.get_dir())
+            if path is None:
+                logger.log(
+                    f"resume auto: no checkpoint in {logger.get_dir()}, starting from scratch"
+                )
+        restored_rng = False
+        if path:
+            restored_rng = self._load_checkpoint(path)
+        if not restored_rng:
+            # Dropout draws from the global generator: give each rank its own stream.
+            th.manual_seed(derive_seed(self.seed, self.rank, self.step))
+
+    def _load_checkpoint(self, path):
+        """Restore model, EMA, optimizer and state; returns whether the RNG was restored."""
+        paths = sibling_checkpoint_paths(path, self.ema_rates)
+        self.step = paths["step"]
+        model_path = paths["model"] if os.path.exists(paths["model"]) else path
+        if model_path != paths["model"]:
+            logger.warn(
+                f"{paths['model']} is missing: initialising the model from {path}"
+            )
+        logger.log(f"resuming from {model_path} (step {self.step})")
+        model_state = dist_util.load_state_dict(model_path)
+        self._check_state_dict(model_state, model_path)
+        self.mp_trainer.load_master_params(
+            self.mp_trainer.state_dict_to_master_params(model_state)
+        )
+
+        for rate, ema_path, params in zip(
+            self.ema_rates, paths["ema"], self.ema_params
+        ):
+            if os.path.exists(ema_path):
+                ema_state = dist_util.load_state_dict(ema_path)
+                self._check_state_dict(ema_state, ema_path)
+                values = self.mp_trainer.state_dict_to_master_params(ema_state)
+            else:
+                logger.warn(
+                    f"{ema_path} is missing: the EMA at rate {rate} restarts from the model"
+                )
+                values = self.mp_trainer.master_params
+            with th.no_grad():
+                for p, v in zip(params, values):
+                    p.copy_(v)
+
+        if os.path.exists(paths["opt"]):
+            self.opt.load_state_dict(
+                dist_util.load_state_dict(paths["opt"], map_location=self.device)
+            )
+            # The learning rate is this run's flag, not the saved one.
+            for group in self.opt.param_groups:
+                group["lr"] = self.lr
+                group["weight_decay"] = self.weight_decay
+        else:
+            logger.warn(f"{paths['opt']} is missing: the optimizer restarts")
+
+        self.data_position = self.step
+        if not os.path.exists(paths["state"]):
+            logger.log(
+                f"{paths['state']} is missing (a checkpoint of the original code?): step {self.step} "
+                "is taken from the file name; the data order and loss scale restart"
+            )
+            return False
+        state = dist_util.load_state_dict(paths["state"])
+        self.step = int(state["step"])
+        self.last_saved_step = self.step
+        self.data_position = int(state["data_position"])
+        if int(state["global_batch"]) != self.global_batch:
+            logger.warn(
+                f"the checkpoint was trained with a global batch of {int(state['global_batch'])}, "
+                f"this run uses {self.global_batch}: the data order continues from batch "
+                f"{self.data_position} of the new size"
+            )
+        self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
+        self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
+        if self.rank == 0 and "rng_cpu" in state:
+            th.set_rng_state(state["rng_cpu"])
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                th.cuda.set_rng_state(state["rng_cuda"], self.device)
+            return True
+        return False
+
+    def _check_state_dict(self, state_dict, path):
+        expected = self.model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        wrong = sorted(
+            k
+            for k in expected
+            if k in state_dict and state_dict[k].shape != expected[k].shape
+        )
+        if missing or unexpected or wrong:
+            details = "; ".join(
+                f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                    ("wrong shape", wrong),
+                )
+                if keys
+            )
+            raise ValueError(
+                f"{path} does not fit a model built from these flags ({details}); pass the model "
+                "flags it was trained with (see config.json in its run folder)"
+            )
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run_loop(self):
+        """Train until max_steps or lr_anneal_steps, or a SIGINT/SIGTERM; then save."""
+        previous = {
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            data = self.data(self.data_position)
+            self._tick = (time.perf_counter(), self.step)
+            while not self._finished():
+                batch, cond = next(data)
+                self.run_step(batch, cond)
+                if self.step % self.log_interval == 0:
+                    self._dump_logs()
+                if self.step % self.save_interval == 0:
+                    self.save()
+                if self._stop_requested():
+                    logger.log(
+                        f"stopping at step {self.step} ({self._stop_signal or 'signal on another rank'})"
+                    )
+                    break
+            if self.step % self.log_interval:
+                self._dump_logs()  # the last, partial interval
+            if self.last_saved_step != self.step:
+                self.save()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _finished(self):
+        if self.max_steps and self.step >= self.max_steps:
+            return True
+        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+
+    def _on_signal(self, signum, frame):
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop now, without saving
+        self._stop_signal = signal.Signals(signum).name
+        logger.log(
+            f"{self._stop_signal} received: saving a checkpoint after this step (again to abort)"
+        )
+
+    def _stop_requested(self):
+        flag = self._stop_signal is not None
+        if self.world_size > 1:
+            # Every rank must leave the loop at the same step.
+            tensor = th.tensor([float(flag)], device=self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        return flag
+
+    def run_step(self, batch, cond):
+        """One optimizer step on this rank's batch: (N, C_sar + 3, H, W), SAR first."""
+        batch = batch.to(self.device, non_blocking=True)
+        sar_channels = batch.shape[1] - 3
+        condition, x_start = batch[:, :sar_channels], batch[:, sar_channels:]
+        t, weights, noise = self._draw_step_randomness(x_start.shape)
+
+        self.mp_trainer.zero_grad()
+        num = x_start.shape[0]
+        for i in range(0, num, self.microbatch):
+            sl = slice(i, i + self.microbatch)
+            micro_cond = {k: v[sl].to(self.device) for k, v in cond.items()}
+            last = i + self.microbatch >= num
+            with th.autocast(
+                self.device.type, dtype=th.bfloat16, enabled=self.use_bf16
+            ):
+                losses = self.diffusion.training_losses(
+                    self.ddp_model,
+                    x_start[sl],
+                    condition[sl],
+                    t[sl],
+                    model_kwargs=micro_cond,
+                    noise=noise[sl],
+                )
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(
+                    t[sl], losses["loss"].detach()
+                )
+            # Weighted by the piece's share so the gradient is the full batch's mean.
+            loss = (losses["loss"] * weights[sl]).mean() * (x_start[sl].shape[0] / num)
+            self._log_losses(t[sl], {k: v * weights[sl] for k, v in losses.items()})
+            if last or self.world_size == 1:
+                self.mp_trainer.backward(loss)
+            else:
+                with self.ddp_model.no_sync():
+                    self.mp_trainer.backward(loss)
+
+        took_step, grad_norm = self.mp_trainer.optimize(self.opt)
+        if took_step:
+            for rate, params in zip(self.ema_rates, self.ema_params):
+                update_ema(params, self.mp_trainer.master_params, rate=rate)
+            self.nonfinite_in_a_row = 0
+        else:
+            self._on_nonfinite_step()
+        self.step += 1
+        self.data_position += 1
+        self._anneal_lr()
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.global_batch)
+        logger.logkv_mean("grad_norm", grad_norm.item())
+        logger.logkv("lr", self.opt.param_groups[0]["lr"])
+        if self.mp_trainer.use_fp16:
+            logger.logkv("lg_loss_scale", self.mp_trainer.lg_loss_scale)
+
+    def _draw_step_randomness(self, shape):
+        """Timesteps, importance weights and noise of this rank's block of the global batch."""
+        rng = np.random.default_rng([self.seed, self.step, 1])
+        t, weights = self.schedule_sampler.sample(
+            self.global_batch, self.device, rng=rng
+        )
+        gen = th.Generator(device=self.device).manual_seed(
+            derive_seed(self.seed, self.step, 2)
+        )
+        noise = th.randn(
+            (self.global_batch, *shape[1:]), generator=gen, device=self.device
+        )
+        block = slice(self.rank * shape[0], (self.rank + 1) * shape[0])
+        return t[block], weights[block], noise[block]
+
+    def _on_nonfinite_step(self):
+        self.nonfinite_in_a_row += 1
+        self.skipped_steps += 1
+        logger.logkv("skipped_steps", self.skipped_steps)
+        if self.mp_trainer.use_fp16:
+            # Overflows are expected while the loss scale settles.
+            limit = MAX_NONFINITE_STEPS + 20
+        else:
+            limit = MAX_NONFINITE_STEPS
+            logger.warn(
+                f"step {self.step}: the loss or gradient is not finite; step skipped"
+            )
+        if self.nonfinite_in_a_row >= limit:
+            raise FloatingPointError(
+                f"the loss was not finite for {self.nonfinite_in_a_row} steps in a row (step {self.step}); "
+                "try a lower --lr, --use_fp16 False (or --use_bf16 True), and check the data for broken "
+                f"images. The last good checkpoint is in {logger.get_dir()}"
+            )
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        frac_done = self.step / self.lr_anneal_steps
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * (1 - frac_done)
+
+    def _log_losses(self, ts, losses):
+        for key, values in losses.items():
+            logger.logkv_mean(key, values.mean().item())
+            # Also by quarter of the diffusion process, as guided-diffusion logs them.
+            for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
+                quartile = int(4 * sub_t / self.diffusion.num_timesteps)
+                logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+
+    def _dump_logs(self):
+        now = time.perf_counter()
+        last_time, last_step = self._tick
+        if self.step > last_step:
+            logger.logkv(
+                "images_per_s",
+                (self.step - last_step) * self.global_batch / (now - last_time),
+            )
+        self._tick = (now, self.step)
+        logger.dumpkvs()
+
+    # -- checkpoints --------------------------------------------------------------
+
+    def save(self):
+        """Write the checkpoint of the current step (rank 0), state file last."""
+        if self.rank == 0:
+            folder = logger.get_dir()
+            paths = checkpoint_paths(folder, self.step, self.ema_rates)
+            save_atomic(self.mp_trainer.master_params_to_state_dict(), paths["model"])
+            for ema_path, params in zip(paths["ema"], self.ema_params):
+                save_atomic(
+                    self.mp_trainer.master_params_to_state_dict(params), ema_path
+                )
+            save_atomic(self.opt.state_dict(), paths["opt"])
+            state = {
+                "step": self.step,
+                "data_position": self.data_position,
+                "global_batch": self.global_batch,
+                "seed": self.seed,
+                "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
+                "schedule_sampler": self.schedule_sampler.state_dict(),
+                "rng_cpu": th.get_rng_state(),
+            }
+            if self.device.type == "cuda":
+                state["rng_cuda"] = th.cuda.get_rng_state(self.device)
+            save_atomic(state, paths["state"])
+            logger.log(f"saved checkpoint {paths['model']}")
+            if self.keep_checkpoints > 0:
+                prune_checkpoints(folder, self.keep_checkpoints)
+        self.last_saved_step = self.step
+        dist_util.barrier()
+
+
+def _parse_rates(ema_rate):
+    if isinstance(ema_rate, float):
+        return [ema_rate]
+    try:
+        rates = [float(x) for x in str(ema_rate).split(",") if x.strip()]
+    except ValueError:
+        rates = []
+    if not rates or not all(0.0 < r < 1.0 for r in rates):
+        raise ValueError(
+            f"--ema_rate {ema_rate!r}: expected rates in (0, 1) like 0.9999 or 0.9999,0.999"
+        )
+    return rates
+
+
+def derive_seed(*values):
+    """A 63-bit seed derived from integers (e.g. seed, rank, step) by hashing them."""
+    state = np.random.SeedSequence([int(v) for v in values]).generate_state(
+        2, dtype=np.uint32
+    )
+    return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, flush it to disk, then rename it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        th.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_paths(folder, step, ema_rates):
+    """The files of the checkpoint at ``step``: model, ema (a list, per rate), opt, state."""
+    return {
+        "step": step,
+        "model": os.path.join(folder, f"model{step:06d}.pt"),
+        "ema": [
+            os.path.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates
+        ],
+        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
+        "state": os.path.join(folder, f"state{step:06d}.pt"),
+    }
+
+
+def sibling_checkpoint_paths(path, ema_rates):
+    """The files of the checkpoint that a model or EMA file belongs to."""
+    match = _CHECKPOINT_RE.match(os.path.basename(path))
+    if match is None or match.group("kind") in ("opt", "state"):
+        raise ValueError(
+            f"--resume_checkpoint {path}: expected a model file (model000100.pt) or an EMA file "
+            "(ema_0.9999_000100.pt) of a training run, or 'auto'"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume_checkpoint {path}: no such file")
+    return checkpoint_paths(
+        os.path.dirname(os.path.abspath(path)), int(match.group("step")), ema_rates
+    )
+
+
+def list_checkpoints(folder):
+    """A dict step -> set of file kinds ("model", "opt", "state", "ema") present in ``folder``."""
+    found = {}
+    if not folder or not os.path.isdir(folder):
+        return found
+    for name in os.listdir(folder):
+        match = _CHECKPOINT_RE.match(name)
+        if match:
+            kind = "ema" if match.group("rate") else match.group("kind")
+            found.setdefault(int(match.group("step")), set()).add(kind)
+    return found
+
+
+def find_resume_checkpoint(folder):
+    """
+    The model file of the newest complete checkpoint in ``folder`` (its state file
+    exists); for a run of the original code, which writes no state files, its newest
+    model file. None when there is none.
+    """
+    found = list_checkpoints(folder)
+    complete = [s for s, kinds in found.items() if {"model", "state"} <= kinds]
+    if complete:
+        return checkpoint_paths(folder, max(complete), [])["model"]
+    if not any("state" in kinds for kinds in found.values()):
+        legacy = [s for s, kinds in found.items() if "model" in kinds]
+        if legacy:
+            return checkpoint_paths(folder, max(legacy), [])["model"]
+    return None
+
+
+def latest_run_dir(root="logs"):
+    """The newest run folder under ``root`` that holds a checkpoint, or None."""
+    if not os.path.isdir(root):
+        return None
+    runs = [
+        os.path.join(root, d)
+        for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d))
+    ]
+    runs = [r for r in runs if find_resume_checkpoint(r)]
+    return os.path.abspath(max(runs, key=os.path.getmtime)) if runs else None
+
+
+def prune_checkpoints(folder, keep):
+    """Delete all but the newest ``keep`` complete checkpoints (state file first)."""
+    found = list_checkpoints(folder)
+    complete = sorted(s for s, kinds in found.items() if "state" in kinds)
+    for step in complete[:-keep]:
+        files = [f"state{step:06d}.pt", f"model{step:06d}.pt", f"opt{step:06d}.pt"]
+        emas = [
+            n
+            for n in os.listdir(folder)
+            if n.startswith("ema_") and n.endswith(f"_{step:06d}.pt")
+        ]
+        for name in files + emas:
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                os.remove(path)
+
+
+def remove_stale_temp_files(folder):
+    """Remove temporary files left by a save that was killed half way."""
+    for name in os.listdir(folder):
+        if ".pt.tmp-" in name:
+            os.remove(os.path.join(folder, name))
+
+
+def write_config(config, folder):
+    """Write the resolved configuration of a run to ``folder/config.json``."""
+    path = os.path.join(folder, "config.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+    return path

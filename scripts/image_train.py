@@ -1,0 +1,132 @@
+"""
+Train a conditional diffusion model that translates SAR images into optical images.
+
+One process (CPU or one GPU), no launcher needed:
+    python scripts/image_train.py --data_dir_sar DATA/sar --data_dir_opt DATA/opt $MODEL_FLAGS ...
+Several GPUs on one machine (either launcher):
+    mpiexec -n 4 python scripts/image_train.py ...
+    torchrun --nproc_per_node 4 scripts/image_train.py ...
+
+Checkpoints and logs go to $OPENAI_LOGDIR, else to a new ./logs/<date>_<time> folder
+(printed first). Ctrl-C (or SIGTERM) saves a checkpoint and exits;
+--resume_checkpoint auto continues from the newest complete checkpoint.
+"""
+
+import argparse
+import os
+import sys
+
+import torch as th
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import DataError, load_data  # noqa: E402
+from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from guided_diffusion.train_util import (  # noqa: E402
+    TrainLoop,
+    latest_run_dir,
+    remove_stale_temp_files,
+    train_defaults,
+    write_config,
+)
+
+
+def main():
+    args = create_argparser().parse_args()
+    for flag in ("data_dir_sar", "data_dir_opt"):
+        if not getattr(args, flag):
+            sys.exit(
+                f"--{flag} is required: the folder of the {flag[-3:].upper()} training images"
+            )
+
+    # -- processes and the run folder ---------------------------------------------
+    dist_util.setup_dist()
+    run_dir = None
+    if args.resume_checkpoint == "auto" and not os.environ.get("OPENAI_LOGDIR"):
+        run_dir = latest_run_dir("logs") if dist_util.is_main_process() else None
+    logger.configure(dir=run_dir, append=bool(args.resume_checkpoint))
+    if dist_util.is_main_process():
+        remove_stale_temp_files(logger.get_dir())
+        config = {
+            **vars(args),
+            "world_size": dist_util.get_world_size(),
+            "torch": th.__version__,
+        }
+        logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
+
+    # -- model, diffusion, data ---------------------------------------------------
+    th.manual_seed(args.seed)  # the same initial weights on every rank
+    model, diffusion = create_model_and_diffusion(
+        **args_to_dict(args, model_and_diffusion_defaults().keys())
+    )
+    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
+
+    def data(start_batch):
+        return load_data(
+            data_dir_sar=args.data_dir_sar,
+            data_dir_opt=args.data_dir_opt,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            random_crop=args.random_crop,
+            random_flip=args.random_flip,
+            sar_channels=args.sar_channels,
+            seed=args.seed,
+            start_batch=start_batch,
+            num_workers=None if args.num_workers < 0 else args.num_workers,
+        )
+
+    data(0)  # pair the folders now, so data errors show before the model is set up
+
+    # -- train --------------------------------------------------------------------
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        schedule_sampler=schedule_sampler,
+        **{k: getattr(args, k) for k in TRAIN_LOOP_KEYS},
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    stop = (
+        f"stops at step {args.max_steps}"
+        if args.max_steps
+        else "runs until stopped (Ctrl-C saves and exits)"
+    )
+    logger.log(
+        f"training {n_params / 1e6:.1f}M parameters on {dist_util.get_world_size()} process(es), "
+        f"global batch {loop.global_batch}, from step {loop.step}; {stop}; checkpoints every "
+        f"{args.save_interval} steps in {logger.get_dir()}"
+    )
+    loop.run_loop()
+    logger.log(f"done at step {loop.step}; checkpoints are in {logger.get_dir()}")
+    dist_util.cleanup()
+
+
+TRAIN_LOOP_KEYS = (
+    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
+    "resume_checkpoint", "use_fp16", "use_bf16", "fp16_scale_growth", "weight_decay",
+    "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints",
+)  # fmt: skip
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dict_to_argparser(
+        parser, {**train_defaults(), **model_and_diffusion_defaults()}
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")

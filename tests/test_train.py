@@ -1,0 +1,485 @@
+"""
+Training: launchers, rank independence, resume, crash safety and the paper's flags.
+
+The reference facts: two ranks at batch B follow the trajectory of one process at
+batch 2B (disjoint shards and averaged gradients); N steps straight equal N/2 steps,
+a resume and N/2 steps; a save interrupted at any point leaves the previous
+checkpoint complete.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from PIL import Image
+
+from guided_diffusion import dist_util, logger, train_util
+from guided_diffusion.image_datasets import load_data
+from guided_diffusion.script_util import create_model_and_diffusion
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "scripts" / "image_train.py")
+
+TINY = dict(
+    image_size=16,
+    num_channels=32,
+    num_res_blocks=1,
+    channel_mult="1,2",
+    attention_resolutions="8",
+    diffusion_steps=50,
+)
+TINY_FLAGS = [f"--{k}={v}" for k, v in TINY.items()]
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """20 pairs of 20x20 images (more than three batches of 4): SAR = grey of the optical."""
+    root = tmp_path_factory.mktemp("pairs")
+    rng = np.random.default_rng(0)
+    for sub in ("sar", "opt"):
+        (root / sub).mkdir()
+    for i in range(20):
+        opt = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(opt).save(root / "opt" / f"{i}.png")
+        Image.fromarray(opt.mean(-1).astype(np.uint8)).save(root / "sar" / f"{i}.png")
+    return root
+
+
+def run_script(args, env_extra, timeout=240, launcher=()):
+    env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*launcher, sys.executable, TRAIN, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def data_flags(pairs_dir):
+    return [
+        f"--data_dir_sar={pairs_dir / 'sar'}",
+        f"--data_dir_opt={pairs_dir / 'opt'}",
+    ]
+
+
+def load(path):
+    return th.load(path, weights_only=True)
+
+
+def rel_error(a, b):
+    """||a - b|| / ||b|| over all tensors of two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)
+    den = sum((b[k].double() ** 2).sum() for k in a)
+    return float((num / den) ** 0.5)
+
+
+def assert_state_dicts_close(a, b, tol=1e-4):
+    # Adam turns round-off in near-zero gradients into steps of up to lr on single
+    # elements, so the whole parameter vector is compared, not each element.
+    assert rel_error(a, b) < tol
+
+
+# -- launchers ----------------------------------------------------------------------
+
+
+def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, tmp_path):
+    """mpiexec -n 2 and torchrun at batch 2 == one process at batch 4, with shuffle and flips."""
+    common = [*data_flags(pairs_dir), *TINY_FLAGS, "--lr=1e-3", "--max_steps=3", "--save_interval=3",
+              "--random_flip=True", "--num_workers=0", "--ema_rate=0.9"]  # fmt: skip
+    single = tmp_path / "single"
+    run_script([*common, "--batch_size=4"], {"OPENAI_LOGDIR": str(single)})
+    mpi = tmp_path / "mpi"
+    run_script(
+        [*common, "--batch_size=2"],
+        {"OPENAI_LOGDIR": str(mpi)},
+        launcher=["mpiexec", "-n", "2"],
+    )
+    torchrun = tmp_path / "torchrun"
+    run_script(
+        [*common, "--batch_size=2"],
+        {"OPENAI_LOGDIR": str(torchrun)},
+        launcher=[
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--no-python",
+        ],
+    )
+    other_data = tmp_path / "other_data"
+    run_script([*common, "--batch_size=2"], {"OPENAI_LOGDIR": str(other_data)})
+    reference = load(single / "model000003.pt")
+    # The tolerance tells runs apart: half the examples give a clearly different model.
+    assert rel_error(load(other_data / "model000003.pt"), reference) > 100 * 1e-4
+    for run in (mpi, torchrun):
+        assert_state_dicts_close(load(run / "model000003.pt"), reference)
+        assert_state_dicts_close(
+            load(run / "ema_0.9_000003.pt"), load(single / "ema_0.9_000003.pt")
+        )
+        state = load(run / "state000003.pt")
+        assert state["global_batch"] == 4 and state["step"] == 3
+
+
+def test_plain_process_writes_run_folder(pairs_dir, tmp_path):
+    logdir = tmp_path / "run"
+    proc = run_script(
+        [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--save_interval=100",
+         "--log_interval=1", "--num_workers=0"],
+        {"OPENAI_LOGDIR": str(logdir)},
+    )  # fmt: skip
+    assert proc.stdout.splitlines()[0] == f"Logging to {logdir}"
+    names = set(os.listdir(logdir))
+    # A final checkpoint on normal exit, though save_interval was never reached.
+    assert {
+        "model000002.pt",
+        "ema_0.9999_000002.pt",
+        "opt000002.pt",
+        "state000002.pt",
+    } <= names
+    assert {"config.json", "progress.csv", "log.txt"} <= names
+    header = (logdir / "progress.csv").read_text().splitlines()[0].split(",")
+    for key in ("step", "samples", "loss", "mse", "grad_norm", "lr", "loss_q0"):
+        assert key in header
+
+
+# -- in-process training for resume tests ---------------------------------------------
+
+
+def make_loop(pairs_dir, logdir, resume="", max_steps=6, save_interval=3, **kwargs):
+    dist_util.setup_dist()
+    logger.configure(dir=str(logdir), format_strs=["log", "csv"], append=bool(resume))
+    th.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**TINY)
+
+    def data(start_batch):
+        return load_data(
+            data_dir_sar=str(pairs_dir / "sar"), data_dir_opt=str(pairs_dir / "opt"),
+            batch_size=4, image_size=16, random_flip=True, start_batch=start_batch, num_workers=0,
+        )  # fmt: skip
+
+    options = dict(
+        batch_size=4, microbatch=-1, lr=1e-3, ema_rate="0.9,0.5", log_interval=100,
+        save_interval=save_interval, resume_checkpoint=resume, max_steps=max_steps,
+    )  # fmt: skip
+    options.update(kwargs)
+    return train_util.TrainLoop(model=model, diffusion=diffusion, data=data, **options)
+
+
+def checkpoint_files(folder, step):
+    return {
+        "model": load(folder / f"model{step:06d}.pt"),
+        "ema": load(folder / f"ema_0.9_{step:06d}.pt"),
+        "ema2": load(folder / f"ema_0.5_{step:06d}.pt"),
+        "opt": load(folder / f"opt{step:06d}.pt")["state"],
+    }
+
+
+def assert_same_checkpoint(a, b):
+    for key in ("model", "ema", "ema2"):
+        assert_state_dicts_close(a[key], b[key], tol=1e-5)
+    for idx in a["opt"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            th.testing.assert_close(
+                a["opt"][idx][name], b["opt"][idx][name], rtol=1e-4, atol=1e-9
+            )
+
+
+@pytest.fixture(scope="module")
+def straight_run(pairs_dir, tmp_path_factory):
+    """Six steps without interruption (5 batches per epoch: crosses an epoch)."""
+    folder = tmp_path_factory.mktemp("straight")
+    make_loop(pairs_dir, folder).run_loop()
+    return checkpoint_files(folder, 6)
+
+
+def test_resume_equals_straight_run(pairs_dir, tmp_path, straight_run):
+    make_loop(pairs_dir, tmp_path, max_steps=3).run_loop()
+    loop = make_loop(pairs_dir, tmp_path, resume="auto")
+    assert loop.step == 3 and loop.data_position == 3
+    loop.run_loop()
+    assert_same_checkpoint(checkpoint_files(tmp_path, 6), straight_run)
+    # progress.csv was appended to: one row per dump of both runs.
+    rows = (tmp_path / "progress.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2  # header + the final dump of each run
+
+
+def test_resume_from_explicit_ema_file(pairs_dir, tmp_path, straight_run):
+    make_loop(pairs_dir, tmp_path, max_steps=3).run_loop()
+    loop = make_loop(
+        pairs_dir, tmp_path / "other", resume=str(tmp_path / "ema_0.9_000003.pt")
+    )
+    assert loop.step == 3
+    loop.run_loop()
+    assert_same_checkpoint(checkpoint_files(tmp_path / "other", 6), straight_run)
+
+
+class InjectedFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("file_index", range(5))  # model, ema 0.9, ema 0.5, opt, state
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_failure_during_save_keeps_previous_checkpoint(
+    pairs_dir, tmp_path, monkeypatch, straight_run, file_index, when
+):
+    real_save = train_util.save_atomic
+    calls = []
+
+    def failing_save(obj, path):
+        calls.append(path)
+        # The first save (step 3) succeeds; the second (step 6) fails at one point.
+        if len(calls) == 5 + file_index + 1:
+            if when == "before":
+                raise InjectedFailure(path)
+            real_save(obj, path)
+            raise InjectedFailure(path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(train_util, "save_atomic", failing_save)
+    with pytest.raises(InjectedFailure):
+        make_loop(pairs_dir, tmp_path, max_steps=6).run_loop()
+    monkeypatch.setattr(train_util, "save_atomic", real_save)
+
+    state_written = file_index == 4 and when == "after"
+    expected = 6 if state_written else 3
+    assert train_util.find_resume_checkpoint(str(tmp_path)) == str(
+        tmp_path / f"model{expected:06d}.pt"
+    )
+    loop = make_loop(pairs_dir, tmp_path, resume="auto", max_steps=6)
+    assert loop.step == expected
+    loop.run_loop()
+    assert_same_checkpoint(checkpoint_files(tmp_path, 6), straight_run)
+
+
+def test_checkpoint_of_original_code_resumes(pairs_dir, tmp_path):
+    """No state file: the step comes from the name and the weights load strictly."""
+    model, _ = create_model_and_diffusion(**TINY)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    th.save(model.state_dict(), tmp_path / "model000050.pt")
+    loop = make_loop(
+        pairs_dir,
+        tmp_path / "new",
+        resume=str(tmp_path / "model000050.pt"),
+        max_steps=51,
+    )
+    assert loop.step == 50
+    assert (
+        rel_error(loop.mp_trainer.master_params_to_state_dict(), model.state_dict())
+        == 0
+    )
+    loop.run_loop()
+    assert (tmp_path / "new" / "state000051.pt").exists()
+
+
+def test_wrong_model_flags_give_clear_error(pairs_dir, tmp_path):
+    other, _ = create_model_and_diffusion(**{**TINY, "num_channels": 64})
+    th.save(other.state_dict(), tmp_path / "model000010.pt")
+    with pytest.raises(ValueError, match="does not fit a model built from these flags"):
+        make_loop(pairs_dir, tmp_path / "new", resume=str(tmp_path / "model000010.pt"))
+
+
+def test_keep_checkpoints_prunes_old_ones(pairs_dir, tmp_path):
+    make_loop(
+        pairs_dir, tmp_path, max_steps=6, save_interval=2, keep_checkpoints=2
+    ).run_loop()
+    assert sorted(train_util.list_checkpoints(str(tmp_path))) == [4, 6]
+
+
+def test_microbatches_match_full_batch(pairs_dir, tmp_path):
+    make_loop(pairs_dir, tmp_path / "full", max_steps=2).run_loop()
+    make_loop(pairs_dir, tmp_path / "micro", max_steps=2, microbatch=1).run_loop()
+    assert_state_dicts_close(
+        load(tmp_path / "micro" / "model000002.pt"),
+        load(tmp_path / "full" / "model000002.pt"),
+    )
+
+
+def test_nonfinite_losses_skip_steps_then_stop(pairs_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_util, "MAX_NONFINITE_STEPS", 4)
+    loop = make_loop(pairs_dir, tmp_path, max_steps=100)
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    real = loop.diffusion.training_losses
+
+    def nan_losses(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return {k: v * float("nan") for k, v in out.items()}
+
+    monkeypatch.setattr(loop.diffusion, "training_losses", nan_losses)
+    with pytest.raises(FloatingPointError, match="not finite for 4 steps in a row"):
+        loop.run_loop()
+    assert loop.skipped_steps == train_util.MAX_NONFINITE_STEPS
+    for p, q in zip(before, loop.model.parameters()):
+        assert th.equal(p, q)
+
+
+# -- real processes: SIGKILL and SIGINT -----------------------------------------------------
+
+
+def start_training(pairs_dir, logdir, extra):
+    env = {
+        **os.environ,
+        "OPENAI_LOGDIR": str(logdir),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [
+        *data_flags(pairs_dir),
+        *TINY_FLAGS,
+        "--batch_size=2",
+        "--num_workers=0",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [sys.executable, TRAIN, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def wait_for(predicate, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise AssertionError(
+                f"training ended or timed out: {proc.stdout.read()[-2000:]}"
+            )
+        time.sleep(0.2)
+
+
+def test_sigkill_then_auto_resume(pairs_dir, tmp_path):
+    proc = start_training(
+        pairs_dir, tmp_path, ["--save_interval=2", "--max_steps=100000"]
+    )
+    try:
+        wait_for(lambda: (tmp_path / "state000004.pt").exists(), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    step = int(
+        Path(train_util.find_resume_checkpoint(str(tmp_path))).stem[len("model") :]
+    )
+    assert step >= 4
+    proc = run_script(
+        [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--num_workers=0", "--save_interval=2",
+         "--resume_checkpoint=auto", f"--max_steps={step + 2}"],
+        {"OPENAI_LOGDIR": str(tmp_path)},
+    )  # fmt: skip
+    assert f"(step {step})" in proc.stdout
+    assert (tmp_path / f"state{step + 2:06d}.pt").exists()
+
+
+def test_sigint_saves_and_exits(pairs_dir, tmp_path):
+    proc = start_training(
+        pairs_dir,
+        tmp_path,
+        ["--save_interval=1000", "--max_steps=100000", "--log_interval=1"],
+    )
+    try:
+        wait_for(
+            lambda: (
+                (tmp_path / "progress.csv").exists()
+                and (tmp_path / "progress.csv").stat().st_size > 0
+            ),
+            proc,
+        )
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGINT received" in out
+    saved = train_util.list_checkpoints(str(tmp_path))
+    assert len(saved) == 1 and "state" in next(iter(saved.values()))
+
+
+# -- the paper's configuration -------------------------------------------------------
+
+
+def test_paper_flags_build_and_take_one_step(tmp_path):
+    """The published configuration (256 px, 128 channels, 3 res blocks, 2000 steps), batch 1."""
+    dist_util.setup_dist()
+    logger.configure(dir=str(tmp_path), format_strs=["log"])
+    th.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(
+        image_size=256, num_channels=128, num_res_blocks=3, learn_sigma=False, diffusion_steps=2000,
+        noise_schedule="linear",
+    )  # fmt: skip
+    batch = th.rand(1, 6, 256, 256) * 2 - 1
+
+    def data(start_batch):
+        while True:
+            yield batch, {}
+
+    loop = train_util.TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=1, microbatch=-1, lr=1e-4,
+        ema_rate="0.9999", log_interval=1, save_interval=10**6, resume_checkpoint="", max_steps=1,
+    )  # fmt: skip
+    # Only the zero-initialised output layer gets a gradient on the first step.
+    before = model.out[2].weight.detach().clone()
+    loop.run_loop()
+    assert loop.step == 1 and loop.skipped_steps == 0
+    assert not th.equal(before, model.out[2].weight)
+    assert (tmp_path / "model000001.pt").exists()
+
+
+def test_train_sh_runs_with_overrides(pairs_dir, tmp_path):
+    env = {
+        **os.environ,
+        "DATA_DIR_SAR": str(pairs_dir / "sar"),
+        "DATA_DIR_OPT": str(pairs_dir / "opt"),
+        "NUM_GPUS": "1",
+        "OPENAI_LOGDIR": str(tmp_path / "run"),
+        "MODEL_FLAGS": " ".join(
+            f"--{k} {v}" for k, v in TINY.items() if k != "diffusion_steps"
+        ),
+        "DIFFUSION_FLAGS": "--diffusion_steps 50",
+        "TRAIN_FLAGS": "--batch_size 2 --num_workers 0 --resume_checkpoint auto",
+    }
+    for expected_step in (1, 2):  # the second run continues the first
+        proc = subprocess.run(
+            ["bash", str(REPO / "train.sh"), "--max_steps", str(expected_step)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert (tmp_path / "run" / f"state{expected_step:06d}.pt").exists()
+    env["DATA_DIR_SAR"] = str(tmp_path / "missing")
+    proc = subprocess.run(
+        ["bash", str(REPO / "train.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "DATA_DIR_SAR" in proc.stderr
+
+
+def test_data_error_is_one_line_without_traceback(pairs_dir, tmp_path):
+    sar = tmp_path / "sar"
+    sar.mkdir()
+    for name in os.listdir(pairs_dir / "sar"):
+        (sar / name).write_bytes((pairs_dir / "sar" / name).read_bytes())
+    (sar / "orphan_77.png").write_bytes((pairs_dir / "sar" / "0.png").read_bytes())
+    env = {**os.environ, "OPENAI_LOGDIR": str(tmp_path / "run")}
+    proc = subprocess.run(
+        [sys.executable, TRAIN, f"--data_dir_sar={sar}", f"--data_dir_opt={pairs_dir / 'opt'}", *TINY_FLAGS],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "orphan_77.png" in proc.stderr.strip().splitlines()[-1]
