@@ -471,12 +471,14 @@ class UNetModel(nn.Module):
         self.input_blocks.apply(convert_module_to_f16)
         self.middle_block.apply(convert_module_to_f16)
         self.output_blocks.apply(convert_module_to_f16)
+        self.dtype = th.float16
 
     def convert_to_fp32(self):
         """Convert the body of the model back to float32."""
         self.input_blocks.apply(convert_module_to_f32)
         self.middle_block.apply(convert_module_to_f32)
         self.output_blocks.apply(convert_module_to_f32)
+        self.dtype = th.float32
 
     def forward(self, x, timesteps):
         """

@@ -483,3 +483,44 @@ def test_data_error_is_one_line_without_traceback(pairs_dir, tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "orphan_77.png" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_fp16_trains_saves_float32_and_resumes_loss_scale(pairs_dir, tmp_path):
+    loop = make_loop(
+        pairs_dir,
+        tmp_path,
+        max_steps=2,
+        save_interval=2,
+        use_fp16=True,
+        fp16_scale_growth=0.5,
+    )
+    assert loop.model.dtype == th.float16
+    loop.run_loop()
+    saved = load(tmp_path / "model000002.pt")
+    assert all(v.dtype == th.float32 for v in saved.values())
+    assert float(load(tmp_path / "state000002.pt")["lg_loss_scale"]) == 20.0 + 2 * 0.5
+    # The fp32 master weights, not the fp16 copies, are what gets saved.
+    master = loop.mp_trainer.master_params_to_state_dict()
+    assert rel_error(saved, master) == 0
+    resumed = make_loop(pairs_dir, tmp_path, resume="auto", max_steps=4, use_fp16=True)
+    assert resumed.mp_trainer.lg_loss_scale == 21.0
+
+
+def test_fp16_overflow_lowers_the_loss_scale_and_skips(pairs_dir, tmp_path):
+    loop = make_loop(pairs_dir, tmp_path, max_steps=1, use_fp16=True)
+    loop.mp_trainer.lg_loss_scale = 200.0  # 2**200 overflows any float32 gradient
+    before = [p.detach().clone() for p in loop.mp_trainer.master_params]
+    loop.run_loop()
+    assert loop.mp_trainer.lg_loss_scale == 199.0 and loop.skipped_steps == 1
+    assert all(th.equal(a, b) for a, b in zip(before, loop.mp_trainer.master_params))
+
+
+def test_bf16_autocast_trains_close_to_fp32(pairs_dir, tmp_path):
+    make_loop(pairs_dir, tmp_path / "fp32", max_steps=2).run_loop()
+    make_loop(pairs_dir, tmp_path / "bf16", max_steps=2, use_bf16=True).run_loop()
+    fp32, bf16 = (
+        load(tmp_path / "fp32" / "model000002.pt"),
+        load(tmp_path / "bf16" / "model000002.pt"),
+    )
+    assert all(v.dtype == th.float32 for v in bf16.values())
+    assert rel_error(bf16, fp32) < 0.02
