@@ -667,25 +667,11 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like :meth:`p_sample_loop`, but yield the dict of every step."""
-        step_fn = partial(
-            self.p_sample,
-            model,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            condition=condition,
-            generator=generator,
-        )
-        device = _resolve_device(device, model, noise, condition)
-        yield from self.sample_loop_progressive(
-            step_fn,
-            shape,
-            noise=noise,
-            device=device,
-            progress=progress,
-            generator=generator,
-        )
+        yield from self._step_loop(
+            self.p_sample, model, shape, noise, device, progress, generator,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, condition=condition,
+        )  # fmt: skip
 
     def ddim_sample_loop(
         self,
@@ -736,18 +722,18 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like :meth:`ddim_sample_loop`, but yield the dict of every step."""
-        step_fn = partial(
-            self.ddim_sample,
-            model,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            eta=eta,
-            condition=condition,
-            generator=generator,
-        )
-        device = _resolve_device(device, model, noise, condition)
+        yield from self._step_loop(
+            self.ddim_sample, model, shape, noise, device, progress, generator,
+            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
+            model_kwargs=model_kwargs, eta=eta, condition=condition,
+        )  # fmt: skip
+
+    def _step_loop(
+        self, step, model, shape, noise, device, progress, generator, **step_kwargs
+    ):
+        """Run the shared loop with ``step(model, x, t, generator=..., **step_kwargs)``."""
+        step_fn = partial(step, model, generator=generator, **step_kwargs)
+        device = _resolve_device(device, model, noise, step_kwargs.get("condition"))
         yield from self.sample_loop_progressive(
             step_fn,
             shape,
