@@ -1,0 +1,276 @@
+"""
+Translating SAR images into optical images with a trained model.
+
+The pieces a sampling script and the training loop's validation share: loading
+a checkpoint with the flags of its run, per-image noise and the samplers behind
+one call. Nothing here parses flags or writes results.
+
+Every image draws its noise from its own generator, seeded from (seed, the
+image's name) through a stable hash, so its result does not depend on the batch
+it shares, on the number of ranks or on the order the images are visited in.
+"""
+
+import hashlib
+import inspect
+import json
+import os
+
+import numpy as np
+import torch as th
+
+from . import dist_util
+from .script_util import (
+    OPT_CHANNELS,
+    create_model,
+    model_and_diffusion_defaults,
+    model_defaults,
+)
+
+# Flags of model_and_diffusion_defaults() that describe how to sample, not what
+# was trained: never taken from the training run's config.json.
+SAMPLING_FLAGS = ("timestep_respacing",)
+
+
+def sample_seed(seed: int, name: str) -> int:
+    """
+    The seed of one image's noise.
+
+    :param seed: the run's seed.
+    :param name: the image's relative path ("/" separators).
+    :return: a 63-bit integer from SHA-256 of (seed, name); the same in every
+        process and on every machine (Python's ``hash`` is salted per process).
+    """
+    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def make_generators(seed, names, device="cpu") -> list[th.Generator]:
+    """
+    One seeded generator per image.
+
+    :param seed: the run's seed.
+    :param names: the images' relative paths, in batch order.
+    :param device: where the generators live; CPU generators (the default) draw
+        the same numbers whatever device the model runs on.
+    :return: a list of th.Generator, one per name.
+    """
+    return [
+        th.Generator(device=device).manual_seed(sample_seed(seed, name))
+        for name in names
+    ]
+
+
+def _ddpm(diffusion, model, shape, **kwargs):
+    return diffusion.p_sample_loop(model, shape, **kwargs)
+
+
+def _ddim(diffusion, model, shape, eta=0.0, **kwargs):
+    return diffusion.ddim_sample_loop(model, shape, eta=eta, **kwargs)
+
+
+# Sampler name -> loop, every loop called as loop(diffusion, model, shape,
+# condition=, generator=, clip_denoised=, progress=, device=), plus eta= for
+# the loops that have that parameter: a new sampler is one entry here.
+_SAMPLE_LOOPS = {"ddpm": _ddpm, "ddim": _ddim}
+SAMPLERS = tuple(_SAMPLE_LOOPS)
+
+
+def check_sampler(sampler, eta=0.0):
+    """
+    Fail early on a sampler name or noise scale :func:`translate` would refuse.
+
+    :param sampler: the sampler's name.
+    :param eta: the noise scale; non-zero only for samplers that have one.
+    :return: ``sampler``.
+    :raises ValueError: naming the problem and the choices.
+    """
+    if sampler not in _SAMPLE_LOOPS:
+        raise ValueError(
+            f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}"
+        )
+    if eta and "eta" not in inspect.signature(_SAMPLE_LOOPS[sampler]).parameters:
+        with_eta = [
+            name
+            for name, loop in _SAMPLE_LOOPS.items()
+            if "eta" in inspect.signature(loop).parameters
+        ]
+        raise ValueError(
+            f"eta {eta}: the {sampler} sampler has no noise scale; leave eta at 0 "
+            f"or use {' or '.join(with_eta)}"
+        )
+    return sampler
+
+
+def translate(
+    model,
+    diffusion,
+    sar,
+    *,
+    sampler="ddpm",
+    generators=None,
+    clip_denoised=True,
+    eta=0.0,
+    progress=False,
+) -> th.Tensor:
+    """
+    Generate the optical images of a batch of SAR images.
+
+    The number of steps is the diffusion's (respaced) ``num_timesteps``. The
+    model is switched to eval mode for the call and back afterwards.
+
+    :param model: the U-Net, taking cat([x_t, sar]) as input.
+    :param diffusion: the (respaced) diffusion process.
+    :param sar: (N, C_sar, H, W) in [-1, 1], on the model's device.
+    :param sampler: one of :data:`SAMPLERS`.
+    :param generators: None for the global generator, or one th.Generator per
+        image (see :func:`make_generators`).
+    :param clip_denoised: clip each step's x_start prediction to [-1, 1].
+    :param eta: DDIM's noise scale (0: deterministic); only for samplers that
+        have one (ddim).
+    :param progress: show a progress bar over the steps.
+    :return: generated optical images, (N, 3, H, W) in [-1, 1].
+    """
+    loop = _SAMPLE_LOOPS[check_sampler(sampler, eta)]
+    extra = {"eta": eta} if eta else {}
+    shape = (sar.shape[0], OPT_CHANNELS, *sar.shape[2:])
+    was_training = model.training
+    model.eval()
+    try:
+        return loop(
+            diffusion,
+            model,
+            shape,
+            condition=sar,
+            generator=generators,
+            clip_denoised=clip_denoised,
+            progress=progress,
+            device=sar.device,
+            **extra,
+        )
+    finally:
+        model.train(was_training)
+
+
+def to_uint8(images) -> np.ndarray:
+    """
+    :param images: (N, C, H, W) in [-1, 1], a tensor or an array.
+    :return: (N, H, W, C) uint8, ``((x + 1) * 127.5)`` rounded and clamped to [0, 255].
+    """
+    x = th.as_tensor(images).detach().to("cpu", th.float32)
+    x = ((x + 1) * 127.5).round().clamp(0, 255).to(th.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def read_run_config(model_path) -> dict | None:
+    """
+    The training flags saved with a checkpoint's run.
+
+    :param model_path: a model or EMA file.
+    :return: the dict in ``config.json`` beside it, or None when there is none.
+    :raises ValueError: the file exists but is not a JSON object.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} cannot be read as JSON ({err}); fix or remove it and pass the "
+            "model flags on the command line"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path} is not a JSON object of flags; fix or remove it and pass the "
+            "model flags on the command line"
+        )
+    return config
+
+
+def resolve_model_flags(explicit, run_config):
+    """
+    The model and diffusion flags to sample with.
+
+    :param explicit: the flags given on the command line, name -> value.
+    :param run_config: the training run's config.json (:func:`read_run_config`),
+        or None.
+    :return: (flags, conflicts): every key of model_and_diffusion_defaults(),
+        taken from ``explicit``, else from ``run_config`` (except
+        :data:`SAMPLING_FLAGS`), else the default; and name -> (explicit value,
+        config value) for the explicit flags that differ from the config.
+    """
+    defaults = model_and_diffusion_defaults()
+    unknown = sorted(set(explicit) - set(defaults))
+    if unknown:
+        raise TypeError(f"not model or diffusion flags: {', '.join(unknown)}")
+    trained = {
+        k: run_config[k]
+        for k in defaults
+        if run_config and k in run_config and k not in SAMPLING_FLAGS
+    }
+    conflicts = {
+        k: (v, trained[k])
+        for k, v in explicit.items()
+        if k in trained and v != trained[k]
+    }
+    return {**defaults, **trained, **explicit}, conflicts
+
+
+def load_model(model_path, model_flags, device):
+    """
+    Build the U-Net from flags and load a checkpoint into it, strictly.
+
+    :param model_path: a model or EMA file (a plain state dict).
+    :param model_flags: model flags (keys of model_and_diffusion_defaults();
+        diffusion keys are ignored, missing keys take their defaults).
+    :param device: where to put the model.
+    :return: the model in eval mode, converted to float16 when ``use_fp16``.
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: the file is not a state dict, or its names and shapes
+        do not fit a model built from ``model_flags``.
+    """
+    flags = {**model_and_diffusion_defaults(), **model_flags}
+    model = create_model(
+        **{k: flags[k] for k in model_defaults()}, learn_sigma=flags["learn_sigma"]
+    )
+    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            f"{model_path} holds a {type(state_dict).__name__}, not a model state dict; "
+            "pass a model or EMA file (model010000.pt, ema_0.9999_010000.pt)"
+        )
+    _check_fit(model.state_dict(), state_dict, model_path)
+    model.load_state_dict(state_dict, strict=True)
+    if flags["use_fp16"]:
+        model.convert_to_fp16()
+    return model.to(device).eval()
+
+
+def _check_fit(expected, found, path):
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(
+        f"{k} is {_shape(found[k])} in the file, {_shape(expected[k])} from the flags"
+        for k in expected
+        if k in found and _shape(found[k]) != _shape(expected[k])
+    )
+    problems = [
+        f"{what}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"{path} does not fit a model built from these flags ({'; '.join(problems)}); "
+            "pass the model flags it was trained with (they are in config.json of its "
+            "training run; put that file next to the checkpoint to use them)"
+        )
+
+
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, th.Tensor) else type(value).__name__

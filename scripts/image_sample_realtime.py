@@ -1,0 +1,306 @@
+"""
+Translate a folder of SAR images into optical images with a trained model.
+
+The folder holds sar/ and, optionally, opt/ (ground truth, paired by name). Model
+flags not given on the command line come from config.json of the checkpoint's
+training run (beside the checkpoint), else from the defaults.
+
+One process (CPU or one GPU):
+    python scripts/image_sample_realtime.py --data_dir DATA --model_path RUN/ema_0.9999_200000.pt \\
+        --batch_size 8 --num_samples 100 --timestep_respacing 250
+Several GPUs, each translating its own share:
+    mpiexec -n 4 python scripts/image_sample_realtime.py ...
+DDIM with 50 steps: --sampler ddim --timestep_respacing ddim50 (or --use_ddim True).
+
+Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
+./logs/<date>_<time> folder): gen_opt/, cond_sar/, gt_opt/ with one PNG per input,
+run.json and samples_NxHxWx3.npz. Running the same command again continues where
+it stopped; each image's noise depends only on --seed and its name.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import torch as th
+from PIL import Image
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import (  # noqa: E402
+    DataError,
+    find_test_pairs,
+    load_opt,
+    load_sar,
+)
+from guided_diffusion.sampling import (  # noqa: E402
+    SAMPLERS,
+    check_sampler,
+    load_model,
+    make_generators,
+    read_run_config,
+    resolve_model_flags,
+    to_uint8,
+    translate,
+)
+from guided_diffusion.script_util import (  # noqa: E402
+    add_dict_to_argparser,
+    create_gaussian_diffusion,
+    diffusion_defaults,
+    model_and_diffusion_defaults,
+)
+
+DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
+
+
+class UsageError(ValueError):
+    """A flag or file the user has to fix; its message is one line."""
+
+
+def main():
+    args, explicit = parse_args()
+    run_config = read_run_config(args.model_path)
+    flags, conflicts = resolve_model_flags(explicit, run_config)
+
+    # -- processes, log folder, diffusion, inputs, model --------------------------
+    dist_util.setup_dist()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    logger.configure(append=True)  # a rerun must not wipe the first run's log
+    config_path = os.path.join(
+        os.path.dirname(os.path.abspath(args.model_path)), "config.json"
+    )
+    if run_config is None:
+        logger.log(f"no {config_path}: model flags from the command line and defaults")
+    for k, (mine, trained) in conflicts.items():
+        logger.warn(
+            f"warning: --{k} {mine} differs from {k}={trained!r} in {config_path}; "
+            f"using {mine}"
+        )
+    diffusion = create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
+    )
+    pairs = find_test_pairs(args.data_dir)
+    pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
+    outputs = output_names([name for _, _, name in pairs], args.data_dir)
+    model = load_model(args.model_path, flags, dist_util.dev())
+
+    # -- claim the results folder (rank 0), share the work ------------------------
+    out_dir = os.path.join(
+        logger.get_dir(), "sample_results", f"{args.sampler}{diffusion.num_timesteps}"
+    )
+    run = {
+        "model_path": os.path.abspath(args.model_path),
+        "data_dir": os.path.abspath(args.data_dir),
+        **{k: getattr(args, k) for k in ("seed", "sampler", "eta", "clip_denoised")},
+        **flags,
+    }
+    claim = claim_folder(out_dir, run, pairs, outputs) if rank == 0 else None
+    problem, todo = dist_util.broadcast_object(claim)
+    if problem:
+        raise UsageError(problem)
+    logger.log(
+        f"{len(pairs) - len(todo)} of {len(pairs)} images already in {out_dir}; "
+        f"translating {len(todo)} with {args.sampler}, {diffusion.num_timesteps} steps, "
+        f"on {world} process(es)"
+    )
+
+    # -- translate this rank's share ----------------------------------------------
+    size, sar_channels = flags["image_size"], flags["sar_channels"]
+    mine = [pairs[i] for i in todo[rank::world]]
+    bar = tqdm(total=len(mine), unit="image", desc="images", disable=rank != 0)
+    for start in range(0, len(mine), args.batch_size):
+        batch = mine[start : start + args.batch_size]
+        sar = th.from_numpy(
+            np.stack([load_sar(p, size, sar_channels) for p, _, _ in batch])
+        )
+        sar = sar.to(dist_util.dev())
+        generated = translate(
+            model, diffusion, sar, sampler=args.sampler, eta=args.eta,
+            generators=make_generators(args.seed, [name for _, _, name in batch]),
+            clip_denoised=args.clip_denoised, progress=rank == 0,
+        )  # fmt: skip
+        for (_, opt_path, name), sar_img, gen_img in zip(
+            batch, to_uint8(sar), to_uint8(generated)
+        ):
+            out = outputs[name]
+            write_png(
+                out_dir, "cond_sar", out, np.broadcast_to(sar_img, (size, size, 3))
+            )
+            if opt_path is not None:
+                write_png(
+                    out_dir, "gt_opt", out, to_uint8(load_opt(opt_path, size)[None])[0]
+                )
+            write_png(out_dir, "gen_opt", out, gen_img)  # last: it marks the image done
+        bar.update(len(batch))
+    bar.close()
+
+    # -- all generated images in one file -----------------------------------------
+    counts = dist_util.all_gather_object(len(mine))  # also waits for every rank
+    if rank == 0:
+        logger.log(f"translated {' + '.join(map(str, counts))} images (per process)")
+        logger.log(
+            f"results in {out_dir}; arrays in {write_npz(out_dir, pairs, outputs)}"
+        )
+    dist_util.cleanup()
+
+
+def parse_args():
+    """The namespace, and the model and diffusion flags given on the command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    model_keys = model_and_diffusion_defaults().keys()
+    add_dict_to_argparser(
+        parser, {**sample_defaults(), **model_and_diffusion_defaults()}
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
+    # None marks a flag that was not given: it takes config.json's value, else the default.
+    parser.set_defaults(**dict.fromkeys(model_keys))
+    args = parser.parse_args()
+    explicit = {k: getattr(args, k) for k in model_keys if getattr(args, k) is not None}
+
+    if args.use_ddim and args.sampler not in (None, "ddim"):
+        raise UsageError(
+            f"--use_ddim True contradicts --sampler {args.sampler}; give one"
+        )
+    args.sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
+    if not args.model_path:
+        raise UsageError(
+            "--model_path is required: a model or EMA file of a training run"
+        )
+    if not os.path.isfile(args.model_path):
+        raise UsageError(f"--model_path {args.model_path}: no such file")
+    if not os.path.isdir(args.data_dir):
+        raise UsageError(
+            f"--data_dir {args.data_dir}: no such folder; pass a folder with sar/ (and "
+            "optional opt/) or edit DEFAULT_DATA_DIR at the top of this script"
+        )
+    if args.num_samples == 0 or args.num_samples < -1 or args.batch_size < 1:
+        raise UsageError(
+            "--num_samples must be -1 (all) or positive, --batch_size positive"
+        )
+    check_sampler(args.sampler, args.eta)
+    return args, explicit
+
+
+def sample_defaults():
+    """The sampling flags and their defaults (model flags come from config.json)."""
+    return dict(
+        data_dir=DEFAULT_DATA_DIR,
+        model_path="",  # a model or EMA file; its run's config.json gives the model flags
+        use_ddim=False,  # the original flag: same as --sampler ddim
+        num_samples=-1,  # the first N inputs in name order (-1: all)
+        batch_size=8,
+        seed=0,
+        clip_denoised=True,
+        eta=0.0,  # DDIM's noise scale
+    )
+
+
+def output_names(names, data_dir):
+    """Input name -> output file name (.png); two inputs may not share one."""
+    outputs, owner = {}, {}
+    for name in names:
+        out = os.path.splitext(name)[0] + ".png"
+        if out in owner:
+            raise DataError(
+                f"{os.path.join(data_dir, 'sar', owner[out])} and {name} would both be "
+                f"written as {out}; rename one of them"
+            )
+        owner[out] = name
+        outputs[name] = out
+    return outputs
+
+
+def claim_folder(out_dir, run, pairs, outputs):
+    """
+    Check that ``out_dir`` is new or holds this very run, then list what is left.
+
+    :return: (problem message or None, indices of the pairs still to translate).
+    """
+    run = json.loads(json.dumps(run))
+    run_path = os.path.join(out_dir, "run.json")
+    if os.path.isfile(run_path):
+        with open(run_path, encoding="utf-8") as f:
+            previous = json.load(f)
+        differs = sorted(
+            k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k)
+        )
+        if differs:
+            return (
+                f"{out_dir} holds the results of another run (different "
+                f"{', '.join(differs)}; see its run.json): use another $OPENAI_LOGDIR "
+                f"or delete {out_dir}"
+            ), None
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        return (
+            f"{out_dir} holds files but no run.json: use another $OPENAI_LOGDIR or delete {out_dir}",
+            None,
+        )
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        write_atomic(
+            run_path,
+            lambda f: f.write(json.dumps(run, indent=2, sort_keys=True).encode()),
+        )
+    for stale in glob.glob(
+        os.path.join(glob.escape(out_dir), "**", "*.tmp-*"), recursive=True
+    ):
+        os.remove(stale)  # left by a run that was killed mid-write
+    gen_dir = os.path.join(out_dir, "gen_opt")
+    return None, [
+        i
+        for i, (_, _, name) in enumerate(pairs)
+        if not os.path.isfile(os.path.join(gen_dir, outputs[name]))
+    ]
+
+
+def write_atomic(path, write):
+    """Call ``write(file)`` on a temporary file, then rename it to ``path``."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_png(out_dir, kind, out_name, image):
+    """:param image: (H, W, 3) uint8."""
+    path = os.path.join(out_dir, kind, out_name)
+    write_atomic(
+        path,
+        lambda f: Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG"),
+    )
+
+
+def write_npz(out_dir, pairs, outputs):
+    """Rank 0, after every rank is done: all generated images in name order."""
+    names = [name for _, _, name in pairs]
+    images = np.stack(
+        [
+            np.asarray(
+                Image.open(os.path.join(out_dir, "gen_opt", outputs[n])).convert("RGB")
+            )
+            for n in names
+        ]
+    )
+    path = os.path.join(out_dir, f"samples_{'x'.join(map(str, images.shape))}.npz")
+    for old in glob.glob(os.path.join(glob.escape(out_dir), "samples_*.npz")):
+        if old != path:
+            os.remove(old)  # one file, for the latest selection of inputs
+    write_atomic(path, lambda f: np.savez(f, arr_0=images, names=np.array(names)))
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,371 @@
+"""
+Sampling: per-image noise, the sampling script, its results folder and sample.sh.
+
+The reference facts: every input of a real SEN1-2 test folder gets exactly one
+output under its own name; an image's noise depends only on (seed, name), so one
+process at batch 4 and two ranks at batch 1 give the same images; a rerun only
+fills in what is missing; a different seed never writes into a finished folder.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from conftest import TINY_FLAGS, RecordingModel, randomize_, tiny_model_and_diffusion
+from PIL import Image
+
+from guided_diffusion.gaussian_diffusion import noise_of_shape
+from guided_diffusion.sampling import (
+    load_model,
+    make_generators,
+    read_run_config,
+    sample_seed,
+    to_uint8,
+    translate,
+)
+from guided_diffusion.script_util import model_and_diffusion_defaults
+from guided_diffusion.train_util import train_defaults
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "scripts" / "image_sample_realtime.py")
+DATA = Path(__file__).parents[2] / "shared" / "real_pairs" / "sen12_accioy"
+SAMPLE_FLAGS = ["--timestep_respacing", "10", "--batch_size", "4"]
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    if not (DATA / "sar").is_dir():
+        pytest.skip(f"no real SEN1-2 pairs at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="module")
+def input_names(data_dir):
+    """The SAR names in natural order: by the patch number after "_p"."""
+    names = os.listdir(data_dir / "sar")
+    return sorted(names, key=lambda n: int(n.rsplit("_p", 1)[1].split(".")[0]))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model with every weight random, saved as a training run saves it."""
+    run = tmp_path_factory.mktemp("train_run")
+    model, _ = tiny_model_and_diffusion()
+    randomize_(model, seed=1)
+    th.save(model.state_dict(), run / "model000010.pt")
+    config = {**train_defaults(), **model_and_diffusion_defaults(), **TINY_FLAGS}
+    (run / "config.json").write_text(json.dumps({**config, "world_size": 1}))
+    return run / "model000010.pt"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two torch threads on the shared 2-core machine spin against each other."""
+    previous = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(previous)
+
+
+def run_sample(args, logdir, *, launcher=(), expect_rc=0, timeout=120):
+    env = {
+        **os.environ,
+        "OPENAI_LOGDIR": str(logdir),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.run(
+        [*launcher, sys.executable, SCRIPT, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, checkpoint, data_dir):
+    """One process, batch 4, no model flags: they must come from config.json."""
+    logdir = tmp_path_factory.mktemp("samples")
+    args = ["--model_path", checkpoint, "--data_dir", data_dir, *SAMPLE_FLAGS]
+    run_sample(args, logdir)
+    return logdir / "sample_results" / "ddpm10"
+
+
+def png_names(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def snapshot(folder):
+    """Every file under ``folder``: relative path -> (mtime_ns, bytes)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def one_line_error(proc):
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+# -- per-image noise ------------------------------------------------------------
+
+
+def test_sample_seed_is_stable_across_processes():
+    name = "ROIs1158_spring/s1_1/ROIs1158_spring_s1_1_p30.png"
+    code = f"from guided_diffusion.sampling import sample_seed; print(sample_seed(7, {name!r}))"
+    seeds = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+        for hash_seed in (1, 2)
+    ]
+    assert seeds == [str(sample_seed(7, name))] * 2
+    assert 0 <= sample_seed(7, name) < 2**63
+    assert sample_seed(7, name) != sample_seed(7, name.replace("p30", "p31"))
+    assert sample_seed(7, name) != sample_seed(8, name)
+
+
+def test_noise_of_an_image_does_not_depend_on_its_batch():
+    names = [f"{i}.png" for i in range(4)]
+    together = noise_of_shape((4, 3, 8, 8), make_generators(0, names), "cpu")
+    alone = [
+        noise_of_shape((1, 3, 8, 8), make_generators(0, [n]), "cpu") for n in names
+    ]
+    assert th.equal(together, th.cat(alone))
+    assert not th.equal(together[0], together[1])
+
+    # The same through translate: the model's first input holds x_T.
+    _, diffusion = tiny_model_and_diffusion(timestep_respacing="3")
+    sar = th.rand(4, 3, 8, 8) * 2 - 1
+    recorder = RecordingModel(out_channels=3)
+    translate(recorder, diffusion, sar, generators=make_generators(0, names))
+    x_t_batch = recorder.calls[0]["x"][:, :3]
+    for i, name in enumerate(names):
+        single = RecordingModel(out_channels=3)
+        translate(
+            single, diffusion, sar[i : i + 1], generators=make_generators(0, [name])
+        )
+        assert th.equal(single.calls[0]["x"][:, :3], x_t_batch[i : i + 1])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_batch_size_changes_images_by_at_most_one_grey_level(sampler):
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="3")
+    randomize_(model, seed=2)
+    sar = th.rand(4, 3, 32, 32, generator=th.Generator().manual_seed(0)) * 2 - 1
+    names = [f"{i}.png" for i in range(4)]
+    batch = to_uint8(
+        translate(
+            model, diffusion, sar, sampler=sampler, generators=make_generators(3, names)
+        )
+    )
+    singles = np.concatenate(
+        [
+            to_uint8(
+                translate(
+                    model,
+                    diffusion,
+                    sar[i : i + 1],
+                    sampler=sampler,
+                    generators=make_generators(3, [n]),
+                )
+            )
+            for i, n in enumerate(names)
+        ]
+    )
+    assert np.abs(batch.astype(int) - singles).max() <= 1
+    assert np.abs(batch[0].astype(int) - batch[1]).max() > 10  # not a constant output
+
+
+def test_to_uint8_maps_minus_one_to_one_onto_0_to_255():
+    x = th.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5).expand(2, 3, 1, 5)
+    out = to_uint8(x)
+    assert out.shape == (2, 1, 5, 3) and out.dtype == np.uint8
+    # (x + 1) * 127.5, rounded half to even, clamped: 0 -> 127.5 -> 128
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_load_model_names_what_does_not_fit(checkpoint):
+    assert read_run_config(checkpoint)["num_channels"] == TINY_FLAGS["num_channels"]
+    model = load_model(checkpoint, TINY_FLAGS, "cpu")
+    assert not model.training
+    with pytest.raises(ValueError, match=r"model000010\.pt does not fit.*config\.json"):
+        load_model(checkpoint, {**TINY_FLAGS, "num_res_blocks": 2}, "cpu")
+
+
+# -- the script -----------------------------------------------------------------
+
+
+def test_every_input_gets_one_output_under_its_name(first_run, input_names, checkpoint):
+    expected = sorted(n[: -len(".png")] + ".png" for n in input_names)
+    for kind in ("gen_opt", "cond_sar", "gt_opt"):
+        assert png_names(first_run / kind) == expected
+    sar = read_png(first_run / "cond_sar" / input_names[0])
+    assert sar.shape == (32, 32, 3)
+    assert (sar[..., 0] == sar[..., 1]).all()  # single-band SAR fed as 3 equal channels
+
+    npz = np.load(first_run / "samples_15x32x32x3.npz")
+    assert npz["names"].tolist() == input_names
+    for name, image in zip(input_names, npz["arr_0"]):
+        assert np.array_equal(image, read_png(first_run / "gen_opt" / name))
+
+    run = json.loads((first_run / "run.json").read_text())
+    # No model flag was given: a 128-channel default model could not have loaded.
+    assert run["num_channels"] == TINY_FLAGS["num_channels"]
+    assert run["model_path"] == str(checkpoint) and run["seed"] == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("mpiexec") is None, reason="no mpiexec (pip install mpich)"
+)
+def test_two_ranks_at_batch_1_match_one_process_at_batch_4(
+    tmp_path, first_run, checkpoint, data_dir, input_names
+):
+    args = [
+        "--model_path",
+        checkpoint,
+        "--data_dir",
+        data_dir,
+        "--timestep_respacing",
+        "10",
+        "--batch_size",
+        "1",
+    ]
+    proc = run_sample(args, tmp_path, launcher=["mpiexec", "-n", "2"], timeout=180)
+    assert "translated 8 + 7 images (per process)" in proc.stdout  # disjoint shares
+    results = tmp_path / "sample_results" / "ddpm10"
+    assert png_names(results / "gen_opt") == png_names(first_run / "gen_opt")
+    npz = np.load(results / "samples_15x32x32x3.npz")
+    assert npz["names"].tolist() == input_names
+    reference = np.load(first_run / "samples_15x32x32x3.npz")["arr_0"]
+    assert np.abs(npz["arr_0"].astype(int) - reference).max() <= 1
+
+
+def test_rerun_fills_in_only_missing_images_and_another_seed_refuses(
+    tmp_path, first_run, checkpoint, data_dir
+):
+    logdir = tmp_path / "logs"
+    shutil.copytree(first_run.parents[1], logdir)  # keeps the modification times
+    results = logdir / "sample_results" / "ddpm10"
+    removed = sorted(png_names(results / "gen_opt"))[:3]
+    for name in removed:
+        (results / "gen_opt" / name).unlink()
+    before = snapshot(results)
+
+    args = ["--model_path", checkpoint, "--data_dir", data_dir, *SAMPLE_FLAGS]
+    proc = run_sample(args, logdir)
+    assert "12 of 15 images already in" in proc.stdout
+    after = snapshot(results)
+    changed = sorted(k for k in after if before.get(k, (None,))[0] != after[k][0])
+    npz = [k for k in after if k.endswith(".npz")]
+    # The 3 images, their condition and ground truth, and the npz are rewritten.
+    assert changed == sorted(
+        [f"{kind}/{n}" for kind in ("gen_opt", "cond_sar", "gt_opt") for n in removed]
+        + npz
+    )
+    for name in removed:
+        again = read_png(results / "gen_opt" / name).astype(int)
+        assert np.abs(again - read_png(first_run / "gen_opt" / name)).max() <= 1
+
+    proc = run_sample([*args, "--seed", "1"], logdir, expect_rc=2)
+    line = one_line_error(proc)
+    assert str(results) in line and "seed" in line and "OPENAI_LOGDIR" in line
+    assert snapshot(results) == after
+
+
+def test_use_ddim_and_a_flag_that_differs_from_config(tmp_path, checkpoint, data_dir):
+    args = ["--model_path", checkpoint, "--data_dir", data_dir, "--use_ddim", "True"]
+    args += [
+        "--timestep_respacing",
+        "ddim5",
+        "--num_samples",
+        "2",
+        "--predict_xstart",
+        "True",
+    ]
+    proc = run_sample(args, tmp_path)
+    warning = [
+        line for line in proc.stdout.splitlines() if "--predict_xstart True" in line
+    ]
+    assert len(warning) == 1 and "config.json" in warning[0]
+    results = tmp_path / "sample_results" / "ddim5"
+    assert len(png_names(results / "gen_opt")) == 2
+    run = json.loads((results / "run.json").read_text())
+    assert run["sampler"] == "ddim" and run["predict_xstart"] is True
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, checkpoint, data_dir):
+    base = ["--model_path", checkpoint, "--data_dir", data_dir]
+    misfit = one_line_error(
+        run_sample([*base, "--num_channels", "64"], tmp_path, expect_rc=2)
+    )
+    assert str(checkpoint) in misfit and "does not fit" in misfit
+    missing = one_line_error(
+        run_sample(
+            ["--model_path", checkpoint, "--data_dir", tmp_path / "nope"],
+            tmp_path,
+            expect_rc=2,
+        )
+    )
+    assert "--data_dir" in missing and "nope" in missing
+    no_model = one_line_error(
+        run_sample(["--data_dir", data_dir], tmp_path, expect_rc=2)
+    )
+    assert "--model_path" in no_model
+    eta = one_line_error(run_sample([*base, "--eta", "0.5"], tmp_path, expect_rc=2))
+    assert "eta 0.5" in eta and "ddim" in eta
+    assert not (tmp_path / "sample_results").exists()  # a failed start claims nothing
+
+
+def test_sample_sh_with_environment_overrides(tmp_path, checkpoint, data_dir):
+    env = {
+        **os.environ,
+        "MODEL_PATH": str(checkpoint),
+        "DATA_DIR": str(data_dir),
+        "NUM_GPUS": "1",
+        "OPENAI_LOGDIR": str(tmp_path),
+        "MODEL_FLAGS": "",
+        "DIFFUSION_FLAGS": "",
+        "SAMPLE_FLAGS": "--batch_size 4 --num_samples 3 --timestep_respacing 5",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "sample.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(png_names(tmp_path / "sample_results" / "ddpm5" / "gen_opt")) == 3
+
+    env["MODEL_PATH"] = str(tmp_path / "missing.pt")
+    proc = subprocess.run(
+        ["bash", str(REPO / "sample.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "missing.pt" in proc.stderr
