@@ -61,6 +61,12 @@ def train_defaults():
         random_crop=False,
         random_flip=False,
         num_workers=-1,  # data loading processes per rank (-1: min(4, cores))
+        val_data_dir="",  # a folder with sar/ and opt/: translate a few pairs during training
+        val_interval=0,  # validate every N steps (0: at every save)
+        val_num=8,  # how many validation pairs
+        val_sampler="ddim",
+        val_timestep_respacing="25",
+        progress=False,  # a progress bar over the steps (with --max_steps or --lr_anneal_steps)
     )
 
 
@@ -80,6 +86,9 @@ class TrainLoop:
     :param schedule_sampler: a timestep sampler (default uniform).
     :param max_steps: stop and save at this step (0: never).
     :param keep_checkpoints: keep only the newest N complete checkpoints (0: all).
+    :param validator: a callable (state_dict, step, folder) -> dict of metrics, run on
+        rank 0 with the first EMA's weights every ``val_interval`` steps (see validation.py).
+    :param progress: show a progress bar over the steps on rank 0.
     """
 
     def __init__(
@@ -104,6 +113,9 @@ class TrainLoop:
         max_steps=0,
         seed=0,
         keep_checkpoints=0,
+        validator=None,
+        val_interval=0,
+        progress=False,
     ):
         self.diffusion = diffusion
         self.data = data
@@ -121,6 +133,9 @@ class TrainLoop:
         self.max_steps = max_steps
         self.seed = seed
         self.keep_checkpoints = keep_checkpoints
+        self.validator = validator
+        self.val_interval = val_interval or save_interval
+        self.progress = progress
 
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
@@ -278,9 +293,14 @@ class TrainLoop:
         try:
             data = self.data(self.data_position)
             self._tick = (time.perf_counter(), self.step)
+            bar = self._progress_bar()
             while not self._finished():
                 batch, cond = next(data)
                 self.run_step(batch, cond)
+                if bar is not None:
+                    bar.update(1)
+                if self.validator is not None and self.step % self.val_interval == 0:
+                    self.validate()
                 if self.step % self.log_interval == 0:
                     self._dump_logs()
                 if self.step % self.save_interval == 0:
@@ -290,6 +310,8 @@ class TrainLoop:
                         f"stopping at step {self.step} ({self._stop_signal or 'signal on another rank'})"
                     )
                     break
+            if bar is not None:
+                bar.close()
             if self.step % self.log_interval:
                 self._dump_logs()  # the last, partial interval
             if self.last_saved_step != self.step:
@@ -297,6 +319,29 @@ class TrainLoop:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _progress_bar(self):
+        total = self.max_steps or self.lr_anneal_steps
+        if not self.progress or self.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=total or None, initial=self.step, desc="training", unit="step"
+        )
+
+    def validate(self):
+        """Translate the validation pairs with the first EMA's weights (rank 0) and log the scores."""
+        if self.rank == 0:
+            state_dict = self.mp_trainer.master_params_to_state_dict(self.ema_params[0])
+            scores = self.validator(state_dict, self.step, logger.get_dir())
+            for key, value in scores.items():
+                logger.logkv(key, value)
+            logger.log(
+                f"validation at step {self.step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+            )
+        dist_util.barrier()
 
     def _finished(self):
         if self.max_steps and self.step >= self.max_steps:

@@ -36,6 +36,7 @@ from guided_diffusion.train_util import (  # noqa: E402
     train_defaults,
     write_config,
 )
+from guided_diffusion.validation import Validator  # noqa: E402
 
 
 def main():
@@ -83,6 +84,7 @@ def main():
         )
 
     data(0)  # pair the folders now, so data errors show before the model is set up
+    validator = make_validator(args) if args.val_data_dir else None
 
     # -- train --------------------------------------------------------------------
     loop = TrainLoop(
@@ -90,6 +92,7 @@ def main():
         diffusion=diffusion,
         data=data,
         schedule_sampler=schedule_sampler,
+        validator=validator,
         **{k: getattr(args, k) for k in TRAIN_LOOP_KEYS},
     )
     n_params = sum(p.numel() for p in model.parameters())
@@ -111,8 +114,25 @@ def main():
 TRAIN_LOOP_KEYS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
     "resume_checkpoint", "use_fp16", "use_bf16", "fp16_scale_growth", "weight_decay",
-    "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints",
+    "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints", "val_interval", "progress",
 )  # fmt: skip
+
+
+def make_validator(args):
+    """A float32 copy of the model and a respaced diffusion for the fast sampler."""
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags.update(use_fp16=False, timestep_respacing=args.val_timestep_respacing)
+    model, diffusion = create_model_and_diffusion(**flags)
+    return Validator(
+        model=model.to(dist_util.dev()),
+        diffusion=diffusion,
+        data_dir=args.val_data_dir,
+        image_size=args.image_size,
+        sar_channels=args.sar_channels,
+        num=args.val_num,
+        sampler=args.val_sampler,
+        seed=args.seed,
+    )
 
 
 def create_argparser():

@@ -524,3 +524,27 @@ def test_bf16_autocast_trains_close_to_fp32(pairs_dir, tmp_path):
     )
     assert all(v.dtype == th.float32 for v in bf16.values())
     assert rel_error(bf16, fp32) < 0.02
+
+
+def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
+    val_dir = tmp_path / "val"
+    for sub in ("sar", "opt"):
+        (val_dir / sub).mkdir(parents=True)
+        for i in range(3):
+            (val_dir / sub / f"{i}.png").write_bytes(
+                (pairs_dir / sub / f"{i}.png").read_bytes()
+            )
+    logdir = tmp_path / "run"
+    run_script(
+        [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--num_workers=0",
+         f"--val_data_dir={val_dir}", "--val_interval=1", "--val_num=2", "--val_timestep_respacing=5",
+         "--log_interval=1"],
+        {"OPENAI_LOGDIR": str(logdir)},
+    )  # fmt: skip
+    grid = Image.open(logdir / "val_000002.png")
+    # Two rows (pairs) of three 16-pixel columns (SAR | generated | ground truth), 2-pixel gaps.
+    assert grid.size == (3 * 16 + 2 * 2, 2 * 16 + 2)
+    rows = (logdir / "progress.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    last = dict(zip(header, rows[-1].split(",")))
+    assert 0 < float(last["val_ssim"]) <= 1 and float(last["val_psnr"]) > 0

@@ -1,0 +1,118 @@
+"""
+Validation during training: translate a few fixed SAR/optical pairs with a fast
+sampler and the EMA weights, score them and save a picture, so a run shows
+whether it learns long before it ends.
+"""
+
+import os
+
+import numpy as np
+import torch as th
+from PIL import Image
+
+from . import metrics
+from .image_datasets import DataError, find_test_pairs, load_opt, load_sar
+from .sampling import make_generators, to_uint8, translate
+
+
+class Validator:
+    """
+    :param model: a model of the trained architecture, used only for validation
+        (float32; the EMA weights are loaded into it each time).
+    :param diffusion: a respaced diffusion for the fast sampler.
+    :param data_dir: a folder with sar/ and opt/ (ground truth is required).
+    :param num: how many pairs to translate (the first ones by name).
+    :param sampler: a sampler name of guided_diffusion.sampling.
+    :param seed: the noise seed; each pair's noise depends on (seed, name) only.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data_dir,
+        image_size,
+        sar_channels,
+        num,
+        sampler,
+        seed=0,
+    ):
+        pairs = find_test_pairs(data_dir)
+        missing_gt = [name for _, opt, name in pairs if opt is None]
+        if missing_gt:
+            raise DataError(
+                f"--val_data_dir {data_dir}: validation needs ground truth in {data_dir}/opt "
+                f"(missing for {missing_gt[0]} and {len(missing_gt) - 1} more)"
+            )
+        pairs = pairs[:num]
+        self.names = [name for _, _, name in pairs]
+        self.sar = th.from_numpy(
+            np.stack([load_sar(sar, image_size, sar_channels) for sar, _, _ in pairs])
+        )
+        self.gt = to_uint8(
+            th.from_numpy(np.stack([load_opt(opt, image_size) for _, opt, _ in pairs]))
+        )
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.diffusion = diffusion
+        self.sampler = sampler
+        self.seed = seed
+
+    def __call__(self, state_dict, step, folder):
+        """
+        Translate the pairs with the weights in ``state_dict``.
+
+        :return: a dict of "val_ssim" and "val_psnr" (means over the pairs); the
+            picture is written to ``folder/val_{step:06d}.png``.
+        """
+        self.model.load_state_dict(state_dict)
+        device = next(self.model.parameters()).device
+        generated = translate(
+            self.model,
+            self.diffusion,
+            self.sar.to(device),
+            sampler=self.sampler,
+            generators=make_generators(self.seed, self.names),
+        )
+        generated = to_uint8(generated)
+        ssim = [metrics.ssim_rgb(g, t) for g, t in zip(generated, self.gt)]
+        psnr = [metrics.psnr(g, t) for g, t in zip(generated, self.gt)]
+        finite = [p for p in psnr if np.isfinite(p)]
+        save_grid(
+            [to_uint8(self.sar), generated, self.gt],
+            os.path.join(folder, f"val_{step:06d}.png"),
+        )
+        return {
+            "val_ssim": float(np.mean(ssim)),
+            "val_psnr": float(np.mean(finite)) if finite else float("inf"),
+        }
+
+
+def save_grid(columns, path, scale=1, gap=2):
+    """
+    Save images side by side: one row per example, one column per list.
+
+    :param columns: lists (or arrays) of (H, W, C) uint8 images of one size; C is 1 or 3.
+    :param scale: nearest-neighbour upscaling, so small images stay visible.
+    :param gap: white pixels between images.
+    """
+    columns = [np.asarray(c) for c in columns]
+    columns = [np.repeat(c, 3, axis=-1) if c.shape[-1] == 1 else c for c in columns]
+    n, h, w = columns[0].shape[:3]
+    grid = np.full(
+        (n * (h + gap) - gap, len(columns) * (w + gap) - gap, 3), 255, dtype=np.uint8
+    )
+    for j, column in enumerate(columns):
+        for i in range(n):
+            grid[
+                i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w
+            ] = column[i]
+    image = Image.fromarray(grid)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
