@@ -42,7 +42,7 @@ def diffusion_defaults():
 
 
 def model_defaults():
-    """Defaults of the U-Net (guided-diffusion's, plus sar_channels)."""
+    """Defaults of the U-Net (guided-diffusion's, plus use_sdpa and sar_channels)."""
     return dict(
         image_size=64,
         num_channels=128,
@@ -58,6 +58,7 @@ def model_defaults():
         resblock_updown=False,
         use_fp16=False,
         use_new_attention_order=False,
+        use_sdpa=False,  # attention through scaled_dot_product_attention (same function)
         sar_channels=3,  # SAR channels fed to the model (1-channel SAR is replicated to 3)
     )
 
@@ -130,6 +131,7 @@ def create_model(image_size, num_channels, num_res_blocks, learn_sigma=None, **k
         use_scale_shift_norm=args["use_scale_shift_norm"],
         resblock_updown=args["resblock_updown"],
         use_new_attention_order=args["use_new_attention_order"],
+        use_sdpa=args["use_sdpa"],
     )
 
 

@@ -220,6 +220,8 @@ class AttentionBlock(nn.Module):
     :param num_head_channels: a fixed width per head; overrides num_heads.
     :param use_new_attention_order: split q, k, v before the heads (QKVAttention);
         the default reproduces the original ordering (QKVAttentionLegacy).
+    :param use_sdpa: compute the same attention with the fused
+        ``scaled_dot_product_attention`` kernel instead of explicit einsums.
     """
 
     def __init__(
@@ -229,6 +231,7 @@ class AttentionBlock(nn.Module):
         num_head_channels=-1,
         use_checkpoint=False,
         use_new_attention_order=False,
+        use_sdpa=False,
     ):
         super().__init__()
         self.channels = channels
@@ -245,9 +248,9 @@ class AttentionBlock(nn.Module):
         self.norm = normalization(channels)
         self.qkv = conv_nd(1, channels, channels * 3, 1)
         if use_new_attention_order:
-            self.attention = QKVAttention(self.num_heads)
+            self.attention = QKVAttention(self.num_heads, use_sdpa=use_sdpa)
         else:
-            self.attention = QKVAttentionLegacy(self.num_heads)
+            self.attention = QKVAttentionLegacy(self.num_heads, use_sdpa=use_sdpa)
         self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
 
     def forward(self, x):
@@ -262,15 +265,41 @@ class AttentionBlock(nn.Module):
         return (x + h).reshape(b, c, *spatial)
 
 
+def _attend(q, k, v, use_sdpa):
+    """
+    softmax(q^T k / sqrt(ch)) applied to v, independently for every (batch, head).
+
+    :param q, k, v: (B * heads, ch, T) queries, keys and values.
+    :param use_sdpa: use the fused kernel; otherwise the original einsums.
+    :return: (B * heads, ch, T) attended values.
+    """
+    if use_sdpa:
+        # The kernel wants (..., T, ch); its default scale 1 / sqrt(ch) equals the
+        # original's ch^-1/4 on q and on k.
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )  # (B*H, T, C)
+        return a.transpose(1, 2)
+    ch = q.shape[1]
+    # Scaling q and k each by ch^-1/4 is more stable in fp16 than scaling q k^T.
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = th.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, T)
+    weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return th.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
+
+
 class QKVAttentionLegacy(nn.Module):
     """
     Attention with guided-diffusion's original layout: qkv is reshaped to
     (B * heads, 3 * ch, T) first, then split into q, k and v.
+
+    :param use_sdpa: compute it with ``scaled_dot_product_attention``.
     """
 
-    def __init__(self, n_heads):
+    def __init__(self, n_heads, use_sdpa=False):
         super().__init__()
         self.n_heads = n_heads
+        self.use_sdpa = use_sdpa
 
     def forward(self, qkv):
         """
@@ -281,20 +310,21 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        # Scaling q and k each by ch^-1/4 is more stable in fp16 than scaling q k^T.
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = th.einsum("bct,bcs->bts", q * scale, k * scale)  # (B*H, T, T)
-        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = th.einsum("bts,bcs->bct", weight, v)  # (B*H, C, T)
+        a = _attend(q, k, v, self.use_sdpa)  # (B*H, C, T)
         return a.reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
-    """Attention that splits q, k and v first, then the heads."""
+    """
+    Attention that splits q, k and v first, then the heads.
 
-    def __init__(self, n_heads):
+    :param use_sdpa: compute it with ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, n_heads, use_sdpa=False):
         super().__init__()
         self.n_heads = n_heads
+        self.use_sdpa = use_sdpa
 
     def forward(self, qkv):
         """
@@ -304,15 +334,10 @@ class QKVAttention(nn.Module):
         bs, width, length = qkv.shape
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.chunk(3, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = th.einsum(
-            "bct,bcs->bts",
-            (q * scale).view(bs * self.n_heads, ch, length),
-            (k * scale).view(bs * self.n_heads, ch, length),
+        q, k, v = (
+            part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1)
         )
-        weight = th.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = th.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
+        a = _attend(q, k, v, self.use_sdpa)  # (B*H, C, T)
         return a.reshape(bs, -1, length)
 
 
@@ -339,6 +364,8 @@ class UNetModel(nn.Module):
     :param use_scale_shift_norm: FiLM-like conditioning on the timestep.
     :param resblock_updown: residual blocks for up- and downsampling.
     :param use_new_attention_order: QKVAttention instead of the legacy order.
+    :param use_sdpa: attention through the fused ``scaled_dot_product_attention``
+        kernel (the same function and parameters); off keeps the original einsums.
     """
 
     def __init__(
@@ -361,6 +388,7 @@ class UNetModel(nn.Module):
         use_scale_shift_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
+        use_sdpa=False,
     ):
         super().__init__()
         if num_heads_upsample == -1:
@@ -407,6 +435,7 @@ class UNetModel(nn.Module):
                 num_heads=heads,
                 num_head_channels=num_head_channels,
                 use_new_attention_order=use_new_attention_order,
+                use_sdpa=use_sdpa,
             )
 
         ch = input_ch = int(channel_mult[0] * model_channels)

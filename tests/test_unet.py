@@ -81,6 +81,26 @@ def test_state_dict_matches_the_original_implementation(fixture, flags):
     assert len(actual) == len(expected)
 
 
+@pytest.mark.parametrize(
+    "fixture,flags",
+    [
+        (
+            "unet_keys_paper.txt",
+            dict(image_size=256, num_channels=128, num_res_blocks=3),
+        ),
+        ("unet_keys_small.txt", dict(image_size=64, num_channels=64, num_res_blocks=2)),
+    ],
+)
+def test_state_dict_with_use_sdpa_matches_the_original_implementation(fixture, flags):
+    # The fused attention kernel is a different computation, not different weights.
+    expected = _read_fixture(fixture)
+    # Shapes are all this test needs: the meta device skips allocating the weights.
+    with th.device("meta"):
+        model, _ = create_model_and_diffusion(**flags, learn_sigma=False, use_sdpa=True)
+    actual = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
+    assert sorted(actual) == sorted(expected)
+
+
 # ---------------------------------------------------------------- the whole model
 
 

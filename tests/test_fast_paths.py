@@ -1,0 +1,112 @@
+"""
+Tests of the U-Net's fast paths: each must compute the same function as the
+faithful default path, with the same parameters.
+
+``use_sdpa`` routes attention through ``scaled_dot_product_attention``;
+channels_last changes only the memory layout.
+"""
+
+import pytest
+import torch as th
+from conftest import randomize_, tiny_model_and_diffusion
+
+
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _inputs(n=2, size=32, seed=0):
+    gen = th.Generator().manual_seed(seed)
+    x = th.randn(n, 6, size, size, generator=gen)
+    t = th.randint(0, 50, (n,), generator=gen)
+    return x, t
+
+
+def _pair(seed, **flags):
+    """The tiny U-Net with and without use_sdpa, sharing one set of random weights."""
+    slow, _ = tiny_model_and_diffusion(use_sdpa=False, **flags)
+    fast, _ = tiny_model_and_diffusion(use_sdpa=True, **flags)
+    randomize_(slow, seed=seed)
+    fast.load_state_dict(slow.state_dict())
+    return slow, fast
+
+
+# The tiny U-Net attends at 16x16 with 64 channels: 1 or 4 heads of 64 or 16
+# channels, in both head orders.
+ATTENTION_FLAGS = [
+    pytest.param(dict(num_heads=1), id="legacy-1-head"),
+    pytest.param(dict(num_heads=4), id="legacy-4-heads"),
+    pytest.param(dict(num_heads=1, num_head_channels=16), id="legacy-head-channels"),
+    pytest.param(dict(num_heads=1, use_new_attention_order=True), id="new-1-head"),
+    pytest.param(dict(num_heads=4, use_new_attention_order=True), id="new-4-heads"),
+    pytest.param(
+        dict(num_heads=1, num_head_channels=16, use_new_attention_order=True),
+        id="new-head-channels",
+    ),
+]
+
+
+@pytest.mark.parametrize("flags", ATTENTION_FLAGS)
+def test_sdpa_attention_computes_the_same_function_and_gradients(flags):
+    slow, fast = _pair(seed=11, **flags)
+    x, t = _inputs()
+    outputs = []
+    for model in (slow, fast):
+        out = model(x, t)
+        out.square().mean().backward()
+        outputs.append(out.detach())
+    assert outputs[0].abs().max() > 0
+    assert _rel_err(outputs[1], outputs[0]) < 1e-5
+    for (name, a), b in zip(slow.named_parameters(), fast.parameters()):
+        assert _rel_err(b.grad, a.grad) < 1e-5, name
+
+
+def test_attention_is_visible_at_the_tolerance_of_the_equivalence_test():
+    # With 0.05-scale weights the attention could be too flat to matter; the two
+    # head orders must give outputs far apart compared with 1e-5, or the
+    # equivalence test above could not see a wrong reshape.
+    legacy, _ = _pair(seed=11, num_heads=4)
+    new, _ = tiny_model_and_diffusion(num_heads=4, use_new_attention_order=True)
+    new.load_state_dict(legacy.state_dict())
+    x, t = _inputs()
+    with th.no_grad():
+        assert _rel_err(new(x, t), legacy(x, t)) > 1e-4
+
+
+def test_use_sdpa_keeps_the_state_dict():
+    slow, fast = _pair(seed=12)
+    slow_shapes = {k: tuple(v.shape) for k, v in slow.state_dict().items()}
+    fast_shapes = {k: tuple(v.shape) for k, v in fast.state_dict().items()}
+    assert list(fast_shapes) == list(slow_shapes)
+    assert fast_shapes == slow_shapes
+    modules = [m for m in fast.modules() if hasattr(m, "use_sdpa")]
+    assert modules and all(m.use_sdpa for m in modules)
+
+
+def test_sdpa_in_an_fp16_body_matches_fp32():
+    reference, _ = _pair(seed=13)
+    half, _ = tiny_model_and_diffusion(use_sdpa=True, use_fp16=True)
+    half.load_state_dict(reference.state_dict())
+    half.convert_to_fp16()
+    x, t = _inputs()
+    with th.no_grad():
+        expected = reference(x, t)
+        out = half(x, t)
+    assert out.dtype == th.float32
+    assert _rel_err(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_channels_last_model_matches_contiguous(use_sdpa):
+    reference, _ = _pair(seed=14)
+    model, _ = tiny_model_and_diffusion(use_sdpa=use_sdpa)
+    model.load_state_dict(reference.state_dict())
+    model = model.to(memory_format=th.channels_last)
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=th.channels_last)
+    x, t = _inputs()
+    x_cl = x.to(memory_format=th.channels_last)
+    assert not x_cl.is_contiguous()
+    with th.no_grad():
+        expected = reference(x, t)
+        out = model(x_cl, t)
+    assert _rel_err(out, expected) < 1e-5
