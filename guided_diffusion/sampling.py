@@ -19,6 +19,7 @@ import numpy as np
 import torch as th
 
 from . import dist_util
+from .dpm_solver import dpm_solver_sample_loop
 from .script_util import (
     OPT_CHANNELS,
     create_model,
@@ -71,7 +72,7 @@ def _ddim(diffusion, model, shape, eta=0.0, **kwargs):
 # Sampler name -> loop, every loop called as loop(diffusion, model, shape,
 # condition=, generator=, clip_denoised=, progress=, device=), plus eta= for
 # the loops that have that parameter: a new sampler is one entry here.
-_SAMPLE_LOOPS = {"ddpm": _ddpm, "ddim": _ddim}
+_SAMPLE_LOOPS = {"ddpm": _ddpm, "ddim": _ddim, "dpm++2m": dpm_solver_sample_loop}
 SAMPLERS = tuple(_SAMPLE_LOOPS)
 
 

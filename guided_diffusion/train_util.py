@@ -64,8 +64,8 @@ def train_defaults():
         val_data_dir="",  # a folder with sar/ and opt/: translate a few pairs during training
         val_interval=0,  # validate every N steps (0: at every save)
         val_num=8,  # how many validation pairs
-        val_sampler="ddim",
-        val_timestep_respacing="25",
+        val_sampler="dpm++2m",
+        val_timestep_respacing="20",
         progress=False,  # a progress bar over the steps (with --max_steps or --lr_anneal_steps)
     )
 

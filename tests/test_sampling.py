@@ -22,6 +22,7 @@ from PIL import Image
 
 from guided_diffusion.gaussian_diffusion import noise_of_shape
 from guided_diffusion.sampling import (
+    SAMPLERS,
     load_model,
     make_generators,
     read_run_config,
@@ -169,7 +170,7 @@ def test_noise_of_an_image_does_not_depend_on_its_batch():
         assert th.equal(single.calls[0]["x"][:, :3], x_t_batch[i : i + 1])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_batch_size_changes_images_by_at_most_one_grey_level(sampler):
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="3")
     randomize_(model, seed=2)
