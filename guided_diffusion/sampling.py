@@ -22,6 +22,7 @@ from . import dist_util
 from .dpm_solver import dpm_solver_sample_loop
 from .script_util import (
     OPT_CHANNELS,
+    check_state_dict_fits,
     create_model,
     model_and_diffusion_defaults,
     model_defaults,
@@ -241,37 +242,8 @@ def load_model(model_path, model_flags, device):
             f"{model_path} holds a {type(state_dict).__name__}, not a model state dict; "
             "pass a model or EMA file (model010000.pt, ema_0.9999_010000.pt)"
         )
-    _check_fit(model.state_dict(), state_dict, model_path)
+    check_state_dict_fits(model.state_dict(), state_dict, model_path)
     model.load_state_dict(state_dict, strict=True)
     if flags["use_fp16"]:
         model.convert_to_fp16()
     return model.to(device).eval()
-
-
-def _check_fit(expected, found, path):
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(
-        f"{k} is {_shape(found[k])} in the file, {_shape(expected[k])} from the flags"
-        for k in expected
-        if k in found and _shape(found[k]) != _shape(expected[k])
-    )
-    problems = [
-        f"{what}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong),
-        )
-        if keys
-    ]
-    if problems:
-        raise ValueError(
-            f"{path} does not fit a model built from these flags ({'; '.join(problems)}); "
-            "pass the model flags it was trained with (they are in config.json of its "
-            "training run; put that file next to the checkpoint to use them)"
-        )
-
-
-def _shape(value):
-    return tuple(value.shape) if isinstance(value, th.Tensor) else type(value).__name__

@@ -8,6 +8,8 @@ argument they are not given from them, so the two can never drift apart.
 
 import argparse
 
+import torch as th
+
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
@@ -234,3 +236,36 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(
         f"boolean value expected (True or False), got {v!r}"
     )
+
+
+def check_state_dict_fits(expected, found, path):
+    """
+    Raise a ValueError that names what differs when the state dict ``found`` (read
+    from ``path``) does not fit the model whose state dict is ``expected``.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(
+        f"{k} is {_shape(found[k])} in the file, {_shape(expected[k])} from the flags"
+        for k in expected
+        if k in found and _shape(found[k]) != _shape(expected[k])
+    )
+    problems = [
+        f"{what}: {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+        for what, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"{path} does not fit a model built from these flags ({'; '.join(problems)}); "
+            "pass the model flags it was trained with (they are in config.json of its "
+            "training run; put that file next to the checkpoint to use them)"
+        )
+
+
+def _shape(value):
+    return tuple(value.shape) if isinstance(value, th.Tensor) else type(value).__name__

@@ -28,6 +28,7 @@ from . import dist_util, logger
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .script_util import check_state_dict_fits
 
 # Stop after this many optimizer steps in a row with a non-finite loss or gradient.
 MAX_NONFINITE_STEPS = 25
@@ -200,7 +201,7 @@ class TrainLoop:
             )
         logger.log(f"resuming from {model_path} (step {self.step})")
         model_state = dist_util.load_state_dict(model_path)
-        self._check_state_dict(model_state, model_path)
+        check_state_dict_fits(self.model.state_dict(), model_state, model_path)
         self.mp_trainer.load_master_params(
             self.mp_trainer.state_dict_to_master_params(model_state)
         )
@@ -210,7 +211,7 @@ class TrainLoop:
         ):
             if os.path.exists(ema_path):
                 ema_state = dist_util.load_state_dict(ema_path)
-                self._check_state_dict(ema_state, ema_path)
+                check_state_dict_fits(self.model.state_dict(), ema_state, ema_path)
                 values = self.mp_trainer.state_dict_to_master_params(ema_state)
             else:
                 logger.warn(
@@ -257,30 +258,6 @@ class TrainLoop:
                 th.cuda.set_rng_state(state["rng_cuda"], self.device)
             return True
         return False
-
-    def _check_state_dict(self, state_dict, path):
-        expected = self.model.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        wrong = sorted(
-            k
-            for k in expected
-            if k in state_dict and state_dict[k].shape != expected[k].shape
-        )
-        if missing or unexpected or wrong:
-            details = "; ".join(
-                f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for what, keys in (
-                    ("missing", missing),
-                    ("unexpected", unexpected),
-                    ("wrong shape", wrong),
-                )
-                if keys
-            )
-            raise ValueError(
-                f"{path} does not fit a model built from these flags ({details}); pass the model "
-                "flags it was trained with (see config.json in its run folder)"
-            )
 
     # -- the loop -----------------------------------------------------------------
 
