@@ -22,6 +22,7 @@ from . import dist_util
 from .dpm_solver import dpm_solver_sample_loop
 from .script_util import (
     OPT_CHANNELS,
+    add_dict_to_argparser,
     check_state_dict_fits,
     create_model,
     model_and_diffusion_defaults,
@@ -161,6 +162,22 @@ def to_uint8(images) -> np.ndarray:
     x = th.as_tensor(images).detach().to("cpu", th.float32)
     x = ((x + 1) * 127.5).round().clamp(0, 255).to(th.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def add_model_flags(parser):
+    """
+    Add every model and diffusion flag to an argparse parser with the default None,
+    which marks a flag as not given: it then takes config.json's value, else the
+    default (see :func:`explicit_model_flags` and :func:`resolve_model_flags`).
+    """
+    add_dict_to_argparser(parser, model_and_diffusion_defaults())
+    parser.set_defaults(**dict.fromkeys(model_and_diffusion_defaults()))
+
+
+def explicit_model_flags(args):
+    """The model and diffusion flags given on the command line, name -> value."""
+    keys = model_and_diffusion_defaults()
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def read_run_config(model_path) -> dict | None:

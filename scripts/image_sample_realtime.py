@@ -40,7 +40,9 @@ from guided_diffusion.image_datasets import (  # noqa: E402
 )
 from guided_diffusion.sampling import (  # noqa: E402
     SAMPLERS,
+    add_model_flags,
     check_sampler,
+    explicit_model_flags,
     load_model,
     make_generators,
     read_run_config,
@@ -52,7 +54,6 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     create_gaussian_diffusion,
     diffusion_defaults,
-    model_and_diffusion_defaults,
 )
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
@@ -155,15 +156,11 @@ def parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    model_keys = model_and_diffusion_defaults().keys()
-    add_dict_to_argparser(
-        parser, {**sample_defaults(), **model_and_diffusion_defaults()}
-    )
+    add_dict_to_argparser(parser, sample_defaults())
+    add_model_flags(parser)
     parser.add_argument("--sampler", choices=SAMPLERS, default=None)
-    # None marks a flag that was not given: it takes config.json's value, else the default.
-    parser.set_defaults(**dict.fromkeys(model_keys))
     args = parser.parse_args()
-    explicit = {k: getattr(args, k) for k in model_keys if getattr(args, k) is not None}
+    explicit = explicit_model_flags(args)
 
     if args.use_ddim and args.sampler not in (None, "ddim"):
         raise UsageError(

@@ -1,0 +1,142 @@
+"""
+Bits per dimension of a trained model on a paired test folder: the variational
+bound on -log p(optical | SAR), computed over every timestep (as guided-diffusion's
+image_nll.py, with the SAR condition).
+
+    python scripts/image_nll.py --data_dir DATA --model_path RUN/ema_0.9999_200000.pt --num_samples 64
+    mpiexec -n 4 python scripts/image_nll.py ...   (each rank scores its own share)
+
+DATA holds sar/ and opt/ paired by name. Model flags not given come from the
+training run's config.json beside the checkpoint. Writes nll.json (the mean and
+every image's bits/dim) to $OPENAI_LOGDIR, else a new ./logs/<date>_<time> folder.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch as th
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.image_datasets import (
+    DataError,
+    find_test_pairs,
+    load_opt,
+    load_sar,
+)  # noqa: E402
+from guided_diffusion.sampling import (  # noqa: E402
+    add_model_flags,
+    explicit_model_flags,
+    load_model,
+    read_run_config,
+    resolve_model_flags,
+)
+from guided_diffusion.script_util import (
+    add_dict_to_argparser,
+    create_gaussian_diffusion,
+    diffusion_defaults,
+)  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dict_to_argparser(
+        parser,
+        dict(
+            data_dir="",
+            model_path="",
+            batch_size=8,
+            num_samples=-1,
+            clip_denoised=True,
+            seed=0,
+        ),
+    )
+    add_model_flags(parser)
+    args = parser.parse_args()
+    if not os.path.isfile(args.model_path):
+        raise FileNotFoundError(
+            f"--model_path {args.model_path!r}: no such file (a model or EMA checkpoint)"
+        )
+    flags, conflicts = resolve_model_flags(
+        explicit_model_flags(args), read_run_config(args.model_path)
+    )
+
+    dist_util.setup_dist()
+    logger.configure()
+    for key, (given, trained) in conflicts.items():
+        logger.warn(f"--{key} {given} differs from the training run's {trained}")
+    pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]
+    if not pairs:
+        raise DataError(
+            f"--data_dir {args.data_dir}: the likelihood needs ground truth in its opt/ folder"
+        )
+    if args.num_samples > 0:
+        pairs = pairs[: args.num_samples]
+    mine = pairs[dist_util.get_rank() :: dist_util.get_world_size()]
+
+    model = load_model(args.model_path, flags, dist_util.dev())
+    diffusion = create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
+    )
+    th.manual_seed(args.seed + dist_util.get_rank())  # the noise of the bound's terms
+
+    results = {}
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start : start + args.batch_size]
+        sar = th.from_numpy(
+            np.stack(
+                [
+                    load_sar(s, flags["image_size"], flags["sar_channels"])
+                    for s, _, _ in chunk
+                ]
+            )
+        )
+        opt = th.from_numpy(
+            np.stack([load_opt(o, flags["image_size"]) for _, o, _ in chunk])
+        )
+        out = diffusion.calc_bpd_loop(
+            model, opt.to(dist_util.dev()), clip_denoised=args.clip_denoised,
+            condition=sar.to(dist_util.dev()), progress=dist_util.is_main_process(),
+        )  # fmt: skip
+        for (_, _, name), bpd, prior in zip(
+            chunk, out["total_bpd"].tolist(), out["prior_bpd"].tolist()
+        ):
+            results[name] = {"bpd": bpd, "prior_bpd": prior}
+        logger.log(
+            f"rank {dist_util.get_rank()}: {start + len(chunk)}/{len(mine)} images, bpd {out['total_bpd'].mean():.4f}"
+        )
+
+    gathered = {
+        k: v for part in dist_util.all_gather_object(results) for k, v in part.items()
+    }
+    if dist_util.is_main_process():
+        mean = float(np.mean([r["bpd"] for r in gathered.values()]))
+        path = os.path.join(logger.get_dir(), "nll.json")
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "model_path": args.model_path,
+                    "num_images": len(gathered),
+                    "bpd": mean,
+                    "per_image": gathered,
+                },
+                f,
+                indent=2,
+            )
+        logger.log(f"{len(gathered)} images: {mean:.4f} bits/dim; written to {path}")
+    dist_util.barrier()
+    dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
