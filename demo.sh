@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The demo: generated SAR/optical scenes, a small model trained on the CPU,
+# the test set translated, scored against two trivial baselines and drawn.
+#   bash demo.sh                  # about 12 minutes on 2 idle CPU cores
+#   bash demo.sh --update_assets  # also copy the picture to assets/demo.png
+# Every setting below can be overridden from the environment, e.g.
+#   STEPS=3000 RUN_DIR=logs/demo_long bash demo.sh
+# Running it again reuses the data and the finished training and translations.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA_DIR=${DATA_DIR:-data/synthetic32}
+RUN_DIR=${RUN_DIR:-logs/demo}
+NUM_TRAIN=${NUM_TRAIN:-2000}
+NUM_TEST=${NUM_TEST:-64}
+STEPS=${STEPS:-1000}  # the training budget: ~11 min on 2 idle cores at the ~50 images/s measured
+
+# DESIGN.md section 8: what learns colours on a CPU budget (x_start prediction).
+MODEL_FLAGS=${MODEL_FLAGS:-"--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 --learn_sigma False"}
+DIFFUSION_FLAGS=${DIFFUSION_FLAGS:-"--diffusion_steps 1000 --noise_schedule linear --predict_xstart True"}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 1e-3 --batch_size 32 --ema_rate 0.995 --log_interval 100 --save_interval 200 --keep_checkpoints 1"}
+# Sampling: the results land in sample_results/$SAMPLER$SAMPLE_STEPS/ of the run.
+SAMPLER=${SAMPLER:-ddim}
+SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+SAMPLE_FLAGS=${SAMPLE_FLAGS:-"--sampler $SAMPLER --timestep_respacing ddim$SAMPLE_STEPS --batch_size 64 --seed 0"}
+
+report_flags=()
+for arg in "$@"; do
+  case "$arg" in
+    --update_assets) report_flags+=(--update_assets) ;;
+    *)
+      echo "demo.sh: unknown argument $arg; the only one is --update_assets (settings come from the environment, see the top of demo.sh)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+image_size=$(sed -n 's/.*--image_size \([0-9]*\).*/\1/p' <<<"$MODEL_FLAGS")
+if [ -z "$image_size" ]; then
+  echo "demo.sh: MODEL_FLAGS must contain --image_size N" >&2
+  exit 2
+fi
+export OPENAI_LOGDIR=$RUN_DIR
+start=$SECONDS
+
+echo "== 1/4 data: $NUM_TRAIN training and $NUM_TEST test scenes of ${image_size}x${image_size} pixels in $DATA_DIR"
+if [ -f "$DATA_DIR/dataset.json" ]; then
+  echo "$DATA_DIR/dataset.json exists: using that dataset (delete $DATA_DIR to make a new one)"
+else
+  python scripts/make_synthetic_dataset.py --out "$DATA_DIR" --overwrite \
+    --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --image_size "$image_size"
+fi
+
+echo "== 2/4 training to step $STEPS in $RUN_DIR (continues a stopped run; Ctrl-C saves and stops)"
+# shellcheck disable=SC2086  # the flag strings are meant to split into words
+python scripts/image_train.py --data_dir_sar "$DATA_DIR/train/sar" --data_dir_opt "$DATA_DIR/train/opt" \
+  $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS --resume_checkpoint auto --max_steps "$STEPS" --progress True
+ema_rate=$(sed -n 's/.*--ema_rate \([0-9.]*\).*/\1/p' <<<"$TRAIN_FLAGS")
+checkpoint=$(printf '%s/ema_%s_%06d.pt' "$RUN_DIR" "${ema_rate:-0.9999}" "$STEPS")
+if [ ! -f "$checkpoint" ]; then
+  echo "demo.sh: training stopped before step $STEPS ($checkpoint is missing); run demo.sh again to continue, or use a new RUN_DIR" >&2
+  exit 1
+fi
+
+echo "== 3/4 translating the test scenes of $DATA_DIR with $checkpoint ($SAMPLE_FLAGS)"
+# the model flags come from config.json beside the checkpoint
+# shellcheck disable=SC2086
+python scripts/image_sample_realtime.py --data_dir "$DATA_DIR/test" --model_path "$checkpoint" $SAMPLE_FLAGS
+gen_dir=$RUN_DIR/sample_results/$SAMPLER$SAMPLE_STEPS/gen_opt
+if [ ! -d "$gen_dir" ]; then
+  echo "demo.sh: no translations in $gen_dir; SAMPLE_FLAGS must sample with SAMPLER ($SAMPLER) in SAMPLE_STEPS ($SAMPLE_STEPS) steps" >&2
+  exit 1
+fi
+
+echo "== 4/4 scoring $gen_dir against the ground truth and two baselines"
+python scripts/demo_report.py --data_dir "$DATA_DIR" --gen_dir "$gen_dir" --out "$RUN_DIR" ${report_flags[@]+"${report_flags[@]}"}
+echo "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s: picture $RUN_DIR/demo.png, figures $RUN_DIR/demo_metrics.json"
