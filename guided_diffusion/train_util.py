@@ -13,6 +13,7 @@ batch B therefore follow the same trajectory as one process at batch 2B, and a
 resumed run the same as an uninterrupted one.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,10 @@ from .script_util import check_state_dict_fits
 
 # Stop after this many optimizer steps in a row with a non-finite loss or gradient.
 MAX_NONFINITE_STEPS = 25
+# Values to log wait on the device for the next dump, but never more than this many
+# entries (with a long --log_interval); handing them to the logger earlier does not
+# change what it logs.
+MAX_PENDING_LOGS = 1000
 
 _CHECKPOINT_RE = re.compile(
     r"^(?P<kind>model|opt|state|ema_(?P<rate>[0-9.eE+-]+)_)(?P<step>\d{6,})\.pt$"
@@ -56,8 +61,11 @@ def train_defaults():
         keep_checkpoints=0,  # keep only the newest N complete checkpoints (0: keep all)
         resume_checkpoint="",  # a model/EMA file, or "auto"
         use_fp16=False,
-        use_bf16=False,
+        use_bf16=False,  # autocast the model to bfloat16 (CPUs with AVX512-BF16, GPUs)
         fp16_scale_growth=1e-3,
+        channels_last=False,  # model and inputs in NHWC memory (the same function)
+        compile=False,  # torch.compile the model (minutes of compiling first)
+        use_foreach_ema=True,  # EMA in fused multi-tensor ops (the same values as the loop)
         seed=0,
         random_crop=False,
         random_flip=False,
@@ -90,6 +98,12 @@ class TrainLoop:
     :param validator: a callable (state_dict, step, folder) -> dict of metrics, run on
         rank 0 with the first EMA's weights every ``val_interval`` steps (see validation.py).
     :param progress: show a progress bar over the steps on rank 0.
+    :param channels_last: keep the model's weights and the inputs in channels_last
+        (NHWC) memory; the same function, computed by other kernels.
+    :param compile: call the model through ``torch.compile``; the parameters stay the
+        model's own, so checkpoints keep the plain state-dict names.
+    :param use_foreach_ema: update the EMA with fused multi-tensor ops instead of a
+        loop over the parameters (the same values).
     """
 
     def __init__(
@@ -117,6 +131,9 @@ class TrainLoop:
         validator=None,
         val_interval=0,
         progress=False,
+        channels_last=False,
+        compile=False,
+        use_foreach_ema=True,
     ):
         self.diffusion = diffusion
         self.data = data
@@ -137,6 +154,8 @@ class TrainLoop:
         self.validator = validator
         self.val_interval = val_interval or save_interval
         self.progress = progress
+        self.memory_format = th.channels_last if channels_last else th.contiguous_format
+        self.use_foreach_ema = use_foreach_ema
 
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
@@ -149,8 +168,13 @@ class TrainLoop:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self._stop_signal = None
+        # Values to log, kept on the device until the next dump: reading them in
+        # every step (.item(), .cpu()) would make the host wait for the device.
+        # Entries: (timesteps, {key: per-example values}) per micro-batch and
+        # (None, {key: scalar}) per step, in the order they were computed.
+        self._pending_logs = []
 
-        self.model = model.to(self.device)
+        self.model = model.to(self.device, memory_format=self.memory_format)
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
         )
@@ -172,6 +196,9 @@ class TrainLoop:
             )
         else:
             self.ddp_model = self.model
+        # The compiled wrapper shares the model's parameters; checkpoints are written
+        # from self.model, so their names carry no "_orig_mod." prefix.
+        self.forward_model = th.compile(self.ddp_model) if compile else self.ddp_model
 
     # -- resume -------------------------------------------------------------------
 
@@ -344,7 +371,9 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         """One optimizer step on this rank's batch: (N, C_sar + 3, H, W), SAR first."""
-        batch = batch.to(self.device, non_blocking=True)
+        batch = batch.to(
+            self.device, non_blocking=True, memory_format=self.memory_format
+        )
         sar_channels = batch.shape[1] - 3
         condition, x_start = batch[:, :sar_channels], batch[:, sar_channels:]
         t, weights, noise = self._draw_step_randomness(x_start.shape)
@@ -353,36 +382,48 @@ class TrainLoop:
         num = x_start.shape[0]
         for i in range(0, num, self.microbatch):
             sl = slice(i, i + self.microbatch)
-            micro_cond = {k: v[sl].to(self.device) for k, v in cond.items()}
+            micro_cond = {
+                k: v[sl].to(self.device, non_blocking=True) for k, v in cond.items()
+            }
             last = i + self.microbatch >= num
-            with th.autocast(
-                self.device.type, dtype=th.bfloat16, enabled=self.use_bf16
-            ):
-                losses = self.diffusion.training_losses(
-                    self.ddp_model,
-                    x_start[sl],
-                    condition[sl],
-                    t[sl],
-                    model_kwargs=micro_cond,
-                    noise=noise[sl],
+            # DDP decides in the forward pass whether the backward pass all-reduces,
+            # so both run inside no_sync: gradients travel once, after the last piece.
+            sync = last or self.world_size == 1
+            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                with th.autocast(
+                    self.device.type, dtype=th.bfloat16, enabled=self.use_bf16
+                ):
+                    losses = self.diffusion.training_losses(
+                        self.forward_model,
+                        x_start[sl],
+                        condition[sl],
+                        t[sl],
+                        model_kwargs=micro_cond,
+                        noise=noise[sl],
+                    )
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(
+                        t[sl], losses["loss"].detach()
+                    )
+                # Weighted by the piece's share so the gradient is the full batch's mean.
+                share = x_start[sl].shape[0] / num
+                loss = (losses["loss"] * weights[sl]).mean() * share
+                self._pending_logs.append(
+                    (t[sl], {k: (v * weights[sl]).detach() for k, v in losses.items()})
                 )
-            if isinstance(self.schedule_sampler, LossAwareSampler):
-                self.schedule_sampler.update_with_local_losses(
-                    t[sl], losses["loss"].detach()
-                )
-            # Weighted by the piece's share so the gradient is the full batch's mean.
-            loss = (losses["loss"] * weights[sl]).mean() * (x_start[sl].shape[0] / num)
-            self._log_losses(t[sl], {k: v * weights[sl] for k, v in losses.items()})
-            if last or self.world_size == 1:
                 self.mp_trainer.backward(loss)
-            else:
-                with self.ddp_model.no_sync():
-                    self.mp_trainer.backward(loss)
 
+        # optimize() reads one number on the host, whether the gradient is finite:
+        # the step is skipped (and the fp16 loss scale lowered) exactly when it is not.
         took_step, grad_norm = self.mp_trainer.optimize(self.opt)
         if took_step:
             for rate, params in zip(self.ema_rates, self.ema_params):
-                update_ema(params, self.mp_trainer.master_params, rate=rate)
+                update_ema(
+                    params,
+                    self.mp_trainer.master_params,
+                    rate=rate,
+                    use_foreach=self.use_foreach_ema,
+                )
             self.nonfinite_in_a_row = 0
         else:
             self._on_nonfinite_step()
@@ -391,7 +432,9 @@ class TrainLoop:
         self._anneal_lr()
         logger.logkv("step", self.step)
         logger.logkv("samples", self.step * self.global_batch)
-        logger.logkv_mean("grad_norm", grad_norm.item())
+        self._pending_logs.append((None, {"grad_norm": grad_norm.detach()}))
+        if len(self._pending_logs) >= MAX_PENDING_LOGS:
+            self._flush_logs()  # the same numbers, read earlier: memory stays bounded
         logger.logkv("lr", self.opt.param_groups[0]["lr"])
         if self.mp_trainer.use_fp16:
             logger.logkv("lg_loss_scale", self.mp_trainer.lg_loss_scale)
@@ -399,15 +442,18 @@ class TrainLoop:
     def _draw_step_randomness(self, shape):
         """Timesteps, importance weights and noise of this rank's block of the global batch."""
         rng = np.random.default_rng([self.seed, self.step, 1])
-        t, weights = self.schedule_sampler.sample(
-            self.global_batch, self.device, rng=rng
+        # Drawn on the host and copied without waiting: a blocking copy to a GPU
+        # would wait for the work queued there, once per step.
+        t, weights = (
+            x.to(self.device, non_blocking=True)
+            for x in self.schedule_sampler.sample(self.global_batch, "cpu", rng=rng)
         )
         gen = th.Generator(device=self.device).manual_seed(
             derive_seed(self.seed, self.step, 2)
         )
         noise = th.randn(
             (self.global_batch, *shape[1:]), generator=gen, device=self.device
-        )
+        ).contiguous(memory_format=self.memory_format)
         block = slice(self.rank * shape[0], (self.rank + 1) * shape[0])
         return t[block], weights[block], noise[block]
 
@@ -437,15 +483,27 @@ class TrainLoop:
         for group in self.opt.param_groups:
             group["lr"] = self.lr * (1 - frac_done)
 
-    def _log_losses(self, ts, losses):
-        for key, values in losses.items():
-            logger.logkv_mean(key, values.mean().item())
-            # Also by quarter of the diffusion process, as guided-diffusion logs them.
-            for sub_t, sub_loss in zip(ts.cpu().numpy(), values.detach().cpu().numpy()):
-                quartile = int(4 * sub_t / self.diffusion.num_timesteps)
-                logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+    def _flush_logs(self):
+        """
+        Hand the values kept on the device since the last dump to the logger, in the
+        order they were recorded: the same calls, with the same numbers, that logging
+        them at every step would have made.
+        """
+        for ts, values in self._pending_logs:
+            if ts is None:  # a per-step scalar
+                for key, value in values.items():
+                    logger.logkv_mean(key, value.item())
+                continue
+            for key, per_example in values.items():
+                logger.logkv_mean(key, per_example.mean().item())
+                # Also by quarter of the diffusion process, as guided-diffusion logs them.
+                for sub_t, sub_loss in zip(ts.cpu().numpy(), per_example.cpu().numpy()):
+                    quartile = int(4 * sub_t / self.diffusion.num_timesteps)
+                    logger.logkv_mean(f"{key}_q{quartile}", sub_loss)
+        self._pending_logs.clear()
 
     def _dump_logs(self):
+        self._flush_logs()
         now = time.perf_counter()
         last_time, last_step = self._tick
         if self.step > last_step:
@@ -463,10 +521,16 @@ class TrainLoop:
         if self.rank == 0:
             folder = logger.get_dir()
             paths = checkpoint_paths(folder, self.step, self.ema_rates)
-            save_atomic(self.mp_trainer.master_params_to_state_dict(), paths["model"])
+            save_atomic(
+                contiguous_state_dict(self.mp_trainer.master_params_to_state_dict()),
+                paths["model"],
+            )
             for ema_path, params in zip(paths["ema"], self.ema_params):
                 save_atomic(
-                    self.mp_trainer.master_params_to_state_dict(params), ema_path
+                    contiguous_state_dict(
+                        self.mp_trainer.master_params_to_state_dict(params)
+                    ),
+                    ema_path,
                 )
             save_atomic(self.opt.state_dict(), paths["opt"])
             state = {
@@ -508,6 +572,17 @@ def derive_seed(*values):
         2, dtype=np.uint32
     )
     return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
+
+
+def contiguous_state_dict(state_dict):
+    """
+    The state dict with every tensor in the standard (contiguous) memory layout, so
+    that a run with ``channels_last`` writes the same files as one without. Changed
+    in place (keeping the dict's metadata) and returned.
+    """
+    for key in list(state_dict):
+        state_dict[key] = state_dict[key].contiguous()
+    return state_dict
 
 
 def save_atomic(obj, path):

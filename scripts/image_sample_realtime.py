@@ -11,6 +11,8 @@ One process (CPU or one GPU):
 Several GPUs, each translating its own share:
     mpiexec -n 4 python scripts/image_sample_realtime.py ...
 DDIM with 50 steps: --sampler ddim --timestep_respacing ddim50 (or --use_ddim True).
+Faster: --sampler dpm++2m --timestep_respacing 20; --use_sdpa True --channels_last True
+compute the same function faster, --use_bf16 True nearly the same (GPUs, recent CPUs).
 
 Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
 ./logs/<date>_<time> folder): gen_opt/, cond_sar/, gt_opt/ with one PNG per input,
@@ -45,6 +47,7 @@ from guided_diffusion.sampling import (  # noqa: E402
     explicit_model_flags,
     load_model,
     make_generators,
+    prepare_model,
     read_run_config,
     resolve_model_flags,
     to_uint8,
@@ -89,7 +92,11 @@ def main():
     pairs = find_test_pairs(args.data_dir)
     pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
     outputs = output_names([name for _, _, name in pairs], args.data_dir)
-    model = load_model(args.model_path, flags, dist_util.dev())
+    model = prepare_model(
+        load_model(args.model_path, flags, dist_util.dev()),
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
 
     # -- claim the results folder (rank 0), share the work ------------------------
     out_dir = os.path.join(
@@ -99,6 +106,9 @@ def main():
         "model_path": os.path.abspath(args.model_path),
         "data_dir": os.path.abspath(args.data_dir),
         **{k: getattr(args, k) for k in ("seed", "sampler", "eta", "clip_denoised")},
+        # bfloat16 changes the results a little: a folder holds one or the other.
+        # Recorded only when on, so folders written before the flag existed continue.
+        **({"use_bf16": True} if args.use_bf16 else {}),
         **flags,
     }
     claim = claim_folder(out_dir, run, pairs, outputs) if rank == 0 else None
@@ -124,7 +134,7 @@ def main():
         generated = translate(
             model, diffusion, sar, sampler=args.sampler, eta=args.eta,
             generators=make_generators(args.seed, [name for _, _, name in batch]),
-            clip_denoised=args.clip_denoised, progress=rank == 0,
+            clip_denoised=args.clip_denoised, progress=rank == 0, use_bf16=args.use_bf16,
         )  # fmt: skip
         for (_, opt_path, name), sar_img, gen_img in zip(
             batch, to_uint8(sar), to_uint8(generated)
@@ -197,6 +207,10 @@ def sample_defaults():
         seed=0,
         clip_denoised=True,
         eta=0.0,  # DDIM's noise scale
+        # Speed levers, off by default (benchmarks/bench_sample.py measures them):
+        use_bf16=False,  # the model under bfloat16 autocast (GPUs, CPUs with AVX512-BF16)
+        channels_last=False,  # NHWC weights (the same function)
+        compile=False,  # torch.compile the model (minutes of compiling first)
     )
 
 

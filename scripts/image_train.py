@@ -7,6 +7,10 @@ Several GPUs on one machine (either launcher):
     mpiexec -n 4 python scripts/image_train.py ...
     torchrun --nproc_per_node 4 scripts/image_train.py ...
 
+Faster, computing the same function: --use_sdpa True --channels_last True (and
+--compile True for long runs); bfloat16 on CPUs with AVX512-BF16 and on GPUs:
+--use_bf16 True. benchmarks/bench_train.py measures each of them.
+
 Checkpoints and logs go to $OPENAI_LOGDIR, else to a new ./logs/<date>_<time> folder
 (printed first). Ctrl-C (or SIGTERM) saves a checkpoint and exits;
 --resume_checkpoint auto continues from the newest complete checkpoint.
@@ -115,6 +119,7 @@ TRAIN_LOOP_KEYS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
     "resume_checkpoint", "use_fp16", "use_bf16", "fp16_scale_growth", "weight_decay",
     "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints", "val_interval", "progress",
+    "channels_last", "compile", "use_foreach_ema",
 )  # fmt: skip
 
 

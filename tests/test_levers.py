@@ -1,0 +1,387 @@
+"""
+Tests of the speed levers of training and sampling.
+
+The reference is the slow path (fp32, contiguous memory, einsum attention, no
+compile, an EMA loop): with every weight randomised, each fp32 lever gives the
+same gradients, parameters and samples within 1e-5 relative error, and bfloat16
+samples stay within 2 %. Logging at dump time hands the logger the numbers that
+logging at every step did. The benchmarks' --quick runs complete and print their
+tables without touching benchmarks/RESULTS.md.
+
+torch.compile takes minutes on two CPU cores: its equivalence test runs only with
+RUN_COMPILE_TESTS=1.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+from conftest import TINY_FLAGS, randomize_, tiny_model_and_diffusion
+from PIL import Image
+
+from guided_diffusion import dist_util, logger, train_util
+from guided_diffusion.nn import update_ema
+from guided_diffusion.sampling import make_generators, prepare_model, translate
+from guided_diffusion.script_util import create_model_and_diffusion
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+BATCH = 4
+LR = 1e-4
+TOL = 1e-5
+TRAIN_CHANNELS = 64  # see make_loop
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """
+    One intra-op thread for this module: on two cores shared with other work,
+    OpenMP threads that wait for a busy core make a step many times slower, and
+    the comparisons here do not depend on the thread count.
+    """
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| over tensors or lists of tensors, in float64."""
+    if isinstance(a, th.Tensor):
+        a, b = [a], [b]
+    num = sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b))
+    den = sum((y.double() ** 2).sum() for y in b)
+    return float((num / den) ** 0.5)
+
+
+def make_batch(seed=0):
+    gen = th.Generator().manual_seed(seed)
+    return th.rand(BATCH, 6, 32, 32, generator=gen) * 2 - 1
+
+
+def make_loop(tmp_path, use_sdpa=False, **options):
+    """A TrainLoop on the tiny U-Net with randomised weights (the same for every call)."""
+    dist_util.setup_dist()
+    logger.configure(dir=str(tmp_path), format_strs=[])
+    # 64 channels, not 32: with 32 every GroupNorm group is one channel, which cancels
+    # the bias of the convolution before it. That bias's true gradient is then 0, and
+    # Adam turns the round-off left in it into steps of up to lr, so the comparison
+    # would measure noise.
+    model, diffusion = tiny_model_and_diffusion(
+        num_channels=TRAIN_CHANNELS, use_sdpa=use_sdpa
+    )
+    randomize_(model, seed=3)
+    settings = dict(
+        batch_size=BATCH, microbatch=-1, lr=LR, ema_rate="0.9", log_interval=100,
+        save_interval=100, resume_checkpoint="", use_foreach_ema=False,
+    )  # fmt: skip
+    settings.update(options)
+    return train_util.TrainLoop(model=model, diffusion=diffusion, data=None, **settings)
+
+
+def train_two_steps(loop):
+    """
+    Two optimizer steps on fixed batches.
+
+    :return: (the gradients of the first step, the parameters and the first EMA
+        after the second), all float32 copies.
+    """
+    grads = []
+    optimize = loop.mp_trainer.optimize
+
+    def recording_optimize(opt):
+        if not grads:
+            grads.extend(p.grad.detach().clone() for p in loop.mp_trainer.master_params)
+        return optimize(opt)
+
+    loop.mp_trainer.optimize = recording_optimize
+    for step in range(2):
+        loop.run_step(make_batch(seed=step), {})
+    params = [p.detach().clone() for p in loop.mp_trainer.master_params]
+    ema = [p.detach().clone() for p in loop.ema_params[0]]
+    return grads, params, ema
+
+
+@pytest.fixture(scope="module")
+def slow_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slow")
+    loop = make_loop(folder)
+    initial = [p.detach().clone() for p in loop.mp_trainer.master_params]
+    return initial, train_two_steps(loop)
+
+
+def assert_matches_slow_path(slow_path, lever_run):
+    initial, (grads, params, ema) = slow_path
+    lever_grads, lever_params, lever_ema = lever_run
+    # The steps move the weights far more than the tolerance, so agreement within
+    # it is a statement about the steps, not about the starting point.
+    assert rel_err(params, initial) > 100 * TOL
+    assert rel_err(lever_grads, grads) < TOL
+    assert rel_err(lever_params, params) < TOL
+    assert rel_err(lever_ema, ema) < TOL
+
+
+FP32_LEVERS = [
+    pytest.param(dict(channels_last=True), id="channels_last"),
+    pytest.param(dict(use_foreach_ema=True), id="foreach_ema"),
+    pytest.param(dict(use_sdpa=True), id="sdpa"),
+    pytest.param(
+        dict(channels_last=True, use_foreach_ema=True, use_sdpa=True), id="together"
+    ),
+]
+
+
+@pytest.mark.parametrize("levers", FP32_LEVERS)
+def test_fp32_lever_matches_the_slow_path(tmp_path, slow_path, levers):
+    loop = make_loop(tmp_path, **levers)
+    if levers.get("channels_last"):
+        weight = loop.model.input_blocks[0][0].weight
+        assert weight.is_contiguous(memory_format=th.channels_last)
+    assert_matches_slow_path(slow_path, train_two_steps(loop))
+
+
+@pytest.mark.skipif(
+    os.environ.get("RUN_COMPILE_TESTS") != "1",
+    reason="torch.compile takes minutes on a CPU; set RUN_COMPILE_TESTS=1 to run it",
+)
+def test_compile_matches_the_slow_path(tmp_path, slow_path):
+    loop = make_loop(tmp_path, compile=True)
+    assert loop.forward_model is not loop.model
+    assert_matches_slow_path(slow_path, train_two_steps(loop))
+
+
+def test_bf16_training_step_stays_close_to_fp32(tmp_path, slow_path):
+    _, (grads, _, _) = slow_path
+    bf16_grads, _, _ = train_two_steps(make_loop(tmp_path, use_bf16=True))
+    assert 1e-4 < rel_err(bf16_grads, grads) < 0.02  # bfloat16 was used, and is close
+
+
+@pytest.mark.parametrize("levers", [dict(compile=True), dict(channels_last=True)])
+def test_checkpoints_keep_plain_names_and_layout(tmp_path, levers):
+    # Wrapping in torch.compile is lazy: saving before any step compiles nothing.
+    loop = make_loop(tmp_path, **levers)
+    loop.save()
+    reference, _ = tiny_model_and_diffusion(num_channels=TRAIN_CHANNELS)
+    for name in ("model000000.pt", "ema_0.9_000000.pt"):
+        state = th.load(tmp_path / name, weights_only=True)
+        assert list(state) == list(reference.state_dict())
+        assert all(v.is_contiguous() for v in state.values())
+        reference.load_state_dict(state, strict=True)
+
+
+def test_foreach_ema_and_loop_give_the_closed_form():
+    gen = th.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 3, 3, 3)]
+    target = [th.randn(s, generator=gen) for s in shapes]
+    source = [th.randn(s, generator=gen) for s in shapes]
+    expected = [0.99 * t.double() + 0.01 * s.double() for t, s in zip(target, source)]
+    for use_foreach in (True, False):
+        params = [t.clone() for t in target]
+        update_ema(params, source, rate=0.99, use_foreach=use_foreach)
+        for p, e in zip(params, expected):
+            th.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_pending", [None, 1], ids=["at-dump", "bounded"])
+def test_logged_values_are_those_of_the_steps(tmp_path, monkeypatch, max_pending):
+    """Kept on the device and logged at dump time: the means of the steps' own values."""
+    if max_pending:  # handed to the logger after every step, as with a long interval
+        monkeypatch.setattr(train_util, "MAX_PENDING_LOGS", max_pending)
+    loop = make_loop(tmp_path, log_interval=2, max_steps=3, save_interval=10**6)
+    steps = []  # per step: timesteps, per-example losses, grad norm
+    training_losses = loop.diffusion.training_losses
+    optimize = loop.mp_trainer.optimize
+
+    def recording_losses(model, x_start, condition, t, **kwargs):
+        out = training_losses(model, x_start, condition, t, **kwargs)
+        steps.append(
+            {"t": t.clone(), **{k: v.detach().clone() for k, v in out.items()}}
+        )
+        return out
+
+    def recording_optimize(opt):
+        took_step, grad_norm = optimize(opt)
+        steps[-1]["grad_norm"] = float(grad_norm)
+        return took_step, grad_norm
+
+    monkeypatch.setattr(loop.diffusion, "training_losses", recording_losses)
+    loop.mp_trainer.optimize = recording_optimize
+    dumps, pending_after_step = [], []
+    dumpkvs = logger.get_current().dumpkvs
+    monkeypatch.setattr(
+        logger.get_current(), "dumpkvs", lambda: dumps.append(dumpkvs())
+    )
+    run_step = loop.run_step
+
+    def watched_step(batch, cond):
+        run_step(batch, cond)
+        pending_after_step.append(set(logger.get_current().sums))
+
+    loop.run_step = watched_step
+    batches = (make_batch(seed) for seed in itertools.count())
+    loop.data = lambda start: ((b, {}) for b in batches)
+    loop.run_loop()
+
+    if not max_pending:
+        # Nothing reached the logger's means between dumps: no value was read per step.
+        assert pending_after_step == [set(), set(), set()]
+    else:
+        assert all("loss" in keys for keys in pending_after_step)
+    assert len(dumps) == 2  # at step 2 (steps 1-2) and at the end (step 3)
+    T = loop.diffusion.num_timesteps
+    for dumped, window, last_step in zip(dumps, [steps[:2], steps[2:]], [2, 3]):
+        expected = {}
+        for key in ("loss", "mse"):
+            expected[key] = np.mean([s[key].double().mean().item() for s in window])
+            for q in range(4):
+                values = [
+                    v.item()
+                    for s in window
+                    for t, v in zip(s["t"], s[key])
+                    if int(4 * t.item() / T) == q
+                ]
+                if values:
+                    expected[f"{key}_q{q}"] = np.mean(values)
+        expected["grad_norm"] = np.mean([s["grad_norm"] for s in window])
+        plain = {"step", "samples", "lr", "images_per_s"}
+        assert set(dumped) - plain == set(expected)
+        for key, value in expected.items():
+            assert dumped[key] == pytest.approx(value, rel=1e-6), key
+        assert dumped["step"] == last_step
+
+
+# -- sampling ----------------------------------------------------------------------------
+
+
+def sample(model, levers=(), use_bf16=False):
+    _, diffusion = tiny_model_and_diffusion(timestep_respacing="5")
+    sar = th.rand(2, 3, 32, 32, generator=th.Generator().manual_seed(1)) * 2 - 1
+    return translate(
+        prepare_model(model, channels_last="channels_last" in levers),
+        diffusion,
+        sar,
+        sampler="dpm++2m",
+        generators=make_generators(0, ["a.png", "b.png"]),
+        use_bf16=use_bf16,
+    )
+
+
+@pytest.fixture(scope="module")
+def slow_samples():
+    model, _ = tiny_model_and_diffusion()
+    return sample(randomize_(model, seed=5))
+
+
+def test_sampling_with_fp32_levers_matches_the_slow_path(slow_samples):
+    model, _ = tiny_model_and_diffusion(use_sdpa=True)
+    out = sample(randomize_(model, seed=5), levers=("channels_last",))
+    assert model.out[2].weight.is_contiguous(memory_format=th.channels_last)
+    assert rel_err(out, slow_samples) < TOL
+
+
+def test_sampling_in_bf16_stays_within_two_percent(slow_samples):
+    model, _ = tiny_model_and_diffusion()
+    out = sample(randomize_(model, seed=5), use_bf16=True)
+    assert out.dtype == th.float32
+    assert 1e-4 < rel_err(out, slow_samples) < 0.02
+
+
+# -- benchmarks --------------------------------------------------------------------------
+
+
+def run_benchmark(script, *args, timeout=120):
+    # One thread per process, as in the module (see one_thread).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def table_rows(text):
+    """The first cells of the data rows of the Markdown table in ``text``."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [line.split("|")[1].strip() for line in lines[2:]]
+
+
+@pytest.fixture(scope="module")
+def results_md_state():
+    path = BENCH / "RESULTS.md"
+    return path.exists() and path.stat().st_mtime_ns
+
+
+@pytest.mark.parametrize(
+    "script, variants",
+    [
+        (
+            "bench_train.py",
+            ["slow", "sdpa", "channels_last", "bf16", "foreach_ema", "all"],
+        ),
+        ("bench_sample.py", ["slow", "sdpa", "channels_last", "bf16", "all"]),
+    ],
+)
+def test_speed_benchmarks_quick_run(tmp_path, script, variants, results_md_state):
+    results = tmp_path / "results.md"
+    out = run_benchmark(script, "--results", str(results))
+    assert table_rows(out) == variants
+    assert "failed" not in out
+    assert table_rows(results.read_text()) == variants
+    path = BENCH / "RESULTS.md"
+    assert (path.exists() and path.stat().st_mtime_ns) == results_md_state
+
+
+def test_quality_benchmark_quick_run(tmp_path, results_md_state):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    model, _ = create_model_and_diffusion(**TINY_FLAGS)
+    th.save(randomize_(model).state_dict(), run_dir / "ema_0.9_000010.pt")
+    (run_dir / "config.json").write_text(json.dumps(TINY_FLAGS))
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        for kind in ("sar", "opt"):
+            (tmp_path / "test" / kind).mkdir(parents=True, exist_ok=True)
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "test" / kind / f"{i}.png")
+    results = tmp_path / "results.md"
+    out = run_benchmark(
+        "bench_quality.py",
+        "--model_path", str(run_dir / "ema_0.9_000010.pt"),
+        "--data_dir", str(tmp_path / "test"),
+        "--results", str(results),
+    )  # fmt: skip
+    assert table_rows(out) == ["ddpm", "ddim", "dpm++2m"]
+    assert table_rows(results.read_text()) == ["ddpm", "ddim", "dpm++2m"]
+    path = BENCH / "RESULTS.md"
+    assert (path.exists() and path.stat().st_mtime_ns) == results_md_state
+
+
+def test_a_failed_variant_is_a_table_row():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(BENCH))
+    ok = {
+        "images_per_s": 2.0,
+        "s_per_step": 0.5,
+        "peak_mib": 100.0,
+        "window_peak_mib": 90.0,
+    }
+    rows = bench_train.table_rows(
+        {"slow": [ok], "compile": [{"error": "no C compiler"}]}, skip_compile=False
+    )
+    assert rows[0][:5] == ["slow", "-", "2.000", "2.000-2.000", "1.00x"]
+    assert rows[1][0] == "compile" and rows[1][2] == "failed"
+    assert rows[1][-1] == "no C compiler"
