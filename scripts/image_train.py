@@ -51,20 +51,7 @@ def main():
                 f"--{flag} is required: the folder of the {flag[-3:].upper()} training images"
             )
 
-    # -- processes and the run folder ---------------------------------------------
     dist_util.setup_dist()
-    run_dir = None
-    if args.resume_checkpoint == "auto" and not os.environ.get("OPENAI_LOGDIR"):
-        run_dir = latest_run_dir("logs") if dist_util.is_main_process() else None
-    logger.configure(dir=run_dir, append=bool(args.resume_checkpoint))
-    if dist_util.is_main_process():
-        remove_stale_temp_files(logger.get_dir())
-        config = {
-            **vars(args),
-            "world_size": dist_util.get_world_size(),
-            "torch": th.__version__,
-        }
-        logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
 
     # -- model, diffusion, data ---------------------------------------------------
     th.manual_seed(args.seed)  # the same initial weights on every rank
@@ -87,8 +74,22 @@ def main():
             num_workers=None if args.num_workers < 0 else args.num_workers,
         )
 
-    data(0)  # pair the folders now, so data errors show before the model is set up
+    data(0)  # pair the folders now: a bad path fails before a run folder is made
     validator = make_validator(args) if args.val_data_dir else None
+
+    # -- the run folder, once the inputs are known to be usable --------------------
+    run_dir = None
+    if args.resume_checkpoint == "auto" and not os.environ.get("OPENAI_LOGDIR"):
+        run_dir = latest_run_dir("logs") if dist_util.is_main_process() else None
+    logger.configure(dir=run_dir, append=bool(args.resume_checkpoint))
+    if dist_util.is_main_process():
+        remove_stale_temp_files(logger.get_dir())
+        config = {
+            **vars(args),
+            "world_size": dist_util.get_world_size(),
+            "torch": th.__version__,
+        }
+        logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
 
     # -- train --------------------------------------------------------------------
     loop = TrainLoop(
