@@ -16,7 +16,7 @@ that all samplers share.
 import numpy as np
 import torch as th
 
-from .gaussian_diffusion import _resolve_device
+from .gaussian_diffusion import resolve_device
 
 
 def dpm_solver_sample_loop(
@@ -86,7 +86,7 @@ def dpm_solver_sample_loop_progressive(
     the next timestep; the clean data after the last step) and "pred_xstart" (the
     data prediction at the current timestep).
     """
-    device = _resolve_device(device, model, noise, condition)
+    device = resolve_device(device, model, noise, condition)
     alpha, sigma, lam = _schedule_tables(diffusion, device)
     # The multistep history: the previous data prediction and step size, (N, 1, ...).
     history = {}

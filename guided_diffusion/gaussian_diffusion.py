@@ -733,7 +733,7 @@ class GaussianDiffusion:
     ):
         """Run the shared loop with ``step(model, x, t, generator=..., **step_kwargs)``."""
         step_fn = partial(step, model, generator=generator, **step_kwargs)
-        device = _resolve_device(device, model, noise, step_kwargs.get("condition"))
+        device = resolve_device(device, model, noise, step_kwargs.get("condition"))
         yield from self.sample_loop_progressive(
             step_fn,
             shape,
@@ -972,7 +972,7 @@ class GaussianDiffusion:
         }
 
 
-def _resolve_device(device, model, noise, condition):
+def resolve_device(device, model, noise, condition):
     """The device to sample on: as given, else the model's, the noise's or the condition's."""
     if device is not None:
         return th.device(device)
