@@ -28,8 +28,8 @@ from guided_diffusion import dist_util
 from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop
 
-TRAIN_LEVERS = ("sdpa", "channels_last", "bf16", "compile", "foreach_ema")
-DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,foreach_ema,all"
+TRAIN_LEVERS = ("sdpa", "channels_last", "bf16", "compile", "fused_optim")
+DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,fused_optim,all"
 BATCH = {"tiny": 2, "small": 8, "paper": 2}
 # (warm-up steps, timed steps, rounds) per configuration: the paper's step takes
 # tens of seconds on two CPU cores.
@@ -64,7 +64,7 @@ def measure(config, levers, batch_size, warmup, steps):
         use_bf16="bf16" in levers,
         channels_last="channels_last" in levers,
         compile="compile" in levers,
-        use_foreach_ema="foreach_ema" in levers,
+        fused_optim="fused_optim" in levers,
     )
     size = common.CONFIGS[config]["image_size"]
     batch = th.rand(batch_size, 6, size, size, generator=th.Generator().manual_seed(0))
@@ -167,7 +167,7 @@ def main():
                 "model: " + ", ".join(f"{k} {v}" for k, v in flags.items()),
                 f"{warmup} warm-up + {steps} timed steps per variant and round, "
                 f"{rounds} round(s), variants in turn; images/s is the median over rounds",
-                "slow path: fp32, contiguous memory, einsum attention, no compile, EMA loop; "
+                "slow path: fp32, contiguous memory, einsum attention, no compile, per-parameter AdamW and EMA loops; "
                 + "; ".join(f"{k}: {common.LEVERS[k]}" for k in TRAIN_LEVERS),
                 "peak MiB: the process's peak resident memory (CUDA: max allocated), "
                 "also over the timed steps alone (after warm-up and compiling)",

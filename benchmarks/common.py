@@ -46,13 +46,14 @@ CONFIGS = {
 }
 
 # The speed levers. Each is off on the slow path, which computes as the original
-# does: fp32, contiguous memory, einsum attention, no compile, an EMA loop.
+# does: fp32, contiguous memory, einsum attention, no compile, per-parameter
+# AdamW, gradient norm and EMA loops.
 LEVERS = {
     "sdpa": "attention through scaled_dot_product_attention (--use_sdpa)",
     "channels_last": "weights and inputs in NHWC memory (--channels_last)",
     "bf16": "bfloat16 autocast (--use_bf16)",
     "compile": "torch.compile (--compile)",
-    "foreach_ema": "EMA in fused multi-tensor ops (--use_foreach_ema)",
+    "fused_optim": "fused AdamW kernel, multi-tensor grad norm and EMA (--fused_optim)",
 }
 
 RESULT_PREFIX = "RESULT "

@@ -73,10 +73,12 @@ class MixedPrecisionTrainer:
             loss = loss * (2**self.lg_loss_scale)
         loss.backward()
 
-    def optimize(self, opt):
+    def optimize(self, opt, use_foreach=False):
         """
         Take an optimizer step with the accumulated gradients, unless they are not finite.
 
+        :param use_foreach: compute the gradient norm with one multi-tensor op
+            instead of a loop over the parameters (the same value).
         :return: a tuple (took_step, grad_norm), grad_norm a float tensor (unscaled).
         """
         if self.use_fp16:
@@ -90,12 +92,11 @@ class MixedPrecisionTrainer:
         else:
             scale = 1.0
         grads = [p.grad for p in self.master_params if p.grad is not None]
-        grad_norm = (
-            th.linalg.vector_norm(
-                th.stack([th.linalg.vector_norm(g.float()) for g in grads])
-            )
-            / scale
-        )
+        if use_foreach:
+            norms = th._foreach_norm(grads)
+        else:
+            norms = [th.linalg.vector_norm(g.float()) for g in grads]
+        grad_norm = th.linalg.vector_norm(th.stack(norms).float()) / scale
         if not th.isfinite(grad_norm):
             if self.use_fp16:
                 self.lg_loss_scale -= 1

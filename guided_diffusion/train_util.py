@@ -65,7 +65,7 @@ def train_defaults():
         fp16_scale_growth=1e-3,
         channels_last=False,  # model and inputs in NHWC memory (the same function)
         compile=False,  # torch.compile the model (minutes of compiling first)
-        use_foreach_ema=True,  # EMA in fused multi-tensor ops (the same values as the loop)
+        fused_optim=True,  # fused AdamW kernel, multi-tensor grad norm and EMA (same values)
         seed=0,
         random_crop=False,
         random_flip=False,
@@ -102,8 +102,9 @@ class TrainLoop:
         (NHWC) memory; the same function, computed by other kernels.
     :param compile: call the model through ``torch.compile``; the parameters stay the
         model's own, so checkpoints keep the plain state-dict names.
-    :param use_foreach_ema: update the EMA with fused multi-tensor ops instead of a
-        loop over the parameters (the same values).
+    :param fused_optim: take the AdamW step with PyTorch's fused kernel and compute
+        the gradient norm and the EMA with multi-tensor ops, instead of loops over
+        the parameters (the same values, within float rounding).
     """
 
     def __init__(
@@ -133,7 +134,7 @@ class TrainLoop:
         progress=False,
         channels_last=False,
         compile=False,
-        use_foreach_ema=True,
+        fused_optim=True,
     ):
         self.diffusion = diffusion
         self.data = data
@@ -155,7 +156,7 @@ class TrainLoop:
         self.val_interval = val_interval or save_interval
         self.progress = progress
         self.memory_format = th.channels_last if channels_last else th.contiguous_format
-        self.use_foreach_ema = use_foreach_ema
+        self.fused_optim = fused_optim
 
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
@@ -179,7 +180,10 @@ class TrainLoop:
             model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
         )
         self.opt = th.optim.AdamW(
-            self.mp_trainer.master_params, lr=self.lr, weight_decay=self.weight_decay
+            self.mp_trainer.master_params,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            **self._optim_kernel(),
         )
         self.ema_params = [
             [p.detach().clone() for p in self.mp_trainer.master_params]
@@ -253,10 +257,11 @@ class TrainLoop:
             self.opt.load_state_dict(
                 dist_util.load_state_dict(paths["opt"], map_location=self.device)
             )
-            # The learning rate is this run's flag, not the saved one.
+            # The learning rate and the kernel are this run's flags, not the saved ones.
             for group in self.opt.param_groups:
                 group["lr"] = self.lr
                 group["weight_decay"] = self.weight_decay
+                group.update(self._optim_kernel())
         else:
             logger.warn(f"{paths['opt']} is missing: the optimizer restarts")
 
@@ -369,6 +374,12 @@ class TrainLoop:
             flag = bool(tensor.item())
         return flag
 
+    def _optim_kernel(self):
+        """AdamW's kernel flags: the fused one, or PyTorch's default choice (None)."""
+        if self.fused_optim:
+            return {"fused": True, "foreach": None}
+        return {"fused": None, "foreach": None}
+
     def run_step(self, batch, cond):
         """One optimizer step on this rank's batch: (N, C_sar + 3, H, W), SAR first."""
         batch = batch.to(
@@ -415,14 +426,16 @@ class TrainLoop:
 
         # optimize() reads one number on the host, whether the gradient is finite:
         # the step is skipped (and the fp16 loss scale lowered) exactly when it is not.
-        took_step, grad_norm = self.mp_trainer.optimize(self.opt)
+        took_step, grad_norm = self.mp_trainer.optimize(
+            self.opt, use_foreach=self.fused_optim
+        )
         if took_step:
             for rate, params in zip(self.ema_rates, self.ema_params):
                 update_ema(
                     params,
                     self.mp_trainer.master_params,
                     rate=rate,
-                    use_foreach=self.use_foreach_ema,
+                    use_foreach=self.fused_optim,
                 )
             self.nonfinite_in_a_row = 0
         else:

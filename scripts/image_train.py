@@ -120,7 +120,7 @@ TRAIN_LOOP_KEYS = (
     "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
     "resume_checkpoint", "use_fp16", "use_bf16", "fp16_scale_growth", "weight_decay",
     "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints", "val_interval", "progress",
-    "channels_last", "compile", "use_foreach_ema",
+    "channels_last", "compile", "fused_optim",
 )  # fmt: skip
 
 

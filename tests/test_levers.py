@@ -2,7 +2,8 @@
 Tests of the speed levers of training and sampling.
 
 The reference is the slow path (fp32, contiguous memory, einsum attention, no
-compile, an EMA loop): with every weight randomised, each fp32 lever gives the
+compile, loops over the parameters for AdamW, the gradient norm and the EMA):
+with every weight randomised, each fp32 lever gives the
 same gradients, parameters and samples within 1e-5 relative error, and bfloat16
 samples stay within 2 %. Logging at dump time hands the logger the numbers that
 logging at every step did. The benchmarks' --quick runs complete and print their
@@ -79,7 +80,7 @@ def make_loop(tmp_path, use_sdpa=False, **options):
     randomize_(model, seed=3)
     settings = dict(
         batch_size=BATCH, microbatch=-1, lr=LR, ema_rate="0.9", log_interval=100,
-        save_interval=100, resume_checkpoint="", use_foreach_ema=False,
+        save_interval=100, resume_checkpoint="", fused_optim=False,
     )  # fmt: skip
     settings.update(options)
     return train_util.TrainLoop(model=model, diffusion=diffusion, data=None, **settings)
@@ -95,10 +96,10 @@ def train_two_steps(loop):
     grads = []
     optimize = loop.mp_trainer.optimize
 
-    def recording_optimize(opt):
+    def recording_optimize(opt, **kwargs):
         if not grads:
             grads.extend(p.grad.detach().clone() for p in loop.mp_trainer.master_params)
-        return optimize(opt)
+        return optimize(opt, **kwargs)
 
     loop.mp_trainer.optimize = recording_optimize
     for step in range(2):
@@ -129,10 +130,10 @@ def assert_matches_slow_path(slow_path, lever_run):
 
 FP32_LEVERS = [
     pytest.param(dict(channels_last=True), id="channels_last"),
-    pytest.param(dict(use_foreach_ema=True), id="foreach_ema"),
+    pytest.param(dict(fused_optim=True), id="fused_optim"),
     pytest.param(dict(use_sdpa=True), id="sdpa"),
     pytest.param(
-        dict(channels_last=True, use_foreach_ema=True, use_sdpa=True), id="together"
+        dict(channels_last=True, fused_optim=True, use_sdpa=True), id="together"
     ),
 ]
 
@@ -175,6 +176,27 @@ def test_checkpoints_keep_plain_names_and_layout(tmp_path, levers):
         reference.load_state_dict(state, strict=True)
 
 
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
+def test_optimizer_kernel_follows_this_runs_flag_after_resume(tmp_path, first, second):
+    loop = make_loop(tmp_path, fused_optim=first)
+    assert bool(loop.opt.param_groups[0]["fused"]) == first
+    loop.run_step(make_batch(), {})
+    loop.save()
+    # The saved optimizer state carries the first run's kernel flags; the resumed
+    # run must take the step with the kernel its own flag names.
+    resumed = make_loop(tmp_path, fused_optim=second, resume_checkpoint="auto")
+    assert resumed.step == 1
+    assert bool(resumed.opt.param_groups[0]["fused"]) == second
+    resumed.run_step(make_batch(seed=1), {})
+    straight = make_loop(tmp_path / "straight", fused_optim=second)
+    for step in range(2):
+        straight.run_step(make_batch(seed=step), {})
+    assert (
+        rel_err(resumed.mp_trainer.master_params, straight.mp_trainer.master_params)
+        < TOL
+    )
+
+
 def test_foreach_ema_and_loop_give_the_closed_form():
     gen = th.Generator().manual_seed(0)
     shapes = [(3, 4), (5,), (2, 3, 3, 3)]
@@ -205,8 +227,8 @@ def test_logged_values_are_those_of_the_steps(tmp_path, monkeypatch, max_pending
         )
         return out
 
-    def recording_optimize(opt):
-        took_step, grad_norm = optimize(opt)
+    def recording_optimize(opt, **kwargs):
+        took_step, grad_norm = optimize(opt, **kwargs)
         steps[-1]["grad_norm"] = float(grad_norm)
         return took_step, grad_norm
 
@@ -327,7 +349,7 @@ def results_md_state():
     [
         (
             "bench_train.py",
-            ["slow", "sdpa", "channels_last", "bf16", "foreach_ema", "all"],
+            ["slow", "sdpa", "channels_last", "bf16", "fused_optim", "all"],
         ),
         ("bench_sample.py", ["slow", "sdpa", "channels_last", "bf16", "all"]),
     ],
