@@ -27,7 +27,7 @@ from guided_diffusion.sampling import Bfloat16Model, prepare_model, translate
 from guided_diffusion.script_util import create_model_and_diffusion
 
 SAMPLE_LEVERS = ("sdpa", "channels_last", "bf16", "compile")
-DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,all"
+DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,all,all-channels_last"
 BATCH = {"tiny": 2, "small": 8, "paper": 1}
 # (warm-up evaluations, timed evaluations, rounds) per configuration.
 SCHEDULE = {"tiny": (1, 2, 1), "small": (2, 5, 2), "paper": (1, 2, 2)}

@@ -29,7 +29,9 @@ from guided_diffusion.script_util import create_model_and_diffusion
 from guided_diffusion.train_util import TrainLoop
 
 TRAIN_LEVERS = ("sdpa", "channels_last", "bf16", "compile", "fused_optim")
-DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,fused_optim,all"
+DEFAULT_VARIANTS = (
+    "slow,sdpa,channels_last,bf16,compile,fused_optim,all,all-channels_last"
+)
 BATCH = {"tiny": 2, "small": 8, "paper": 2}
 # (warm-up steps, timed steps, rounds) per configuration: the paper's step takes
 # tens of seconds on two CPU cores.

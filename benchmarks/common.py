@@ -63,21 +63,24 @@ def variant_levers(name, available, skip_compile=False):
     """
     The levers a variant switches on.
 
-    :param name: "slow" (none), "all" (every available lever), or a lever's name.
+    :param name: "slow" (none), "all" (every available lever), "all-LEVER" (all
+        but one), or a lever's name.
     :param available: the levers the benchmark measures (keys of LEVERS).
-    :param skip_compile: leave compile out of "all".
+    :param skip_compile: leave compile out of "all" and "all-LEVER".
     :return: a set of lever names.
     :raises ValueError: a name that is none of these.
     """
+    every = {lever for lever in available if not (skip_compile and lever == "compile")}
     if name == "slow":
         return set()
     if name == "all":
-        return {
-            lever for lever in available if not (skip_compile and lever == "compile")
-        }
+        return every
+    if name.startswith("all-") and name[4:] in available:
+        return every - {name[4:]}
     if name not in available:
         raise ValueError(
-            f"unknown variant {name!r}: choose slow, all or one of {', '.join(available)}"
+            f"unknown variant {name!r}: choose slow, all, all-LEVER or a LEVER, "
+            f"LEVER one of {', '.join(available)}"
         )
     return {name}
 

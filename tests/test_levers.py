@@ -338,6 +338,28 @@ def table_rows(text):
     return [line.split("|")[1].strip() for line in lines[2:]]
 
 
+def test_benchmark_variant_names_select_their_levers():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(BENCH))
+    levers = ("sdpa", "channels_last", "bf16", "compile")
+    assert common.variant_levers("slow", levers) == set()
+    assert common.variant_levers("bf16", levers) == {"bf16"}
+    assert common.variant_levers("all", levers) == set(levers)
+    assert common.variant_levers("all", levers, skip_compile=True) == set(levers) - {
+        "compile"
+    }
+    assert common.variant_levers("all-channels_last", levers, skip_compile=True) == {
+        "sdpa",
+        "bf16",
+    }
+    for bad in ("fast", "all-fast", "all-"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            common.variant_levers(bad, levers)
+
+
 @pytest.fixture(scope="module")
 def results_md_state():
     path = BENCH / "RESULTS.md"
@@ -349,9 +371,15 @@ def results_md_state():
     [
         (
             "bench_train.py",
-            ["slow", "sdpa", "channels_last", "bf16", "fused_optim", "all"],
+            [
+                *("slow", "sdpa", "channels_last", "bf16", "fused_optim", "all"),
+                "all-channels_last",
+            ],
         ),
-        ("bench_sample.py", ["slow", "sdpa", "channels_last", "bf16", "all"]),
+        (
+            "bench_sample.py",
+            ["slow", "sdpa", "channels_last", "bf16", "all", "all-channels_last"],
+        ),
     ],
 )
 def test_speed_benchmarks_quick_run(tmp_path, script, variants, results_md_state):
