@@ -175,12 +175,6 @@ class TrainLoop:
         # (None, {key: scalar}) per step, in the order they were computed.
         self._pending_logs = []
 
-        if channels_last and use_bf16 and self.device.type == "cpu":
-            logger.warn(
-                "--channels_last with --use_bf16 on a CPU is slower than --use_bf16 "
-                "alone (PyTorch's channels-last GroupNorm is slow there, see "
-                "benchmarks/RESULTS.md); it pays on GPUs"
-            )
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.mp_trainer = MixedPrecisionTrainer(
             model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
