@@ -10,7 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch as th
 
-FIXTURES_DIR = Path(__file__).parents[2] / "shared" / "fixtures"
+# Reference data that ships with the tests (see tests/data/README.md): the
+# U-Net state-dict listings of the original code and 15 real SEN1-2 pairs.
+DATA_DIR = Path(__file__).resolve().parent / "data"
+FIXTURES_DIR = DATA_DIR / "fixtures"
+REAL_PAIRS = DATA_DIR / "real_pairs" / "sen12_accioy"
 
 # A U-Net small enough that a forward and backward pass takes milliseconds on
 # one CPU core, but with every kind of block (residual, attention at 16x16,

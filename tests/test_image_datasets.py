@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch as th
+from conftest import REAL_PAIRS
 from PIL import Image
 
 from guided_diffusion.image_datasets import (
@@ -18,8 +19,6 @@ from guided_diffusion.image_datasets import (
     load_sar,
     natural_key,
 )
-
-REAL_PAIRS = "/work/shared/real_pairs/sen12_accioy"
 
 
 def save(path, array, mode=None):

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
-from conftest import randomize_
+from conftest import REAL_PAIRS, randomize_
 
 from guided_diffusion.image_datasets import load_opt, load_sar, natural_key
 from guided_diffusion.script_util import create_model_and_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "real_pairs" / "sen12_accioy"
 FLAGS = dict(
     image_size=32,
     num_channels=32,
@@ -26,17 +25,14 @@ FLAGS = dict(
 )
 
 
-@pytest.mark.skipif(
-    not REAL.is_dir(), reason="shared/real_pairs is not next to the repository"
-)
 def test_nll_script_matches_the_bound_computed_directly(tmp_path):
     data = tmp_path / "data"
     # In the script's order: natural sort, p268 before p1008.
-    names = sorted(sorted(os.listdir(REAL / "sar"))[:3], key=natural_key)
+    names = sorted(sorted(os.listdir(REAL_PAIRS / "sar"))[:3], key=natural_key)
     for sub in ("sar", "opt"):
         (data / sub).mkdir(parents=True)
         for name in names:
-            (data / sub / name).write_bytes((REAL / sub / name).read_bytes())
+            (data / sub / name).write_bytes((REAL_PAIRS / sub / name).read_bytes())
     model, diffusion = create_model_and_diffusion(**FLAGS)
     randomize_(model, seed=1)
     run = tmp_path / "train"

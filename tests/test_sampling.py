@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch as th
-from conftest import TINY_FLAGS, RecordingModel, randomize_, tiny_model_and_diffusion
+from conftest import (
+    REAL_PAIRS,
+    TINY_FLAGS,
+    RecordingModel,
+    randomize_,
+    tiny_model_and_diffusion,
+)
 from PIL import Image
 
 from guided_diffusion.gaussian_diffusion import noise_of_shape
@@ -35,15 +41,12 @@ from guided_diffusion.train_util import train_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "image_sample_realtime.py")
-DATA = Path(__file__).parents[2] / "shared" / "real_pairs" / "sen12_accioy"
 SAMPLE_FLAGS = ["--timestep_respacing", "10", "--batch_size", "4"]
 
 
 @pytest.fixture(scope="module")
 def data_dir():
-    if not (DATA / "sar").is_dir():
-        pytest.skip(f"no real SEN1-2 pairs at {DATA}")
-    return DATA
+    return REAL_PAIRS
 
 
 @pytest.fixture(scope="module")
