@@ -15,7 +15,7 @@ NUM_TRAIN=${NUM_TRAIN:-2000}
 NUM_TEST=${NUM_TEST:-64}
 STEPS=${STEPS:-1000}  # the training budget: ~11 min on 2 idle cores at the ~50 images/s measured
 
-# DESIGN.md section 8: what learns colours on a CPU budget (x_start prediction).
+# x_start prediction learns colours on a CPU budget; eps does not (docs/design.md, section 4).
 MODEL_FLAGS=${MODEL_FLAGS:-"--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 --learn_sigma False"}
 DIFFUSION_FLAGS=${DIFFUSION_FLAGS:-"--diffusion_steps 1000 --noise_schedule linear --predict_xstart True"}
 TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 1e-3 --batch_size 32 --ema_rate 0.995 --log_interval 100 --save_interval 200 --keep_checkpoints 1"}

@@ -7,14 +7,16 @@ setup(
     packages=["guided_diffusion"],
     python_requires=">=3.10",
     # torch is not pinned here on purpose: install the build for your machine first
-    # (README), otherwise pip pulls a multi-gigabyte CUDA build.
+    # (README), otherwise pip pulls a multi-gigabyte CUDA build. 2.4 is the oldest
+    # release with every API the code calls (AdamW's fused kernel on the CPU arrived
+    # in 2.4; init_process_group's device_id in 2.2); 2.13 is the version tested.
     install_requires=[
-        "torch>=2.0",
+        "torch>=2.4",
         "numpy",
         "pillow",
-        "blobfile",
         "tqdm",
-        "scikit-image",
+        "scikit-image",  # SSIM and PSNR
+        "scipy",  # the matrix square root of the Frechet distance (FID)
         "mpi4py",
     ],
     extras_require={

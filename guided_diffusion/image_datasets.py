@@ -1,7 +1,7 @@
 """
 Paired SAR/optical data: finding the files, pairing them, loading and batching.
 
-Pairing never relies on position alone (DESIGN.md section 4): a SAR file and
+Pairing never relies on position alone (docs/design.md, section 2): a SAR file and
 its optical partner share their relative path (only the extension may
 differ), or their paths differ by the SEN1-2 ``s1`` -> ``s2`` substitution.
 Every user-caused problem is a :class:`DataError` with a one-line message.

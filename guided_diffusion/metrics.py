@@ -1,7 +1,7 @@
 """
 Image quality figures for SAR-to-optical results: SSIM, PSNR, colour error, FID.
 
-The per-image figures follow DESIGN.md section 6: scikit-image on uint8 RGB
+The per-image figures follow docs/design.md, section 3: scikit-image on uint8 RGB
 images (``structural_similarity(a, b, channel_axis=-1, data_range=255)`` with
 its defaults, the same on the grey image, and ``peak_signal_noise_ratio``
 with ``data_range=255``), averaged over images. A generated image and its
