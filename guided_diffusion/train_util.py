@@ -388,6 +388,7 @@ class TrainLoop:
         sar_channels = batch.shape[1] - 3
         condition, x_start = batch[:, :sar_channels], batch[:, sar_channels:]
         t, weights, noise = self._draw_step_randomness(x_start.shape)
+        self._anneal_lr()
 
         self.mp_trainer.zero_grad()
         num = x_start.shape[0]
@@ -442,7 +443,6 @@ class TrainLoop:
             self._on_nonfinite_step()
         self.step += 1
         self.data_position += 1
-        self._anneal_lr()
         logger.logkv("step", self.step)
         logger.logkv("samples", self.step * self.global_batch)
         self._pending_logs.append((None, {"grad_norm": grad_norm.detach()}))
@@ -490,6 +490,11 @@ class TrainLoop:
             )
 
     def _anneal_lr(self):
+        """
+        Set the learning rate of the coming step from the step number alone. The
+        optimizer's state carries no schedule, so a resumed run would otherwise take
+        its first step at the base rate.
+        """
         if not self.lr_anneal_steps:
             return
         frac_done = self.step / self.lr_anneal_steps

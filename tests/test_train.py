@@ -196,19 +196,41 @@ def assert_same_checkpoint(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight_run(pairs_dir, tmp_path_factory):
-    """Six steps without interruption (5 batches per epoch: crosses an epoch)."""
-    folder = tmp_path_factory.mktemp("straight")
-    make_loop(pairs_dir, folder).run_loop()
-    return checkpoint_files(folder, 6)
+def straight_runs(pairs_dir, tmp_path_factory):
+    """
+    Six steps without interruption (5 batches per epoch: crosses an epoch), with
+    the given TrainLoop options; each set of options is trained once per module.
+    """
+    done = {}
+
+    def run(**options):
+        key = tuple(sorted(options.items()))
+        if key not in done:
+            folder = tmp_path_factory.mktemp("straight")
+            make_loop(pairs_dir, folder, **options).run_loop()
+            done[key] = checkpoint_files(folder, 6)
+        return done[key]
+
+    return run
 
 
-def test_resume_equals_straight_run(pairs_dir, tmp_path, straight_run):
-    make_loop(pairs_dir, tmp_path, max_steps=3).run_loop()
-    loop = make_loop(pairs_dir, tmp_path, resume="auto")
+@pytest.fixture(scope="module")
+def straight_run(straight_runs):
+    return straight_runs()
+
+
+# With annealing, the learning rate of step 3 (the first after the resume) is 5/8
+# of the base rate: a resume that restarts it at the base rate takes a step of
+# the wrong size.
+@pytest.mark.parametrize(
+    "options", [{}, {"lr_anneal_steps": 8}], ids=["plain", "lr_anneal"]
+)
+def test_resume_equals_straight_run(pairs_dir, tmp_path, straight_runs, options):
+    make_loop(pairs_dir, tmp_path, max_steps=3, **options).run_loop()
+    loop = make_loop(pairs_dir, tmp_path, resume="auto", **options)
     assert loop.step == 3 and loop.data_position == 3
     loop.run_loop()
-    assert_same_checkpoint(checkpoint_files(tmp_path, 6), straight_run)
+    assert_same_checkpoint(checkpoint_files(tmp_path, 6), straight_runs(**options))
     # progress.csv was appended to: one row per dump of both runs.
     rows = (tmp_path / "progress.csv").read_text().splitlines()
     assert len(rows) == 1 + 2  # header + the final dump of each run
