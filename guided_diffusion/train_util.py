@@ -10,7 +10,9 @@ Training is a function of (seed, global batch) alone: the data order, the
 timesteps and the noise of every step are drawn for the whole global batch from
 generators seeded by (seed, step), and each rank takes its block. Two ranks at
 batch B therefore follow the same trajectory as one process at batch 2B, and a
-resumed run the same as an uninterrupted one.
+resumed run the same as an uninterrupted one. Dropout, which draws from the
+global generator inside the model, is reseeded from (seed, rank, step) at the
+start of every step, so no rank's random state needs saving.
 """
 
 import contextlib
@@ -214,15 +216,11 @@ class TrainLoop:
                 logger.log(
                     f"resume auto: no checkpoint in {logger.get_dir()}, starting from scratch"
                 )
-        restored_rng = False
         if path:
-            restored_rng = self._load_checkpoint(path)
-        if not restored_rng:
-            # Dropout draws from the global generator: give each rank its own stream.
-            th.manual_seed(derive_seed(self.seed, self.rank, self.step))
+            self._load_checkpoint(path)
 
     def _load_checkpoint(self, path):
-        """Restore model, EMA, optimizer and state; returns whether the RNG was restored."""
+        """Restore model, EMA, optimizer and state."""
         paths = sibling_checkpoint_paths(path, self.ema_rates)
         self.step = paths["step"]
         model_path = paths["model"] if os.path.exists(paths["model"]) else path
@@ -271,7 +269,7 @@ class TrainLoop:
                 f"{paths['state']} is missing (a checkpoint of the original code?): step {self.step} "
                 "is taken from the file name; the data order and loss scale restart"
             )
-            return False
+            return
         state = dist_util.load_state_dict(paths["state"])
         self.step = int(state["step"])
         self.last_saved_step = self.step
@@ -284,12 +282,7 @@ class TrainLoop:
             )
         self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
         self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
-        if self.rank == 0 and "rng_cpu" in state:
-            th.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and "rng_cuda" in state:
-                th.cuda.set_rng_state(state["rng_cuda"], self.device)
-            return True
-        return False
+        # "rng_cpu" and "rng_cuda" are not read: every step reseeds the generators.
 
     # -- the loop -----------------------------------------------------------------
 
@@ -388,6 +381,10 @@ class TrainLoop:
         sar_channels = batch.shape[1] - 3
         condition, x_start = batch[:, :sar_channels], batch[:, sar_channels:]
         t, weights, noise = self._draw_step_randomness(x_start.shape)
+        # Dropout draws from the global generators (CPU and CUDA). Seeding them from
+        # (seed, rank, step) gives each rank its own stream that a resume, on any
+        # number of ranks, continues without saving it.
+        th.manual_seed(dropout_seed(self.seed, self.rank, self.step))
         self._anneal_lr()
 
         self.mp_trainer.zero_grad()
@@ -558,6 +555,8 @@ class TrainLoop:
                 "seed": self.seed,
                 "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
                 "schedule_sampler": self.schedule_sampler.state_dict(),
+                # Rank 0's generators, kept for the file's documented layout and for
+                # inspection; a resume reseeds from (seed, rank, step) instead.
                 "rng_cpu": th.get_rng_state(),
             }
             if self.device.type == "cuda":
@@ -590,6 +589,19 @@ def derive_seed(*values):
         2, dtype=np.uint32
     )
     return (int(state[0]) << 31 | int(state[1])) & ((1 << 63) - 1)
+
+
+def dropout_seed(seed, rank, step):
+    """
+    The seed of a rank's global generators (dropout) at a step.
+
+    :param seed: the run's --seed.
+    :param rank: the process's global rank.
+    :param step: the step about to be taken.
+    """
+    # The 3 keeps this stream apart from the timestep (1) and noise (2)
+    # streams, which are seeded from (seed, step, stream).
+    return derive_seed(seed, step, 3, rank)
 
 
 def contiguous_state_dict(state_dict):

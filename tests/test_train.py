@@ -131,6 +131,27 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, tmp_path):
         assert state["global_batch"] == 4 and state["step"] == 3
 
 
+def test_two_ranks_with_dropout_resume_equals_straight_run(pairs_dir, tmp_path):
+    """
+    Dropout draws from each rank's global generator: after a resume, rank 1's
+    stream must continue as it would have, not only rank 0's.
+    """
+    common = [*data_flags(pairs_dir), *TINY_FLAGS, "--dropout=0.3", "--lr=1e-3", "--batch_size=2",
+              "--num_workers=0", "--save_interval=2", "--max_steps=4"]  # fmt: skip
+    mpiexec = ["mpiexec", "-n", "2"]
+    straight = tmp_path / "straight"
+    run_script(common, {"OPENAI_LOGDIR": str(straight)}, launcher=mpiexec)
+    resumed = tmp_path / "resumed"
+    run_script(
+        [*common, f"--resume_checkpoint={straight / 'model000002.pt'}"],
+        {"OPENAI_LOGDIR": str(resumed)},
+        launcher=mpiexec,
+    )
+    for name in ("model000004.pt", "ema_0.9999_000004.pt"):
+        expected, got = load(straight / name), load(resumed / name)
+        assert all(th.equal(got[k], expected[k]) for k in expected), name
+
+
 def test_plain_process_writes_run_folder(pairs_dir, tmp_path):
     logdir = tmp_path / "run"
     proc = run_script(
