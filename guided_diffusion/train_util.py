@@ -25,6 +25,7 @@ import time
 import numpy as np
 import torch as th
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import dist_util, logger
@@ -171,6 +172,11 @@ class TrainLoop:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self._stop_signal = None
+        # With several ranks, the stop flags of all ranks are summed inside the
+        # gradient all-reduce (see _reduce_with_stop_flag); the result lands here.
+        self._reduced_stop_flag = None
+        self._stop_flag_host = th.zeros(1, pin_memory=self.device.type == "cuda")
+        self._stop_flag_copied = th.cuda.Event() if self.device.type == "cuda" else None
         # Values to log, kept on the device until the next dump: reading them in
         # every step (.item(), .cpu()) would make the host wait for the device.
         # Entries: (timesteps, {key: per-example values}) per micro-batch and
@@ -200,6 +206,7 @@ class TrainLoop:
                 device_ids=[self.device] if self.device.type == "cuda" else None,
                 bucket_cap_mb=128,
             )
+            self.ddp_model.register_comm_hook(None, self._reduce_with_stop_flag)
         else:
             self.ddp_model = self.model
         # The compiled wrapper shares the model's parameters; checkpoints are written
@@ -355,17 +362,43 @@ class TrainLoop:
             raise KeyboardInterrupt  # a second signal: stop now, without saving
         self._stop_signal = signal.Signals(signum).name
         logger.log(
-            f"{self._stop_signal} received: saving a checkpoint after this step (again to abort)"
+            f"{self._stop_signal} received: saving a checkpoint after this step or the next "
+            "(again to abort)"
         )
 
+    def _reduce_with_stop_flag(self, state, bucket):
+        """
+        DDP's gradient all-reduce (the mean of every bucket over the ranks), with
+        this rank's stop flag appended to the last bucket. Every rank must leave
+        the loop at the same step; carried by the collective the step makes anyway,
+        the flags reach all ranks without an all-reduce of their own.
+
+        :param state: unused (DDP's hook state).
+        :param bucket: a torch.distributed.GradBucket of flattened gradients.
+        :return: a future of the averaged bucket, as DDP's default hook returns.
+        """
+        # The last bucket is reduced at the end of the backward pass, so a signal that
+        # arrives before then stops the run at this step. Packing the flag costs one
+        # copy of that bucket (at most bucket_cap_mb), little next to the step.
+        if not bucket.is_last():
+            return default_hooks.allreduce_hook(None, bucket)
+        buffer = bucket.buffer()
+        # new_full writes the value on the device: no copy from the host, no wait.
+        flag = buffer.new_full((1,), float(self._stop_signal is not None))
+        packed = th.cat([buffer, flag]).div_(self.world_size)
+        self._reduced_stop_flag = packed[-1:]  # > 0 once reduced: some rank stops
+        future = dist.all_reduce(packed, async_op=True).get_future()
+        return future.then(lambda fut: fut.value()[0][:-1])
+
     def _stop_requested(self):
-        flag = self._stop_signal is not None
-        if self.world_size > 1:
-            # Every rank must leave the loop at the same step.
-            tensor = th.tensor([float(flag)], device=self.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
+        """Whether any rank got a stop signal (the same answer on every rank)."""
+        if self.world_size == 1:
+            return self._stop_signal is not None
+        if self._stop_flag_copied is not None:
+            # The copy was queued before optimize() read whether the gradient is
+            # finite, so the device is already past it: this does not wait.
+            self._stop_flag_copied.synchronize()
+        return bool(self._stop_flag_host.item() > 0)
 
     def _optim_kernel(self):
         """AdamW's kernel flags: the fused one, or PyTorch's default choice (None)."""
@@ -422,6 +455,12 @@ class TrainLoop:
                 )
                 self.mp_trainer.backward(loss)
 
+        if self.world_size > 1:
+            # The stop flags reduced with the gradients go to the host with the read
+            # that optimize() makes anyway, not with a wait of their own.
+            self._stop_flag_host.copy_(self._reduced_stop_flag, non_blocking=True)
+            if self._stop_flag_copied is not None:
+                self._stop_flag_copied.record()
         # optimize() reads one number on the host, whether the gradient is finite:
         # the step is skipped (and the fp16 loss scale lowered) exactly when it is not.
         took_step, grad_norm = self.mp_trainer.optimize(

@@ -7,7 +7,9 @@ a resume and N/2 steps; a save interrupted at any point leaves the previous
 checkpoint complete.
 """
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -370,7 +372,7 @@ def test_nonfinite_losses_skip_steps_then_stop(pairs_dir, tmp_path, monkeypatch)
 # -- real processes: SIGKILL and SIGINT -----------------------------------------------------
 
 
-def start_training(pairs_dir, logdir, extra):
+def start_training(pairs_dir, logdir, extra, launcher=()):
     env = {
         **os.environ,
         "OPENAI_LOGDIR": str(logdir),
@@ -385,7 +387,7 @@ def start_training(pairs_dir, logdir, extra):
         *extra,
     ]
     return subprocess.Popen(
-        [sys.executable, TRAIN, *args],
+        [*launcher, sys.executable, TRAIN, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -449,6 +451,140 @@ def test_sigint_saves_and_exits(pairs_dir, tmp_path):
     assert "SIGINT received" in out
     saved = train_util.list_checkpoints(str(tmp_path))
     assert len(saved) == 1 and "state" in next(iter(saved.values()))
+
+
+def rank_pids(launcher_pid):
+    """
+    The training processes a launcher started, by rank (PMI_RANK in their
+    environment), found among its descendants in /proc.
+    """
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # the process ended meanwhile
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    ranks, todo = {}, [launcher_pid]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if TRAIN.encode() in cmdline:
+                for item in environ:
+                    if item.startswith(b"PMI_RANK="):
+                        ranks[int(item[len("PMI_RANK=") :])] = pid
+    return ranks
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_sigterm_on_one_rank_stops_both_at_the_same_step(pairs_dir, tmp_path):
+    """A signal to rank 1 alone: rank 0 stops at the same step and saves a complete checkpoint."""
+    proc = start_training(
+        pairs_dir,
+        tmp_path,
+        ["--save_interval=1000", "--max_steps=100000", "--log_interval=1"],
+        launcher=["mpiexec", "-n", "2"],
+    )
+    try:
+        wait_for(
+            lambda: (
+                (tmp_path / "progress.csv").exists()
+                and (tmp_path / "progress.csv").stat().st_size > 0
+            ),
+            proc,
+        )
+        ranks = rank_pids(proc.pid)
+        assert sorted(ranks) == [0, 1]
+        os.kill(ranks[1], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    # A rank that left the loop at another step would leave its peer waiting in a
+    # collective that never completes: an error or a hang, not a clean exit.
+    assert proc.returncode == 0, out[-2000:]
+    stopped = re.search(r"stopping at step (\d+) \(signal on another rank\)", out)
+    assert stopped, out[-2000:]
+    step = int(stopped.group(1))
+    assert train_util.list_checkpoints(str(tmp_path)) == {
+        step: {"model", "ema", "opt", "state"}
+    }
+    assert load(tmp_path / f"state{step:06d}.pt")["step"] == step
+
+
+def step_sync_worker(logdir):
+    """
+    Run under ``mpiexec -n 2``: train a few steps and print, as one JSON line per
+    rank, the all-reduces per step, DDP's gradient buckets, and the step at which
+    the loop stopped when rank 1 alone got a SIGTERM at the start of step 7.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    dist_util.setup_dist()
+    logger.configure(dir=logdir, format_strs=["log"])
+    th.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**TINY)
+    batch = th.rand(2, 6, 16, 16) * 2 - 1
+
+    def data(start_batch):
+        while True:
+            yield batch, {}
+
+    loop = train_util.TrainLoop(
+        model=model, diffusion=diffusion, data=data, batch_size=2, microbatch=-1, lr=1e-4,
+        ema_rate="0.9", log_interval=1000, save_interval=1000, resume_checkpoint="", max_steps=2,
+    )  # fmt: skip
+    loop.run_loop()  # DDP settles its gradient buckets after the first step
+    loop.max_steps = 5
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loop.run_loop()
+    all_reduces = sum(event.name == "gloo:all_reduce" for event in prof.events())
+    buckets = loop.ddp_model._get_ddp_logging_data()["rebuilt_bucket_sizes"]
+
+    real_run_step = loop.run_step
+
+    def run_step(batch, cond):
+        if loop.rank == 1 and loop.step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_run_step(batch, cond)
+
+    loop.run_step = run_step
+    loop.max_steps = 100
+    loop.run_loop()
+    result = dict(
+        rank=loop.rank,
+        all_reduces_per_step=all_reduces / 3,
+        buckets=len(str(buckets).split(",")),
+        stopped_at=loop.step,
+    )
+    print(json.dumps(result), flush=True)
+    dist_util.cleanup()
+
+
+def test_stop_check_adds_no_collective_to_a_step(tmp_path):
+    """
+    Two ranks: a step all-reduces only its gradient buckets, yet a signal on one
+    rank still stops both at the step it arrived in.
+    """
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, __file__, "step_sync_worker", str(tmp_path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [
+        json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")
+    ]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["all_reduces_per_step"] == r["buckets"], r
+        # The signal arrived before step 7's gradients were reduced.
+        assert r["stopped_at"] == 7, r
 
 
 # -- the paper's configuration -------------------------------------------------------
@@ -591,3 +727,8 @@ def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
     header = rows[0].split(",")
     last = dict(zip(header, rows[-1].split(",")))
     assert 0 < float(last["val_ssim"]) <= 1 and float(last["val_psnr"]) > 0
+
+
+if __name__ == "__main__":
+    # mpiexec starts this file as the worker of a test that needs several ranks.
+    {"step_sync_worker": step_sync_worker}[sys.argv[1]](*sys.argv[2:])
