@@ -134,31 +134,92 @@ def test_converges_to_the_exact_ode_solution_faster_than_ddim(mean_type):
     assert solver[50] < ddim[50] / 10
 
 
-def test_first_update_is_ddim_and_the_last_returns_the_data_prediction():
-    # DPM-Solver++ of first order is DDIM, so the first update, which has no
-    # history, must agree with DDIM's first step.
+def _dpm_solver_2m_reference(abar, x_T, data_prediction, second_order=True):
+    """
+    DPM-Solver++(2M), Lu et al. 2022 Algorithm 2, in float64 numpy, on the grid
+    t_0 = K-1, ..., t_{K-1} = 0 of K kept timesteps and a last update into the data
+    (alpha 1, sigma 0, lambda +inf).
+
+    The updates into timestep 0 and into the data are first order (the solver's
+    documented "lower order final"); ``second_order=False`` makes every update
+    first order, which is DDIM.
+
+    :param abar: alphas_cumprod at the K kept timesteps, ascending in t.
+    :param x_T: the start, numpy float64.
+    :param data_prediction: a function (x, k) -> x_theta(x, t_k) for kept index k.
+    :return: a list of (x_{t_i}, x_theta(x_{t_{i-1}})) per update, as numpy arrays.
+    """
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    lam = np.log(alpha / sigma)
+    x, previous, updates = x_T, None, []
+    for k in reversed(range(len(abar))):
+        x0 = data_prediction(x, k)
+        if k == 0:
+            # h = +inf: sigma_{t_i} / sigma_{t_{i-1}} = 0 and -(e^{-h} - 1) = 1.
+            x = x0
+        else:
+            h = lam[k - 1] - lam[k]
+            d = x0
+            if second_order and previous is not None and k > 1:
+                r = previous[1] / h
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous[0]
+            x = sigma[k - 1] / sigma[k] * x - alpha[k - 1] * np.expm1(-h) * d
+            previous = (x0, h)
+        updates.append((x, x0))
+    return updates
+
+
+@pytest.mark.parametrize(
+    "mean_type", [gd.ModelMeanType.EPSILON, gd.ModelMeanType.START_X]
+)
+def test_every_update_follows_algorithm_2_computed_by_hand(mean_type):
+    """
+    Every yielded sample and data prediction equals a float64 numpy run of
+    Lu et al. 2022, Algorithm 2 (x_{t_i} = sigma_i / sigma_{i-1} x - alpha_i
+    (e^{-h_i} - 1) D_i with D_i = (1 + 1/(2 r_i)) x_theta(t_{i-1}) - 1/(2 r_i)
+    x_theta(t_{i-2})), fed the exact data predictor of the Gaussian toy problem.
+    """
     base_abar, x_T, _ = _toy_problem(seed=1)
-    model = GaussianEpsModel(base_abar, MU, S)
-    diffusion = _spaced("10")
-    kwargs = dict(noise=x_T, clip_denoised=False)
-    solver_steps = list(
-        dpm_solver_sample_loop_progressive(diffusion, model, x_T.shape, **kwargs)
+    kept = sorted(space_timesteps(BASE_STEPS, "10"))
+    abar = base_abar[kept]
+
+    def exact_x0(x, k):
+        a = base_abar[kept[k]]
+        return MU + S**2 * np.sqrt(a) * (x - np.sqrt(a) * MU) / (a * S**2 + 1 - a)
+
+    x_T64 = x_T.double().numpy()
+    reference = _dpm_solver_2m_reference(abar, x_T64, exact_x0)
+    first_order = _dpm_solver_2m_reference(abar, x_T64, exact_x0, second_order=False)
+    steps = list(
+        dpm_solver_sample_loop_progressive(
+            _spaced("10", model_mean_type=mean_type),
+            _toy_model(mean_type, base_abar),
+            x_T.shape,
+            noise=x_T,
+            clip_denoised=False,
+        )
     )
-    ddim_first = next(
-        diffusion.ddim_sample_loop_progressive(model, x_T.shape, **kwargs)
-    )
-    assert len(solver_steps) == 10
-    th.testing.assert_close(solver_steps[0]["sample"], ddim_first["sample"])
-    th.testing.assert_close(solver_steps[0]["pred_xstart"], ddim_first["pred_xstart"])
-    # From timestep 0 to the data (lambda = +inf): x = x_theta(x_0, 0).
+    assert len(steps) == len(reference) == 10
+    for i, (step, (sample, x0)) in enumerate(zip(steps, reference)):
+        # float32 sampling against float64 arithmetic: turning eps into x_0 at
+        # timestep 999 multiplies float32 rounding by sqrt(1 / abar - 1) ~ 160.
+        th.testing.assert_close(
+            step["pred_xstart"].double(), th.from_numpy(x0), rtol=1e-4, atol=1e-4
+        )
+        th.testing.assert_close(
+            step["sample"].double(),
+            th.from_numpy(sample),
+            rtol=1e-4,
+            atol=1e-4,
+            msg=lambda m, i=i: f"update {i}: {m}",
+        )
+    # The second-order corrections move the path far beyond the tolerance.
+    gap = max(np.abs(a[0] - b[0]).max() for a, b in zip(reference, first_order))
+    assert gap > 1e-2, gap
+    # The last update (into lambda = +inf) returns the data prediction at timestep 0.
     th.testing.assert_close(
-        solver_steps[-1]["sample"], solver_steps[-1]["pred_xstart"], rtol=0, atol=0
+        steps[-1]["sample"], steps[-1]["pred_xstart"], rtol=0, atol=0
     )
-    # Later updates are second order and leave DDIM's path.
-    ddim_steps = list(
-        diffusion.ddim_sample_loop_progressive(model, x_T.shape, **kwargs)
-    )
-    assert _rel_err(solver_steps[-1]["sample"], ddim_steps[-1]["sample"]) > 1e-2
 
 
 def test_the_variance_half_of_a_learned_variance_model_is_ignored():

@@ -61,6 +61,26 @@ class MixingModel(th.nn.Module):
         return out
 
 
+def _linear_schedule(num_steps=T):
+    """
+    betas, alphas_cumprod and alphas_cumprod_prev of the linear schedule from its
+    definition (evenly spaced betas from 1e-4 s to 0.02 s, s = 1000 / steps),
+    computed here in float64 rather than read from the diffusion.
+    """
+    scale = 1000 / num_steps
+    betas = np.linspace(1e-4 * scale, 0.02 * scale, num_steps)
+    abar = np.cumprod(1 - betas)
+    return betas, abar, np.append(1.0, abar[:-1])
+
+
+def _hand_xstart_from_eps(model, x, sar, i, abar):
+    """Clipped x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), in float64."""
+    t = th.full((x.shape[0],), i)
+    eps = model(th.cat([x, sar], dim=1), t).double()
+    x0 = (x.double() - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])
+    return x0.clamp(-1, 1)
+
+
 def _assert_condition_seen(calls, sar, channels=C):
     assert calls, "the model was never called"
     for call in calls:
@@ -400,27 +420,42 @@ def test_p_sample_at_t0_returns_the_mean():
     th.testing.assert_close(out["pred_xstart"], ref["pred_xstart"])
 
 
-def test_progressive_loop_yields_every_step_and_ends_at_the_sample():
-    num_steps = T
-    diffusion = linear_diffusion(num_steps)
+def test_progressive_loop_yields_every_ancestral_step_computed_by_hand():
+    """
+    Every yielded step is Ho et al. 2020's ancestral step, written out in float64
+    from the previous yielded sample: x_0 from eps (clipped), the posterior mean
+    mu = (beta_t sqrt(abar_{t-1}) x_0 + (1 - abar_{t-1}) sqrt(alpha_t) x_t) / (1 - abar_t),
+    x_{t-1} = mu + sqrt(beta_t) z (the fixed "large" variance) with z the next draw
+    of the global generator, and x_{-1} = mu at t = 0. p_sample_loop returns the last.
+    """
+    diffusion = linear_diffusion(T)
+    betas, abar, abar_prev = _linear_schedule()
     _, sar, noise = _data(2)
     model = MixingModel()
+    th.manual_seed(0)
     steps = list(
         diffusion.p_sample_loop_progressive(
             model, noise.shape, noise=noise, condition=sar
         )
     )
-    assert len(steps) == num_steps
-    assert all({"sample", "pred_xstart"} <= set(step) for step in steps)
     th.manual_seed(0)
-    progressive_last = None
-    for step in diffusion.p_sample_loop_progressive(
-        model, noise.shape, noise=noise, condition=sar
-    ):
-        progressive_last = step["sample"]
+    draws = [th.randn(noise.shape).double() for _ in range(T)]
+    assert len(steps) == T
+    x = noise
+    for i, step, z in zip(reversed(range(T)), steps, draws):
+        x0 = _hand_xstart_from_eps(model, x, sar, i, abar)
+        mean = (
+            betas[i] * math.sqrt(abar_prev[i]) * x0
+            + (1 - abar_prev[i]) * math.sqrt(1 - betas[i]) * x.double()
+        ) / (1 - abar[i])
+        expected = mean + math.sqrt(betas[i]) * z if i > 0 else mean
+        # float32 against float64: x_0 from eps amplifies rounding by 1 / sqrt(abar).
+        th.testing.assert_close(step["pred_xstart"].double(), x0, rtol=0, atol=1e-4)
+        th.testing.assert_close(step["sample"].double(), expected, rtol=0, atol=1e-4)
+        x = step["sample"]
     th.manual_seed(0)
-    sample = diffusion.p_sample_loop(model, noise.shape, noise=noise, condition=sar)
-    th.testing.assert_close(progressive_last, sample, rtol=0, atol=0)
+    final = diffusion.p_sample_loop(model, noise.shape, noise=noise, condition=sar)
+    th.testing.assert_close(final.double(), expected, rtol=0, atol=1e-4)
 
 
 def test_cond_fn_shifts_the_mean_by_variance_times_gradient():
@@ -497,19 +532,46 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     assert not th.allclose(stochastic[0], stochastic[1])
 
 
-def test_ddim_progressive_yields_every_step():
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_progressive_yields_every_step_of_eq_12_computed_by_hand(eta):
+    """
+    Every yielded step is Song et al. 2020, eq. 12, written out in float64 from the
+    previous yielded sample: x_0 from eps (clipped), eps recomputed from that x_0,
+    x_{t-1} = sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - sigma^2) eps + sigma z
+    with sigma = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
+    (eq. 16) and z the next draw of the global generator. ddim_sample_loop returns
+    the last.
+    """
     diffusion = linear_diffusion(T)
+    _, abar, abar_prev = _linear_schedule()
     _, sar, noise = _data(2)
-    steps = list(
-        diffusion.ddim_sample_loop_progressive(
-            MixingModel(), noise.shape, noise=noise, condition=sar
-        )
-    )
+    model = MixingModel()
+    kwargs = dict(noise=noise, condition=sar, eta=eta)
+    th.manual_seed(0)
+    steps = list(diffusion.ddim_sample_loop_progressive(model, noise.shape, **kwargs))
+    th.manual_seed(0)
+    draws = [th.randn(noise.shape).double() for _ in range(T)]
     assert len(steps) == T
-    final = diffusion.ddim_sample_loop(
-        MixingModel(), noise.shape, noise=noise, condition=sar
-    )
-    th.testing.assert_close(steps[-1]["sample"], final, rtol=0, atol=0)
+    x = noise
+    for i, step, z in zip(reversed(range(T)), steps, draws):
+        x0 = _hand_xstart_from_eps(model, x, sar, i, abar)
+        eps = (x.double() - math.sqrt(abar[i]) * x0) / math.sqrt(1 - abar[i])
+        sigma = (
+            eta
+            * math.sqrt((1 - abar_prev[i]) / (1 - abar[i]))
+            * math.sqrt(1 - abar[i] / abar_prev[i])
+        )
+        expected = (
+            math.sqrt(abar_prev[i]) * x0
+            + math.sqrt(1 - abar_prev[i] - sigma**2) * eps
+            + sigma * z
+        )
+        th.testing.assert_close(step["pred_xstart"].double(), x0, rtol=0, atol=1e-4)
+        th.testing.assert_close(step["sample"].double(), expected, rtol=0, atol=1e-4)
+        x = step["sample"]
+    th.manual_seed(0)
+    final = diffusion.ddim_sample_loop(model, noise.shape, **kwargs)
+    th.testing.assert_close(final.double(), expected, rtol=0, atol=1e-4)
 
 
 def test_ddim_round_trip_on_gaussian_data_improves_with_steps():
@@ -623,21 +685,33 @@ def test_every_combination_trains_one_step(tiny_unets, mean_type, var_type, loss
 
 @pytest.mark.parametrize("mean_type", list(gd.ModelMeanType))
 def test_mse_target_per_mean_type(mean_type):
+    """
+    The MSE is the mean of (target - output)^2 per example, with the target written
+    out here: the noise (eps), x_0, or the posterior mean of x_{t-1} given
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    """
     num_steps = T
     diffusion = linear_diffusion(num_steps, model_mean_type=mean_type)
+    betas, abar, abar_prev = _linear_schedule(num_steps)
     x_start, sar, noise = _data(num_steps)
     t = th.arange(num_steps)
-    losses = diffusion.training_losses(RecordingModel(C), x_start, sar, t, noise=noise)
-    x_t = diffusion.q_sample(x_start, t, noise=noise)
+    output = 0.25  # a model that outputs 0 could not tell target - output from +
+    losses = diffusion.training_losses(
+        RecordingModel(C, fill=output), x_start, sar, t, noise=noise
+    )
+    x0, eps = x_start.double(), noise.double()
+    x_t = _bcast(np.sqrt(abar)) * x0 + _bcast(np.sqrt(1 - abar)) * eps
+    posterior_mean = (
+        _bcast(betas * np.sqrt(abar_prev)) * x0
+        + _bcast((1 - abar_prev) * np.sqrt(1 - betas)) * x_t
+    ) / _bcast(1 - abar)
     target = {
-        gd.ModelMeanType.EPSILON: noise,
-        gd.ModelMeanType.START_X: x_start,
-        gd.ModelMeanType.PREVIOUS_X: diffusion.q_posterior_mean_variance(
-            x_start, x_t, t
-        )[0],
+        gd.ModelMeanType.EPSILON: eps,
+        gd.ModelMeanType.START_X: x0,
+        gd.ModelMeanType.PREVIOUS_X: posterior_mean,
     }[mean_type]
-    # The model outputs zero, so the loss is the mean square of the target.
-    th.testing.assert_close(losses["mse"], (target**2).mean(dim=(1, 2, 3)))
+    expected = ((target - output) ** 2).mean(dim=(1, 2, 3))
+    th.testing.assert_close(losses["mse"].double(), expected, rtol=1e-5, atol=1e-6)
     th.testing.assert_close(losses["loss"], losses["mse"])
 
 

@@ -167,14 +167,78 @@ def test_fp16_body_matches_fp32():
         th.testing.assert_close(b, rounded, rtol=0, atol=0, msg=name)
 
 
-def test_resblock_updown_and_new_attention_order_models_run():
-    x, t = _inputs()
-    for flags in (dict(resblock_updown=True), dict(use_new_attention_order=True)):
-        model, _ = tiny_model_and_diffusion(**flags)
-        randomize_(model, seed=5)
-        with th.no_grad():
-            out = model(x, t)
-        assert out.shape == (2, 3, 32, 32) and th.isfinite(out).all()
+def _legacy_qkv_rows(channels, heads):
+    """
+    Row order that turns a qkv projection for QKVAttention (q, k, v, then heads)
+    into one for the legacy layout (heads, then q, k, v): legacy row
+    h * 3ch + j * ch + c reads new row j * heads * ch + h * ch + c.
+    """
+    ch = channels // heads
+    return th.arange(3 * channels).reshape(3, heads, ch).transpose(0, 1).reshape(-1)
+
+
+def test_new_attention_order_is_the_legacy_order_with_permuted_qkv_rows():
+    """
+    Both orders compute multi-head attention; they differ only in which rows of
+    the qkv projection feed which head's q, k and v. So a randomised model with
+    use_new_attention_order equals a legacy model whose qkv rows are permuted,
+    and does not equal one with the same, unpermuted rows.
+    """
+    new, _ = tiny_model_and_diffusion(use_new_attention_order=True)
+    randomize_(new, seed=5, std=0.2)
+    legacy, _ = tiny_model_and_diffusion()
+    state = new.state_dict()
+    permuted = dict(state)
+    blocks = [(n, m) for n, m in new.named_modules() if isinstance(m, AttentionBlock)]
+    assert len(blocks) == 4  # at 16x16: one down, one in the middle, two up
+    for name, block in blocks:
+        assert block.num_heads > 1, "with one head both orders agree trivially"
+        rows = _legacy_qkv_rows(block.channels, block.num_heads)
+        for suffix in ("weight", "bias"):
+            key = f"{name}.qkv.{suffix}"
+            permuted[key] = state[key][rows]
+    # Fully convolutional: 16x16 inputs reach every block at a quarter of the cost.
+    x, t = _inputs(size=16)
+    with th.no_grad():
+        out = new(x, t)
+        legacy.load_state_dict(permuted)
+        th.testing.assert_close(legacy(x, t), out, rtol=1e-4, atol=1e-5)
+        legacy.load_state_dict(state)
+        assert _rel_err(legacy(x, t), out) > 1e-2
+
+
+def test_resblock_updown_model_resamples_inside_its_residual_blocks():
+    """
+    With resblock_updown, the model's one downsampling and one upsampling step are
+    residual blocks, and inside the randomised model each computes the
+    hand-written ResBlock of guided-diffusion (resampling between the first
+    normalisation and the first convolution, on both the branch and the skip).
+    """
+    model, _ = tiny_model_and_diffusion(resblock_updown=True)
+    randomize_(model, seed=5, std=0.2)
+    assert not any(
+        isinstance(layer, (Downsample, Upsample))
+        for blocks in (model.input_blocks, model.output_blocks)
+        for sequence in blocks
+        for layer in sequence
+    ), "resampling must happen in residual blocks"
+    calls = []
+    for module in model.modules():
+        if isinstance(module, ResBlock) and module.updown:
+            module.register_forward_hook(
+                lambda m, args, out: calls.append((m, *args, out))
+            )
+    # Fully convolutional: 16x16 inputs reach every block at a quarter of the cost.
+    x, t = _inputs(size=16)
+    with th.no_grad():
+        model(x, t)
+    assert [(h.shape[-1], out.shape[-1]) for _, h, _, out in calls] == [
+        (16, 8),
+        (8, 16),
+    ]
+    for block, h, emb, out in calls:
+        skip, branch = _resblock_reference(block, h, emb)
+        _assert_branch_close(out, skip, branch)
 
 
 # ---------------------------------------------------------------- attention
@@ -270,23 +334,110 @@ def test_fresh_resblock_is_its_skip_connection():
     assert wider_conv.skip_connection.weight.shape == (96, 64, 3, 3)
 
 
+def _group_norm(x, weight, bias, groups=32, eps=1e-5):
+    """GroupNorm written out: normalise each group of channels, then scale and shift."""
+    g = x.reshape(x.shape[0], groups, -1)
+    mean = g.mean(dim=-1, keepdim=True)
+    var = g.var(dim=-1, unbiased=False, keepdim=True)
+    g = (g - mean) / th.sqrt(var + eps)
+    return g.reshape(x.shape) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def _silu(x):
+    return x * th.sigmoid(x)
+
+
+def _resblock_reference(block, x, emb):
+    """
+    guided-diffusion's ResBlock (Dhariwal & Nichol 2021) written out in float64
+    from the block's parameters:
+
+        h = SiLU(GN(x)); resample h and x; h = conv(h)
+        e = Linear(SiLU(emb))
+        h = GN(h) * (1 + scale) + shift, (scale, shift) = e    (scale-shift norm)
+          | GN(h + e)                                          (otherwise)
+        out = skip(x) + conv(SiLU(h))
+
+    :return: (skip(x), residual branch), each (N, out_channels, H', W').
+    """
+    p = {k: v.detach().double() for k, v in block.state_dict().items()}
+    x, emb = x.double(), emb.double()
+    h = _silu(_group_norm(x, p["in_layers.0.weight"], p["in_layers.0.bias"]))
+    if isinstance(block.x_upd, Upsample):
+        h, x = (
+            z.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3) for z in (h, x)
+        )
+    elif isinstance(block.x_upd, Downsample):
+        n, c, height, width = x.shape
+        h, x = (
+            z.reshape(n, c, height // 2, 2, width // 2, 2).mean(dim=(3, 5))
+            for z in (h, x)
+        )
+    h = F.conv2d(h, p["in_layers.2.weight"], p["in_layers.2.bias"], padding=1)
+    e = F.linear(_silu(emb), p["emb_layers.1.weight"], p["emb_layers.1.bias"])
+    e = e[:, :, None, None]
+    norm = p["out_layers.0.weight"], p["out_layers.0.bias"]
+    if block.use_scale_shift_norm:
+        scale, shift = e.chunk(2, dim=1)
+        h = _group_norm(h, *norm) * (1 + scale) + shift
+    else:
+        h = _group_norm(h + e, *norm)
+    branch = F.conv2d(
+        _silu(h), p["out_layers.3.weight"], p["out_layers.3.bias"], padding=1
+    )
+    if "skip_connection.weight" in p:
+        weight = p["skip_connection.weight"]
+        skip = F.conv2d(
+            x, weight, p["skip_connection.bias"], padding=weight.shape[-1] // 2
+        )
+    else:
+        skip = x
+    return skip, branch
+
+
+def _assert_branch_close(out, skip, branch):
+    """
+    out = skip + branch, with the branch (the part that can go wrong) matched to
+    1e-4 of its size; float32 rounding of the skip (~1e-7 of its size) must stay
+    far below that.
+    """
+    assert branch.abs().max() > 1e-2 * skip.abs().max(), "the branch is too small"
+    th.testing.assert_close(
+        out.double() - skip, branch, rtol=1e-4, atol=1e-4 * branch.abs().max().item()
+    )
+
+
 @pytest.mark.parametrize("scale_shift", [False, True])
-def test_resblock_shapes(scale_shift):
-    x = th.randn(2, 32, 8, 8)
-    emb = th.randn(2, 16)
-    kwargs = dict(dropout=0.0, use_scale_shift_norm=scale_shift)
-    for block, size in [
-        (ResBlock(32, 16, **kwargs), 8),
-        (ResBlock(32, 16, up=True, **kwargs), 16),
-        (ResBlock(32, 16, down=True, **kwargs), 4),
-    ]:
-        randomize_(block, seed=8)
-        assert block(x, emb).shape == (2, 32, size, size)
-    width = 64 if scale_shift else 32
-    assert ResBlock(32, 16, **kwargs).emb_layers[1].weight.shape == (width, 16)
+@pytest.mark.parametrize(
+    "kind,out_channels,size",
+    [("plain", 32, 8), ("wider", 64, 8), ("up", 32, 16), ("down", 32, 4)],
+)
+def test_resblock_matches_hand_computation(scale_shift, kind, out_channels, size):
+    """A randomised ResBlock computes the written-out ResBlock of guided-diffusion."""
+    block = ResBlock(
+        32,
+        16,
+        dropout=0.0,
+        out_channels=out_channels,
+        use_scale_shift_norm=scale_shift,
+        up=kind == "up",
+        down=kind == "down",
+    )
+    randomize_(block, seed=8, std=0.2)
+    gen = th.Generator().manual_seed(8)
+    x = th.randn(2, 32, 8, 8, generator=gen)
+    emb = th.randn(2, 16, generator=gen)
+    with th.no_grad():
+        out = block(x, emb)
+    assert out.shape == (2, out_channels, size, size)
+    _assert_branch_close(out, *_resblock_reference(block, x, emb))
 
 
 def test_upsample_and_downsample():
+    """
+    Without convolutions: nearest doubling and 2x2 average pooling; with them: a
+    padded 3x3 convolution after the doubling, a stride-2 padded 3x3 convolution.
+    """
     x = th.randn(2, 32, 8, 8)
     th.testing.assert_close(
         Upsample(32, use_conv=False)(x),
@@ -295,6 +446,15 @@ def test_upsample_and_downsample():
     th.testing.assert_close(Downsample(32, use_conv=False)(x), F.avg_pool2d(x, 2))
     up = Upsample(32, use_conv=True, out_channels=64)
     down = Downsample(32, use_conv=True, out_channels=64)
+    with th.no_grad():
+        doubled = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+        th.testing.assert_close(
+            up(x), F.conv2d(doubled, up.conv.weight, up.conv.bias, padding=1)
+        )
+        th.testing.assert_close(
+            down(x),
+            F.conv2d(x, down.op.weight, down.op.bias, stride=2, padding=1),
+        )
     assert up(x).shape == (2, 64, 16, 16)
     assert down(x).shape == (2, 64, 4, 4)
     # The strided convolution sits where guided-diffusion's checkpoints expect it.
