@@ -100,6 +100,7 @@ class TrainLoop:
     :param keep_checkpoints: keep only the newest N complete checkpoints (0: all).
     :param validator: a callable (state_dict, step, folder) -> dict of metrics, run on
         rank 0 with the first EMA's weights every ``val_interval`` steps (see validation.py).
+        Only rank 0's is used: the other ranks may pass None.
     :param progress: show a progress bar over the steps on rank 0.
     :param channels_last: keep the model's weights and the inputs in channels_last
         (NHWC) memory; the same function, computed by other kernels.
@@ -341,16 +342,19 @@ class TrainLoop:
 
     def validate(self):
         """Translate the validation pairs with the first EMA's weights (rank 0) and log the scores."""
-        if self.rank == 0:
-            state_dict = self.mp_trainer.master_params_to_state_dict(self.ema_params[0])
-            scores = self.validator(state_dict, self.step, logger.get_dir())
-            for key, value in scores.items():
-                logger.logkv(key, value)
-            logger.log(
-                f"validation at step {self.step}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-            )
-        dist_util.barrier()
+        # No barrier: the other ranks go on with the next step and wait for rank 0
+        # in its gradient all-reduce, so they need neither a validator nor to know
+        # when rank 0 validates.
+        if self.rank != 0:
+            return
+        state_dict = self.mp_trainer.master_params_to_state_dict(self.ema_params[0])
+        scores = self.validator(state_dict, self.step, logger.get_dir())
+        for key, value in scores.items():
+            logger.logkv(key, value)
+        logger.log(
+            f"validation at step {self.step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+        )
 
     def _finished(self):
         if self.max_steps and self.step >= self.max_steps:

@@ -75,7 +75,7 @@ def main():
         )
 
     data(0)  # pair the folders now: a bad path fails before a run folder is made
-    validator = make_validator(args) if args.val_data_dir else None
+    validator = make_validator(args) if args.val_data_dir else None  # None on ranks > 0
 
     # -- the run folder, once the inputs are known to be usable --------------------
     run_dir = None
@@ -125,6 +125,25 @@ TRAIN_LOOP_KEYS = (
 
 
 def make_validator(args):
+    """
+    The validator on rank 0 (a float32 copy of the model and a respaced diffusion
+    for the fast sampler); None on the other ranks, which do not validate and so
+    need no second model. A validation folder that rank 0 cannot use stops every
+    rank with rank 0's message, instead of leaving them waiting for it.
+    """
+    validator, error = None, None
+    if dist_util.is_main_process():
+        try:
+            validator = build_validator(args)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            error = str(err)
+    error = dist_util.broadcast_object(error)
+    if error is not None:
+        raise DataError(error)
+    return validator
+
+
+def build_validator(args):
     """A float32 copy of the model and a respaced diffusion for the fast sampler."""
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags.update(use_fp16=False, timestep_respacing=args.val_timestep_respacing)

@@ -705,14 +705,19 @@ def test_bf16_autocast_trains_close_to_fp32(pairs_dir, tmp_path):
     assert rel_error(bf16, fp32) < 0.02
 
 
-def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
-    val_dir = tmp_path / "val"
+def make_val_dir(pairs_dir, val_dir):
+    """A validation folder (sar/ and opt/) with the first three training pairs."""
     for sub in ("sar", "opt"):
         (val_dir / sub).mkdir(parents=True)
         for i in range(3):
             (val_dir / sub / f"{i}.png").write_bytes(
                 (pairs_dir / sub / f"{i}.png").read_bytes()
             )
+    return val_dir
+
+
+def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
+    val_dir = make_val_dir(pairs_dir, tmp_path / "val")
     logdir = tmp_path / "run"
     run_script(
         [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--num_workers=0",
@@ -729,6 +734,71 @@ def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
     assert 0 < float(last["val_ssim"]) <= 1 and float(last["val_psnr"]) > 0
 
 
+def validator_count_worker(count_file, *train_args):
+    """
+    Run under ``mpiexec -n 2``: image_train.py with ``train_args``, where every
+    construction of a Validator appends the rank that made it to ``count_file``.
+    """
+    import runpy
+
+    from guided_diffusion import validation
+
+    real_init = validation.Validator.__init__
+
+    def counting_init(self, **kwargs):
+        with open(count_file, "a") as f:
+            f.write(f"{dist_util.get_rank()}\n")
+        real_init(self, **kwargs)
+
+    validation.Validator.__init__ = counting_init
+    sys.argv = [TRAIN, *train_args]
+    runpy.run_path(TRAIN, run_name="__main__")
+
+
+def test_two_ranks_build_the_validator_on_rank_0_only(pairs_dir, tmp_path):
+    """Only rank 0 validates, so only rank 0 holds the validator's second model."""
+    val_dir = make_val_dir(pairs_dir, tmp_path / "val")
+    logdir = tmp_path / "run"
+    count_file = tmp_path / "validators.txt"
+    args = [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--num_workers=0",
+            f"--val_data_dir={val_dir}", "--val_interval=1", "--val_num=2", "--val_timestep_respacing=5",
+            "--log_interval=1"]  # fmt: skip
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, __file__, "validator_count_worker", str(count_file), *args],
+        env={**os.environ, "OPENAI_LOGDIR": str(logdir), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert count_file.read_text().split() == ["0"]
+    # Rank 0 validated at both steps while rank 1 went on training.
+    assert (logdir / "val_000001.png").exists() and (logdir / "val_000002.png").exists()
+    rows = (logdir / "progress.csv").read_text().splitlines()
+    assert "val_ssim" in rows[0].split(",")
+
+
+def test_two_ranks_stop_on_an_unusable_validation_folder(pairs_dir, tmp_path):
+    """Rank 0 alone reads the validation folder; its error stops rank 1 too, without a hang."""
+    val_dir = make_val_dir(pairs_dir, tmp_path / "val")
+    for path in (val_dir / "opt").iterdir():
+        path.unlink()  # validation needs the ground truth
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, TRAIN, *data_flags(pairs_dir), *TINY_FLAGS,
+         "--max_steps=1", "--num_workers=0", f"--val_data_dir={val_dir}"],
+        env={**os.environ, "OPENAI_LOGDIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # Each rank prints rank 0's message, which names the folder.
+    assert len(errors) == 2 and errors[0] == errors[1], proc.stderr[-3000:]
+    assert str(val_dir) in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 if __name__ == "__main__":
     # mpiexec starts this file as the worker of a test that needs several ranks.
-    {"step_sync_worker": step_sync_worker}[sys.argv[1]](*sys.argv[2:])
+    workers = {
+        "step_sync_worker": step_sync_worker,
+        "validator_count_worker": validator_count_worker,
+    }
+    workers[sys.argv[1]](*sys.argv[2:])
