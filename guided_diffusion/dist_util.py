@@ -4,9 +4,11 @@ Process-group setup that works the same under ``mpiexec -n N``, under
 
 Call :func:`setup_dist` once at the start of a script; every other function
 here is also usable before it (or without it) and then describes a single
-process: rank 0, world size 1.
+process: rank 0, world size 1. The group is destroyed by :func:`cleanup`, which
+also runs by itself when the interpreter exits.
 """
 
+import atexit
 import datetime
 import os
 import pickle
@@ -15,6 +17,15 @@ import socket
 
 import torch as th
 import torch.distributed as dist
+
+# This module's collectives take ``group=group.WORLD`` as a default argument,
+# evaluated when it is first imported; torch._dynamo imports it, and
+# DistributedDataParallel imports torch._dynamo. Imported while a group exists,
+# it would hold that group for the life of the process: destroy_process_group()
+# would free nothing, and gloo's threads and rank 0's TCPStore server would be
+# torn down at some point of interpreter shutdown instead, while the other
+# ranks exit. Imported here, before any group exists, its defaults are None.
+import torch.distributed.nn.functional  # noqa: F401
 
 # Rendezvous only: a rank that never shows up (wrong -n, a crashed peer) fails
 # the start instead of hanging. Collectives keep the long default below so a
@@ -26,11 +37,13 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
 _local_rank = 0
+_cleanup_registered = False
 
 
 def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
     """
     Join (or create) the default process group. Calling it again is a no-op.
+    The group is destroyed by :func:`cleanup`, at the latest at exit.
 
     Ranks come from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT), else from MPI when an MPI launcher is detected,
@@ -41,9 +54,15 @@ def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
     :param init_timeout_s: seconds to wait for every rank to join before
         giving up with an error.
     """
-    global _local_rank
+    global _local_rank, _cleanup_registered
     if dist.is_initialized():
         return
+    if not _cleanup_registered:
+        # Python's atexit callbacks run before mpi4py's MPI_Finalize (a C-level
+        # Py_AtExit hook), so the group and its threads are gone, on every exit
+        # path, before MPI and the interpreter shut down under them.
+        atexit.register(cleanup)
+        _cleanup_registered = True
     timeout = datetime.timedelta(seconds=init_timeout_s)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank = int(os.environ["RANK"])
@@ -178,7 +197,12 @@ def barrier():
 
 
 def cleanup():
-    """Destroy the process group, if any; :func:`setup_dist` may be called again."""
+    """
+    Destroy the process group, if any; :func:`setup_dist` may be called again.
+
+    Safe to call more than once. The group's threads stop once nothing else
+    (a DistributedDataParallel model) holds the group.
+    """
     global _local_rank
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

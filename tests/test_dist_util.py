@@ -12,12 +12,22 @@ import torch as th
 from guided_diffusion import dist_util
 
 # Run by each process: checks the pre-setup defaults (single process only),
-# sets up twice, then reports what every collective produced.
+# sets up twice, then reports what every collective produced and how many
+# threads are left once a DistributedDataParallel model is gone and the group
+# is destroyed.
 WORKER = r"""
-import json, sys
+import json, os, sys
 import torch as th
+from torch.nn.parallel import DistributedDataParallel as DDP
 from guided_diffusion import dist_util
 
+if sys.argv[1] == "mpi":
+    from mpi4py import MPI  # MPI's own threads start here, not with the group
+
+def threads():
+    return len(os.listdir("/proc/self/task"))  # this process's threads (Linux)
+
+threads_before = threads()
 pre = None
 if sys.argv[1] == "single":
     pre = dict(
@@ -41,6 +51,11 @@ params = [th.randn(4, 3), th.randn(5)]
 before = [p.tolist() for p in params]
 dist_util.sync_params(params)
 dist_util.barrier()
+# DDP imports torch._dynamo, which once kept the group (and its threads) alive
+# after cleanup; a backward pass runs its gradient all-reduce.
+ddp = DDP(th.nn.Linear(3, 2))
+ddp(th.ones(4, 3)).sum().backward()
+del ddp
 report = dict(
     pre=pre,
     rank=rank,
@@ -54,8 +69,11 @@ report = dict(
     gathered=dist_util.all_gather_object(rank * 10),
     before=before,
     after=[p.tolist() for p in params],
+    threads_during=threads(),
 )
 dist_util.cleanup()
+dist_util.cleanup()
+report.update(threads_before=threads_before, threads_after=threads())
 # One file per rank: lines that two ranks print to one pipe can interleave.
 with open(f"report-{rank}.json", "w") as f:
     json.dump(report, f)
@@ -104,6 +122,13 @@ def test_single_process_needs_no_launcher(tmp_path):
     assert report["broadcast"] == {"from": 0}
     assert report["gathered"] == [0]
     assert report["after"] == report["before"]
+    _check_threads_stopped(report)
+
+
+def _check_threads_stopped(report):
+    """The group ran threads of its own, and cleanup stopped every one of them."""
+    assert report["threads_during"] > report["threads_before"]
+    assert report["threads_after"] == report["threads_before"]
 
 
 def _check_two_ranks(reports):
@@ -119,6 +144,8 @@ def _check_two_ranks(reports):
     assert reports[0]["before"] != reports[1]["before"]
     assert reports[1]["after"] == reports[0]["before"]
     assert reports[0]["after"] == reports[0]["before"]
+    for report in reports:
+        _check_threads_stopped(report)
 
 
 @pytest.mark.skipif(
@@ -137,6 +164,58 @@ def test_two_ranks_under_torchrun(tmp_path):
         tmp_path, [*torchrun, "--nproc_per_node", "2"], "torchrun", timeout=120
     )
     _check_two_ranks(reports)
+
+
+# A script that never calls cleanup. Its own exit handler, registered before
+# setup_dist, runs after dist_util's (atexit is last in, first out), so it sees
+# what is left when MPI and the interpreter start to shut down.
+FORGETFUL = r"""
+import atexit, json, os
+import torch as th
+from torch.nn.parallel import DistributedDataParallel as DDP
+from guided_diffusion import dist_util
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+threads_before = threads()
+
+def report():
+    with open("report.json", "w") as f:
+        json.dump(
+            dict(
+                initialized=th.distributed.is_initialized(),
+                threads_before=threads_before,
+                threads_during=threads_during,
+                threads_after=threads(),
+            ),
+            f,
+        )
+
+atexit.register(report)
+dist_util.setup_dist()
+ddp = DDP(th.nn.Linear(3, 2))
+ddp(th.ones(4, 3)).sum().backward()
+del ddp
+threads_during = threads()
+"""
+
+
+def test_group_is_destroyed_at_exit_without_cleanup(tmp_path):
+    script = tmp_path / "forgetful.py"
+    script.write_text(FORGETFUL)
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert not report["initialized"]
+    _check_threads_stopped(report)
 
 
 def test_load_state_dict_round_trip(tmp_path):
