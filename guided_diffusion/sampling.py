@@ -23,15 +23,39 @@ from .dpm_solver import dpm_solver_sample_loop
 from .script_util import (
     OPT_CHANNELS,
     add_dict_to_argparser,
+    attention_resolutions_flag,
     check_state_dict_fits,
     create_model,
     model_and_diffusion_defaults,
     model_defaults,
+    read_unet_flags,
 )
 
 # Flags of model_and_diffusion_defaults() that describe how to sample, not what
 # was trained: never taken from the training run's config.json.
 SAMPLING_FLAGS = ("timestep_respacing",)
+
+# Flags that change how a model trains or how fast it runs, but not what a trained
+# model samples: dropout is off in eval mode, the loss type only enters training,
+# checkpointing and the fused attention kernel compute the same function.
+NON_OUTPUT_FLAGS = (
+    "dropout",
+    "use_checkpoint",
+    "use_sdpa",
+    "use_kl",
+    "rescale_learned_sigmas",
+)
+
+# The paper's flags (README, sample.sh): the example a message asking for flags gives.
+PAPER_FLAGS = {
+    **model_and_diffusion_defaults(),
+    "image_size": 256,
+    "num_channels": 128,
+    "num_res_blocks": 3,
+    "learn_sigma": False,
+    "diffusion_steps": 2000,
+    "noise_schedule": "linear",
+}
 
 
 def sample_seed(seed: int, name: str) -> int:
@@ -275,6 +299,75 @@ def resolve_model_flags(explicit, run_config):
     return {**defaults, **trained, **explicit}, conflicts
 
 
+def checkpoint_model_flags(model_path, explicit):
+    """
+    The model and diffusion flags to sample a checkpoint with.
+
+    With a ``config.json`` beside the checkpoint, :func:`resolve_model_flags` gives
+    them. Without one (a checkpoint of the original code), the architecture flags not
+    given are read off the weights (:func:`read_unet_flags`), and every other flag
+    that decides the output must be given: a default would sample a 2000-step
+    model as a 1000-step one without a word.
+
+    :param model_path: a model or EMA file.
+    :param explicit: the flags given on the command line, name -> value.
+    :return: (flags, conflicts, note): the flags and conflicts of
+        :func:`resolve_model_flags`, and a line for the log saying which flags
+        were read off the weights (None with a config.json).
+    :raises ValueError: a one-line message naming the flags to give, or a
+        config.json or checkpoint that cannot be read.
+    """
+    run_config = read_run_config(model_path)
+    if run_config is not None:
+        return (*resolve_model_flags(explicit, run_config), None)
+    given, _ = resolve_model_flags(explicit, None)  # the defaults, then the flags
+    # Only the shapes are needed; load_model reads the file again, a second or two
+    # against the minutes sampling takes, for checkpoints without a record only.
+    read = read_unet_flags(_load_state_dict(model_path))
+    learn_sigma = explicit.get("learn_sigma", read["learn_sigma"])
+    missing = [
+        k
+        for k in model_and_diffusion_defaults()
+        if k not in explicit
+        and k not in read
+        # attention is read as downsample rates; use_fp16 sets only the precision,
+        # and float32 (the default) is the faithful one
+        and k not in ("attention_resolutions", "use_fp16")
+        and k not in SAMPLING_FLAGS + NON_OUTPUT_FLAGS
+        # the fixed variances are chosen between only when it is not learned
+        and not (k == "sigma_small" and learn_sigma)
+    ]
+    if missing:
+        example = " ".join(f"--{k} {PAPER_FLAGS[k]}" for k in missing)
+        raise ValueError(
+            f"{model_path} has no config.json beside it and its weights do not tell "
+            f"{', '.join(f'--{k}' for k in missing)}: give them (the paper's model: "
+            f"{example})"
+        )
+    read["attention_resolutions"] = attention_resolutions_flag(
+        read.pop("attention_ds"), explicit["image_size"]
+    )
+    taken = {
+        k: read[k]
+        for k in model_and_diffusion_defaults()
+        if k in read and k not in explicit
+    }
+    shown = " ".join(f"--{k} {v}" if v != "" else f'--{k} ""' for k, v in taken.items())
+    note = f"no config.json beside {model_path}: {shown} read off its weights"
+    return {**given, **taken}, {}, note
+
+
+def _load_state_dict(model_path):
+    """The checkpoint's state dict; a one-line error when it holds something else."""
+    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
+    if not isinstance(state_dict, dict):
+        raise ValueError(
+            f"{model_path} holds a {type(state_dict).__name__}, not a model state dict; "
+            "pass a model or EMA file (model010000.pt, ema_0.9999_010000.pt)"
+        )
+    return state_dict
+
+
 def load_model(model_path, model_flags, device):
     """
     Build the U-Net from flags and load a checkpoint into it, strictly.
@@ -292,13 +385,10 @@ def load_model(model_path, model_flags, device):
     model = create_model(
         **{k: flags[k] for k in model_defaults()}, learn_sigma=flags["learn_sigma"]
     )
-    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
-    if not isinstance(state_dict, dict):
-        raise ValueError(
-            f"{model_path} holds a {type(state_dict).__name__}, not a model state dict; "
-            "pass a model or EMA file (model010000.pt, ema_0.9999_010000.pt)"
-        )
-    check_state_dict_fits(model.state_dict(), state_dict, model_path)
+    state_dict = _load_state_dict(model_path)
+    check_state_dict_fits(
+        model.state_dict(), state_dict, model_path, image_size=flags["image_size"]
+    )
     model.load_state_dict(state_dict, strict=True)
     if flags["use_fp16"]:
         model.convert_to_fp16()

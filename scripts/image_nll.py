@@ -7,8 +7,10 @@ image_nll.py, with the SAR condition).
     mpiexec -n 4 python scripts/image_nll.py ...   (each rank scores its own share)
 
 DATA holds sar/ and opt/ paired by name. Model flags not given come from the
-training run's config.json beside the checkpoint. Writes nll.json (the mean and
-every image's bits/dim) to $OPENAI_LOGDIR, else a new ./logs/<date>_<time> folder.
+training run's config.json beside the checkpoint; without one, the architecture is
+read off the weights and the other flags (image size, heads, attention order,
+diffusion flags) must be given. Writes nll.json (the mean and every image's
+bits/dim) to $OPENAI_LOGDIR, else a new ./logs/<date>_<time> folder.
 """
 
 import argparse
@@ -30,10 +32,9 @@ from guided_diffusion.image_datasets import (
 )  # noqa: E402
 from guided_diffusion.sampling import (  # noqa: E402
     add_model_flags,
+    checkpoint_model_flags,
     explicit_model_flags,
     load_model,
-    read_run_config,
-    resolve_model_flags,
 )
 from guided_diffusion.script_util import (
     add_dict_to_argparser,
@@ -63,12 +64,14 @@ def main():
         raise FileNotFoundError(
             f"--model_path {args.model_path!r}: no such file (a model or EMA checkpoint)"
         )
-    flags, conflicts = resolve_model_flags(
-        explicit_model_flags(args), read_run_config(args.model_path)
+    flags, conflicts, read_note = checkpoint_model_flags(
+        args.model_path, explicit_model_flags(args)
     )
 
     dist_util.setup_dist()
     logger.configure()
+    if read_note:
+        logger.log(read_note)
     for key, (given, trained) in conflicts.items():
         logger.warn(f"--{key} {given} differs from the training run's {trained}")
     pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]

@@ -3,7 +3,9 @@ Translate a folder of SAR images into optical images with a trained model.
 
 The folder holds sar/ and, optionally, opt/ (ground truth, paired by name). Model
 flags not given on the command line come from config.json of the checkpoint's
-training run (beside the checkpoint), else from the defaults.
+training run (beside the checkpoint). Without one (a checkpoint of the original
+code) the architecture is read off the weights, and the flags the weights do not
+tell (image size, heads, attention order, diffusion flags) must be given.
 
 One process (CPU or one GPU):
     python scripts/image_sample_realtime.py --data_dir DATA --model_path RUN/ema_0.9999_200000.pt \\
@@ -44,12 +46,11 @@ from guided_diffusion.sampling import (  # noqa: E402
     SAMPLERS,
     add_model_flags,
     check_sampler,
+    checkpoint_model_flags,
     explicit_model_flags,
     load_model,
     make_generators,
     prepare_model,
-    read_run_config,
-    resolve_model_flags,
     to_uint8,
     translate,
 )
@@ -68,8 +69,7 @@ class UsageError(ValueError):
 
 def main():
     args, explicit = parse_args()
-    run_config = read_run_config(args.model_path)
-    flags, conflicts = resolve_model_flags(explicit, run_config)
+    flags, conflicts, read_note = checkpoint_model_flags(args.model_path, explicit)
 
     # -- processes, log folder, diffusion, inputs, model --------------------------
     dist_util.setup_dist()
@@ -78,8 +78,8 @@ def main():
     config_path = os.path.join(
         os.path.dirname(os.path.abspath(args.model_path)), "config.json"
     )
-    if run_config is None:
-        logger.log(f"no {config_path}: model flags from the command line and defaults")
+    if read_note:
+        logger.log(read_note)
     for k, (mine, trained) in conflicts.items():
         logger.warn(
             f"warning: --{k} {mine} differs from {k}={trained!r} in {config_path}; "

@@ -60,3 +60,45 @@ def test_nll_script_matches_the_bound_computed_directly(tmp_path):
     assert report["bpd"] == pytest.approx(float(direct.mean()), rel=1e-4)
     # A random model is far from the data: several bits per dimension.
     assert bool(th.isfinite(got).all()) and float(got.min()) > 1.0
+
+
+def test_nll_of_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
+    tmp_path,
+):
+    data = tmp_path / "data"
+    name = sorted(os.listdir(REAL_PAIRS / "sar"))[0]
+    for sub in ("sar", "opt"):
+        (data / sub).mkdir(parents=True)
+        (data / sub / name).write_bytes((REAL_PAIRS / sub / name).read_bytes())
+    model, diffusion = create_model_and_diffusion(**FLAGS)
+    randomize_(model, seed=2)
+    th.save(model.state_dict(), tmp_path / "ema_0.9999_000001.pt")  # no config.json
+
+    def run(*flags):
+        return subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "image_nll.py"), f"--data_dir={data}",
+             f"--model_path={tmp_path / 'ema_0.9999_000001.pt'}", "--seed=5", *flags],
+            env={**os.environ, "OPENAI_LOGDIR": str(tmp_path / "out")},
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+
+    proc = run()
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--diffusion_steps" in proc.stderr and "--noise_schedule" in proc.stderr
+    assert not (tmp_path / "out" / "nll.json").exists()
+
+    proc = run(
+        "--image_size=32", "--diffusion_steps=30", "--noise_schedule=linear",
+        "--num_heads=4", "--num_head_channels=-1", "--num_heads_upsample=-1",
+        "--use_new_attention_order=False", "--predict_xstart=False",
+        "--rescale_timesteps=False", "--sigma_small=False",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "read off its weights" in proc.stdout
+    sar = th.from_numpy(load_sar(str(data / "sar" / name), 32)[None])
+    opt = th.from_numpy(load_opt(str(data / "opt" / name), 32)[None])
+    th.manual_seed(5)
+    with th.no_grad():
+        direct = diffusion.calc_bpd_loop(model.eval(), opt, condition=sar)["total_bpd"]
+    report = json.loads((tmp_path / "out" / "nll.json").read_text())
+    assert report["per_image"][name]["bpd"] == pytest.approx(float(direct), rel=1e-4)

@@ -214,8 +214,10 @@ def test_load_model_names_what_does_not_fit(checkpoint):
     assert read_run_config(checkpoint)["num_channels"] == TINY_FLAGS["num_channels"]
     model = load_model(checkpoint, TINY_FLAGS, "cpu")
     assert not model.training
-    with pytest.raises(ValueError, match=r"model000010\.pt does not fit.*config\.json"):
+    with pytest.raises(ValueError, match=r"model000010\.pt does not fit") as err:
         load_model(checkpoint, {**TINY_FLAGS, "num_res_blocks": 2}, "cpu")
+    assert "trained with `--num_res_blocks 1`; the flags say 2" in str(err.value)
+    assert "config.json" in str(err.value)
 
 
 # -- the script -----------------------------------------------------------------
@@ -325,6 +327,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, checkpoint, data_dir):
         run_sample([*base, "--num_channels", "64"], tmp_path, expect_rc=2)
     )
     assert str(checkpoint) in misfit and "does not fit" in misfit
+    assert "trained with `--num_channels 32`; the flags say 64" in misfit
     missing = one_line_error(
         run_sample(
             ["--model_path", checkpoint, "--data_dir", tmp_path / "nope"],
@@ -373,3 +376,59 @@ def test_sample_sh_with_environment_overrides(tmp_path, checkpoint, data_dir):
         timeout=60,
     )
     assert proc.returncode == 2 and "missing.pt" in proc.stderr
+
+
+# -- checkpoints of other runs and other versions ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(tmp_path_factory, checkpoint):
+    """The tiny checkpoint as the original code leaves it: no config.json beside it."""
+    run = tmp_path_factory.mktemp("original_run")
+    shutil.copy(checkpoint, run / "ema_0.9999_000010.pt")
+    return run / "ema_0.9999_000010.pt"
+
+
+# The flags of the tiny checkpoint that its weights do not tell.
+UNREADABLE = {
+    "--image_size": 32,
+    "--num_heads": 4,
+    "--num_head_channels": -1,
+    "--num_heads_upsample": -1,
+    "--use_new_attention_order": False,
+    "--diffusion_steps": 50,
+    "--noise_schedule": "linear",
+    "--predict_xstart": False,
+    "--rescale_timesteps": False,
+    "--sigma_small": False,
+}
+
+
+def test_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
+    tmp_path, original_checkpoint, first_run, data_dir, input_names
+):
+    base = ["--model_path", original_checkpoint, "--data_dir", data_dir]
+    # first_run's first batch: the same batch gives the same numbers.
+    base += [*SAMPLE_FLAGS, "--num_samples", "4"]
+    line = one_line_error(run_sample(base, tmp_path, expect_rc=2))
+    assert str(original_checkpoint) in line and "config.json" in line
+    for flag in UNREADABLE:
+        assert flag in line
+    # The architecture is read off the weights, so it is not asked for.
+    assert "--num_channels" not in line and "--channel_mult" not in line
+    assert not (tmp_path / "sample_results").exists()
+
+    given = [str(part) for item in UNREADABLE.items() for part in item]
+    proc = run_sample([*base, *given], tmp_path)
+    read = [x for x in proc.stdout.splitlines() if "read off its weights" in x]
+    assert len(read) == 1
+    for flag in ("--num_channels 32", "--num_res_blocks 1", "--channel_mult 1,2"):
+        assert flag in read[0]
+    assert "--attention_resolutions 16" in read[0]
+    # The same model with the same flags: the images of the run that had config.json.
+    results = tmp_path / "sample_results" / "ddpm10" / "gen_opt"
+    assert png_names(results) == sorted(input_names[:4])
+    for name in input_names[:4]:
+        assert np.array_equal(
+            read_png(results / name), read_png(first_run / "gen_opt" / name)
+        )
