@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch as th
 
-from . import dist_util
+from . import dist_util, logger
 from .dpm_solver import dpm_solver_sample_loop
 from .script_util import (
     OPT_CHANNELS,
@@ -368,28 +368,43 @@ def _load_state_dict(model_path):
     return state_dict
 
 
-def load_model(model_path, model_flags, device):
+def load_model(model_path, model_flags, device, *, use_bf16=False):
     """
     Build the U-Net from flags and load a checkpoint into it, strictly.
+
+    A model trained with ``use_fp16`` runs in float16 on a GPU. On a CPU, whose
+    float16 kernels are slow where they exist, it runs in float32, said in one log
+    line: the checkpoint holds the float32 master weights, so nothing is lost.
 
     :param model_path: a model or EMA file (a plain state dict).
     :param model_flags: model flags (keys of model_and_diffusion_defaults();
         diffusion keys are ignored, missing keys take their defaults).
     :param device: where to put the model.
-    :return: the model in eval mode, converted to float16 when ``use_fp16``.
+    :param use_bf16: the caller runs the model under bfloat16 autocast (see
+        :func:`translate`); only the log line of an fp16 model on a CPU says so.
+    :return: the model in eval mode, in float16 when ``use_fp16`` and the device
+        is not a CPU (``model.dtype`` tells).
     :raises FileNotFoundError: no such file.
     :raises ValueError: the file is not a state dict, or its names and shapes
         do not fit a model built from ``model_flags``.
     """
     flags = {**model_and_diffusion_defaults(), **model_flags}
+    use_fp16 = flags["use_fp16"] and th.device(device).type != "cpu"
+    if flags["use_fp16"] and not use_fp16:
+        logger.log(
+            f"use_fp16 True (trained in float16): on a CPU {model_path} samples in "
+            f"{'bfloat16 autocast (--use_bf16 True)' if use_bf16 else 'float32'}"
+        )
     model = create_model(
-        **{k: flags[k] for k in model_defaults()}, learn_sigma=flags["learn_sigma"]
+        **{k: flags[k] for k in model_defaults() if k != "use_fp16"},
+        use_fp16=use_fp16,
+        learn_sigma=flags["learn_sigma"],
     )
     state_dict = _load_state_dict(model_path)
     check_state_dict_fits(
         model.state_dict(), state_dict, model_path, image_size=flags["image_size"]
     )
     model.load_state_dict(state_dict, strict=True)
-    if flags["use_fp16"]:
+    if use_fp16:
         model.convert_to_fp16()
     return model.to(device).eval()

@@ -92,11 +92,10 @@ def main():
     pairs = find_test_pairs(args.data_dir)
     pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
     outputs = output_names([name for _, _, name in pairs], args.data_dir)
-    model = prepare_model(
-        load_model(args.model_path, flags, dist_util.dev()),
-        channels_last=args.channels_last,
-        compile=args.compile,
-    )
+    model = load_model(args.model_path, flags, dist_util.dev(), use_bf16=args.use_bf16)
+    # The folder records the precision the model runs in: a CPU runs fp16 in float32.
+    flags["use_fp16"] = model.dtype == th.float16
+    model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
 
     # -- claim the results folder (rank 0), share the work ------------------------
     out_dir = os.path.join(

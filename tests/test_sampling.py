@@ -220,6 +220,27 @@ def test_load_model_names_what_does_not_fit(checkpoint):
     assert "config.json" in str(err.value)
 
 
+def test_an_fp16_run_is_loaded_in_float32_on_a_cpu(checkpoint, capsys):
+    flags = {**TINY_FLAGS, "use_fp16": True}
+    model = load_model(checkpoint, flags, "cpu")
+    assert {p.dtype for p in model.parameters()} == {th.float32}
+    assert "float32" in capsys.readouterr().out
+    _, diffusion = tiny_model_and_diffusion(timestep_respacing="3")
+    sar = th.rand(2, 3, 32, 32, generator=th.Generator().manual_seed(0)) * 2 - 1
+    out = translate(model, diffusion, sar, generators=make_generators(0, ["a", "b"]))
+    assert out.dtype == th.float32 and bool(th.isfinite(out).all())
+    # The same weights sampled in float32 from the start give the same images.
+    reference = load_model(checkpoint, TINY_FLAGS, "cpu")
+    expected = translate(
+        reference, diffusion, sar, generators=make_generators(0, ["a", "b"])
+    )
+    assert th.equal(out, expected)
+
+    load_model(checkpoint, flags, "cpu", use_bf16=True)
+    line = [x for x in capsys.readouterr().out.splitlines() if "use_fp16" in x]
+    assert len(line) == 1 and "bfloat16" in line[0]
+
+
 # -- the script -----------------------------------------------------------------
 
 
@@ -432,3 +453,26 @@ def test_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
         assert np.array_equal(
             read_png(results / name), read_png(first_run / "gen_opt" / name)
         )
+
+
+def test_an_fp16_run_samples_in_float32_on_a_cpu(
+    tmp_path, checkpoint, first_run, data_dir, input_names
+):
+    run = tmp_path / "fp16_run"
+    run.mkdir()
+    shutil.copy(checkpoint, run / "model000010.pt")
+    config = json.loads((checkpoint.parent / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "use_fp16": True}))
+    args = ["--model_path", run / "model000010.pt", "--data_dir", data_dir]
+    # first_run's first batch: float32 weights in the same batch, the same images.
+    proc = run_sample([*args, *SAMPLE_FLAGS, "--num_samples", "4"], tmp_path)
+    line = [x for x in proc.stdout.splitlines() if "use_fp16" in x]
+    assert len(line) == 1 and "float32" in line[0] and "CPU" in line[0]
+    results = tmp_path / "sample_results" / "ddpm10"
+    for name in input_names[:4]:
+        assert np.array_equal(
+            read_png(results / "gen_opt" / name),
+            read_png(first_run / "gen_opt" / name),
+        )
+    # The folder records the precision the model ran in.
+    assert json.loads((results / "run.json").read_text())["use_fp16"] is False
