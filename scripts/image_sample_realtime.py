@@ -19,7 +19,9 @@ compute the same function faster, --use_bf16 True nearly the same (GPUs, recent 
 Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
 ./logs/<date>_<time> folder): gen_opt/, cond_sar/, gt_opt/ with one PNG per input,
 run.json and samples_NxHxWx3.npz. Running the same command again continues where
-it stopped; each image's noise depends only on --seed and its name.
+it stopped; each image's noise depends only on --seed and its name. A folder made
+with other settings that decide the images (checkpoint, sampler, steps, eta, seed,
+clipping, bf16, model and diffusion flags) is refused; speed levers may differ.
 """
 
 import argparse
@@ -43,6 +45,7 @@ from guided_diffusion.image_datasets import (  # noqa: E402
     load_sar,
 )
 from guided_diffusion.sampling import (  # noqa: E402
+    NON_OUTPUT_FLAGS,
     SAMPLERS,
     add_model_flags,
     check_sampler,
@@ -58,9 +61,17 @@ from guided_diffusion.script_util import (  # noqa: E402
     add_dict_to_argparser,
     create_gaussian_diffusion,
     diffusion_defaults,
+    model_and_diffusion_defaults,
 )
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
+
+# Settings in run.json that do not change the images, so a results folder continues
+# whatever they are. use_bf16 is not one: bfloat16 keeps 8 bits of every
+# activation's mantissa, which moved pixels of the tiny test model by a grey level
+# in 10 steps and is unmeasured on the paper model over 250; a folder is scored as
+# one configuration, so it holds images of one precision.
+SAME_OUTPUT_SETTINGS = (*NON_OUTPUT_FLAGS, "channels_last", "compile")
 
 
 class UsageError(ValueError):
@@ -105,9 +116,7 @@ def main():
         "model_path": os.path.abspath(args.model_path),
         "data_dir": os.path.abspath(args.data_dir),
         **{k: getattr(args, k) for k in ("seed", "sampler", "eta", "clip_denoised")},
-        # bfloat16 changes the results a little: a folder holds one or the other.
-        # Recorded only when on, so folders written before the flag existed continue.
-        **({"use_bf16": True} if args.use_bf16 else {}),
+        **{k: getattr(args, k) for k in ("use_bf16", "channels_last", "compile")},
         **flags,
     }
     claim = claim_folder(out_dir, run, pairs, outputs) if rank == 0 else None
@@ -228,10 +237,22 @@ def output_names(names, data_dir):
     return outputs
 
 
+def run_defaults():
+    """The value of every setting of run.json that an older run.json may lack."""
+    return {**model_and_diffusion_defaults(), **sample_defaults(), "sampler": "ddpm"}
+
+
 def claim_folder(out_dir, run, pairs, outputs):
     """
-    Check that ``out_dir`` is new or holds this very run, then list what is left.
+    Check that ``out_dir`` is new or holds images this run would make, then list
+    what is left.
 
+    Only the settings that decide the images are compared (not
+    :data:`SAME_OUTPUT_SETTINGS`). A setting an older run.json lacks had its
+    default (a new flag's default keeps the old behaviour); one this version does
+    not know, written by a newer one, cannot be judged here and is passed over.
+
+    :param run: this run's settings, as written to run.json.
     :return: (problem message or None, indices of the pairs still to translate).
     """
     run = json.loads(json.dumps(run))
@@ -239,8 +260,12 @@ def claim_folder(out_dir, run, pairs, outputs):
     if os.path.isfile(run_path):
         with open(run_path, encoding="utf-8") as f:
             previous = json.load(f)
+        defaults = json.loads(json.dumps(run_defaults()))
         differs = sorted(
-            k for k in run.keys() | previous.keys() if run.get(k) != previous.get(k)
+            k
+            for k in run
+            if k not in SAME_OUTPUT_SETTINGS
+            and run[k] != previous.get(k, defaults.get(k))
         )
         if differs:
             return (

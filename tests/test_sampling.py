@@ -476,3 +476,37 @@ def test_an_fp16_run_samples_in_float32_on_a_cpu(
         )
     # The folder records the precision the model ran in.
     assert json.loads((results / "run.json").read_text())["use_fp16"] is False
+
+
+def test_an_older_run_json_continues_and_other_settings_refuse(
+    tmp_path, first_run, checkpoint, data_dir
+):
+    logdir = tmp_path / "logs"
+    shutil.copytree(first_run.parents[1], logdir)
+    results = logdir / "sample_results" / "ddpm10"
+    record = json.loads((results / "run.json").read_text())
+    # Written before these flags existed: absent means their default...
+    del record["use_new_attention_order"]
+    record.pop("use_bf16", None)  # recorded only when on before this version
+    # ... and written by a newer version, with a flag this one does not know.
+    record["a_flag_of_a_newer_version"] = False
+    (results / "run.json").write_text(json.dumps(record))
+    before = snapshot(results)
+
+    args = ["--model_path", checkpoint, "--data_dir", data_dir, *SAMPLE_FLAGS]
+    # Speed levers compute the same function: the folder continues.
+    speed = ["--channels_last", "True", "--use_sdpa", "True"]
+    proc = run_sample([*args, *speed], logdir)
+    assert "15 of 15 images already in" in proc.stdout
+
+    for changed, name in (
+        (["--timestep_respacing", "ddim10"], "timestep_respacing"),  # also 10 steps
+        (["--seed", "3"], "seed"),
+        (["--use_bf16", "True"], "use_bf16"),
+    ):
+        line = one_line_error(run_sample([*args, *changed], logdir, expect_rc=2))
+        assert str(results) in line and name in line and "OPENAI_LOGDIR" in line
+    after = snapshot(results)
+    assert {k: v for k, v in after.items() if not k.endswith(".npz")} == {
+        k: v for k, v in before.items() if not k.endswith(".npz")
+    }
