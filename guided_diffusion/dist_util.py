@@ -21,10 +21,9 @@ import torch.distributed as dist
 # This module's collectives take ``group=group.WORLD`` as a default argument,
 # evaluated when it is first imported; torch._dynamo imports it, and
 # DistributedDataParallel imports torch._dynamo. Imported while a group exists,
-# it would hold that group for the life of the process: destroy_process_group()
-# would free nothing, and gloo's threads and rank 0's TCPStore server would be
-# torn down at some point of interpreter shutdown instead, while the other
-# ranks exit. Imported here, before any group exists, its defaults are None.
+# it would hold that group for the life of the process, so that gloo's threads
+# outlive the exit handlers (see _release_groups). Imported here, before any
+# group exists, its defaults are None.
 import torch.distributed.nn.functional  # noqa: F401
 
 # Rendezvous only: a rank that never shows up (wrong -n, a crashed peer) fails
@@ -38,6 +37,8 @@ _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORL
 
 _local_rank = 0
 _cleanup_registered = False
+# Groups that cleanup() destroyed, held until _release_groups() at exit.
+_retired_groups = []
 
 
 def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
@@ -58,9 +59,10 @@ def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
     if dist.is_initialized():
         return
     if not _cleanup_registered:
-        # Python's atexit callbacks run before mpi4py's MPI_Finalize (a C-level
-        # Py_AtExit hook), so the group and its threads are gone, on every exit
-        # path, before MPI and the interpreter shut down under them.
+        # Exit handlers run last in, first out, all before the interpreter starts
+        # to shut down and before mpi4py's MPI_Finalize (a C-level Py_AtExit
+        # hook): cleanup, then _release_groups, on every exit path.
+        atexit.register(_release_groups)
         atexit.register(cleanup)
         _cleanup_registered = True
     timeout = datetime.timedelta(seconds=init_timeout_s)
@@ -200,13 +202,31 @@ def cleanup():
     """
     Destroy the process group, if any; :func:`setup_dist` may be called again.
 
-    Safe to call more than once. The group's threads stop once nothing else
-    (a DistributedDataParallel model) holds the group.
+    Safe to call more than once, and called at exit if a script does not. No
+    collective can run after it; the group's threads stop when the exit
+    handlers run, before the interpreter shuts down.
     """
     global _local_rank
     if dist.is_available() and dist.is_initialized():
+        _retired_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
     _local_rank = 0
+
+
+def _release_groups():
+    """
+    Drop the groups :func:`cleanup` destroyed, after the script dropped its own
+    references (a DistributedDataParallel model) and before shutdown.
+
+    Whoever drops the last reference to a group runs its destructor, which joins
+    gloo's worker threads; such a thread may be waiting for the GIL, to free the
+    Python tensors of a collective it finished. The DDP model's reducer keeps
+    the GIL while it joins (a deadlock); the Python group object releases it
+    first, so ours must be the last reference. Later, during interpreter
+    shutdown, that thread would be ended inside the tensor's destructor
+    ("terminate called without an active exception").
+    """
+    _retired_groups.clear()
 
 
 def load_state_dict(path, map_location="cpu"):

@@ -13,10 +13,11 @@ from guided_diffusion import dist_util
 
 # Run by each process: checks the pre-setup defaults (single process only),
 # sets up twice, then reports what every collective produced and how many
-# threads are left once a DistributedDataParallel model is gone and the group
-# is destroyed.
+# threads are left for the exit handlers that run after dist_util's, once
+# cleanup ran and the DistributedDataParallel model is gone (as in
+# scripts/image_train.py, which calls cleanup while its model is alive).
 WORKER = r"""
-import json, os, sys
+import atexit, json, os, sys
 import torch as th
 from torch.nn.parallel import DistributedDataParallel as DDP
 from guided_diffusion import dist_util
@@ -27,56 +28,63 @@ if sys.argv[1] == "mpi":
 def threads():
     return len(os.listdir("/proc/self/task"))  # this process's threads (Linux)
 
-threads_before = threads()
-pre = None
-if sys.argv[1] == "single":
-    pre = dict(
-        rank=dist_util.get_rank(),
+def main():
+    pre = None
+    if sys.argv[1] == "single":
+        pre = dict(
+            rank=dist_util.get_rank(),
+            world_size=dist_util.get_world_size(),
+            local_rank=dist_util.get_local_rank(),
+            main=dist_util.is_main_process(),
+            broadcast=dist_util.broadcast_object("x"),
+            gathered=dist_util.all_gather_object("x"),
+        )
+        dist_util.barrier()
+
+    dist_util.setup_dist()
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+
+    total = th.tensor([float(rank + 1)], device=dist_util.dev())
+    th.distributed.all_reduce(total)
+    th.manual_seed(100 + rank)
+    params = [th.randn(4, 3), th.randn(5)]
+    before = [p.tolist() for p in params]
+    dist_util.sync_params(params)
+    dist_util.barrier()
+    # DDP imports torch._dynamo, and its reducer holds the group; a backward
+    # pass runs its gradient all-reduce.
+    ddp = DDP(th.nn.Linear(3, 2))
+    ddp(th.ones(4, 3)).sum().backward()
+    report = dict(
+        pre=pre,
+        rank=rank,
         world_size=dist_util.get_world_size(),
         local_rank=dist_util.get_local_rank(),
         main=dist_util.is_main_process(),
-        broadcast=dist_util.broadcast_object("x"),
-        gathered=dist_util.all_gather_object("x"),
+        device=str(dist_util.dev()),
+        backend=th.distributed.get_backend(),
+        total=total.item(),
+        broadcast=dist_util.broadcast_object({"from": rank}),
+        gathered=dist_util.all_gather_object(rank * 10),
+        before=before,
+        after=[p.tolist() for p in params],
+        threads_during=threads(),
     )
-    dist_util.barrier()
+    dist_util.cleanup()
+    dist_util.cleanup()
+    report["initialized_after_cleanup"] = th.distributed.is_initialized()
+    return report
 
-dist_util.setup_dist()
-dist_util.setup_dist()
-rank = dist_util.get_rank()
+def write_report():
+    report.update(threads_before=threads_before, threads_at_exit=threads())
+    # One file per rank: lines that two ranks print to one pipe can interleave.
+    with open(f"report-{report['rank']}.json", "w") as f:
+        json.dump(report, f)
 
-total = th.tensor([float(rank + 1)], device=dist_util.dev())
-th.distributed.all_reduce(total)
-th.manual_seed(100 + rank)
-params = [th.randn(4, 3), th.randn(5)]
-before = [p.tolist() for p in params]
-dist_util.sync_params(params)
-dist_util.barrier()
-# DDP imports torch._dynamo, which once kept the group (and its threads) alive
-# after cleanup; a backward pass runs its gradient all-reduce.
-ddp = DDP(th.nn.Linear(3, 2))
-ddp(th.ones(4, 3)).sum().backward()
-del ddp
-report = dict(
-    pre=pre,
-    rank=rank,
-    world_size=dist_util.get_world_size(),
-    local_rank=dist_util.get_local_rank(),
-    main=dist_util.is_main_process(),
-    device=str(dist_util.dev()),
-    backend=th.distributed.get_backend(),
-    total=total.item(),
-    broadcast=dist_util.broadcast_object({"from": rank}),
-    gathered=dist_util.all_gather_object(rank * 10),
-    before=before,
-    after=[p.tolist() for p in params],
-    threads_during=threads(),
-)
-dist_util.cleanup()
-dist_util.cleanup()
-report.update(threads_before=threads_before, threads_after=threads())
-# One file per rank: lines that two ranks print to one pipe can interleave.
-with open(f"report-{rank}.json", "w") as f:
-    json.dump(report, f)
+threads_before = threads()
+atexit.register(write_report)  # before setup_dist: runs after dist_util's handlers
+report = main()
 """
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -122,13 +130,14 @@ def test_single_process_needs_no_launcher(tmp_path):
     assert report["broadcast"] == {"from": 0}
     assert report["gathered"] == [0]
     assert report["after"] == report["before"]
+    assert not report["initialized_after_cleanup"]
     _check_threads_stopped(report)
 
 
 def _check_threads_stopped(report):
-    """The group ran threads of its own, and cleanup stopped every one of them."""
+    """The group ran threads of its own; none is left when later exit handlers run."""
     assert report["threads_during"] > report["threads_before"]
-    assert report["threads_after"] == report["threads_before"]
+    assert report["threads_at_exit"] == report["threads_before"]
 
 
 def _check_two_ranks(reports):
@@ -145,6 +154,7 @@ def _check_two_ranks(reports):
     assert reports[1]["after"] == reports[0]["before"]
     assert reports[0]["after"] == reports[0]["before"]
     for report in reports:
+        assert not report["initialized_after_cleanup"]
         _check_threads_stopped(report)
 
 
@@ -187,7 +197,7 @@ def report():
                 initialized=th.distributed.is_initialized(),
                 threads_before=threads_before,
                 threads_during=threads_during,
-                threads_after=threads(),
+                threads_at_exit=threads(),
             ),
             f,
         )
