@@ -31,8 +31,8 @@ from guided_diffusion.image_datasets import (
     load_opt,
     load_sar,
 )
+from guided_diffusion.samplers import SAMPLERS
 from guided_diffusion.sampling import (
-    SAMPLERS,
     load_model,
     make_generators,
     read_run_config,

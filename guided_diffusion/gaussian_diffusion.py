@@ -12,13 +12,14 @@ does, so the numbers agree bit for bit) and cached as tensors per device.
 
 import enum
 import math
-from functools import partial
 
 import numpy as np
 import torch as th
 
+from . import samplers
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .samplers import noise_like, noise_of_shape  # noqa: F401  (their home before)
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
@@ -100,36 +101,21 @@ class LossType(enum.Enum):
         return self in (LossType.KL, LossType.RESCALED_KL)
 
 
-def noise_like(x, generator=None):
-    """
-    Standard normal noise shaped like ``x``.
+def _progress(steps, total, show):
+    """The steps, counted by a progress bar when ``show``."""
+    if not show:
+        return steps
+    from tqdm.auto import tqdm
 
-    :param generator: None draws from the global generator (``th.randn_like``, the
-        order other implementations use); a ``th.Generator`` draws the whole batch
-        from it; a sequence of generators, one per batch element, gives element i
-        noise from generator i alone, so a sample does not depend on its batch mates.
-    """
-    if generator is None:
-        return th.randn_like(x)
-    return noise_of_shape(x.shape, generator, x.device, x.dtype)
+    return tqdm(steps, total=total, desc="sampling", unit="step", leave=False)
 
 
-def noise_of_shape(shape, generator, device, dtype=th.float32):
-    """Standard normal noise of ``shape``; see :func:`noise_like` for ``generator``."""
-    if generator is None:
-        return th.randn(*shape, device=device, dtype=dtype)
-    if isinstance(generator, th.Generator):
-        return th.randn(
-            *shape, generator=generator, device=generator.device, dtype=dtype
-        ).to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return th.stack(
-        [
-            th.randn(*shape[1:], generator=g, device=g.device, dtype=dtype)
-            for g in generator
-        ]
-    ).to(device)
+def _last(steps):
+    """The "sample" of the last of the steps."""
+    final = None
+    for out in steps:
+        final = out
+    return final["sample"]
 
 
 class GaussianDiffusion:
@@ -450,7 +436,19 @@ class GaussianDiffusion:
         )
         return out
 
-    # -- samplers: one step each --------------------------------------------------
+    # -- samplers: guided-diffusion's calls, over the algorithms of samplers.py ------
+
+    def _denoiser(self, model, condition, clip_denoised, denoised_fn, cond_fn, model_kwargs, guidance):  # fmt: skip
+        return samplers.Denoiser(
+            self,
+            model,
+            condition,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            cond_fn=cond_fn,
+            guidance=guidance,
+        )
 
     def p_sample(
         self,
@@ -467,29 +465,16 @@ class GaussianDiffusion:
         """
         One ancestral DDPM step: sample x_{t-1} from the model at x_t.
 
-        :param generator: the noise source, see :func:`noise_like`.
+        :param t: a (N,) tensor of timesteps, one per image.
+        :param generator: the noise source, see :func:`~.samplers.noise_like`.
         :return: a dict with "sample" (x_{t-1}) and "pred_xstart".
         """
-        out = self.p_mean_variance(
-            model,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            condition=condition,
+        denoiser = self._denoiser(
+            model, condition, clip_denoised, denoised_fn, cond_fn, model_kwargs, "mean"
         )
-        # Drawn at every step, t = 0 included, so the random stream matches other
-        # implementations of the same sampler.
-        noise = noise_like(x, generator)
-        nonzero_mask = (
-            (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-        )  # no noise at t == 0
-        if cond_fn is not None:
-            out["mean"] = self.condition_mean(
-                cond_fn, out, x, t, model_kwargs=model_kwargs
-            )
-        sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
+        out = denoiser(x, t)
+        z = samplers.noise_like(x, generator)
+        sample = samplers.ancestral_step(out, z, self._nonzero(t, x))
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(
@@ -510,35 +495,14 @@ class GaussianDiffusion:
 
         :param eta: 0 for the deterministic sampler, 1 for DDPM-like noise.
         """
-        out = self.p_mean_variance(
-            model,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            condition=condition,
+        denoiser = self._denoiser(
+            model, condition, clip_denoised, denoised_fn, cond_fn, model_kwargs, "score"
         )
-        if cond_fn is not None:
-            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
-        # 1. The noise implied by the (possibly clipped) x_0 prediction.
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
-        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
-        # 2. sigma_t(eta) of eq. 16.
-        sigma = (
-            eta
-            * th.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
-            * th.sqrt(1 - alpha_bar / alpha_bar_prev)
-        )
-        noise = noise_like(x, generator)
-        # 3. Eq. 12: the predicted x_0, the direction pointing to x_t, and random noise.
-        mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_prev)
-            + th.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        )
-        nonzero_mask = (t != 0).float().view(-1, *([1] * (len(x.shape) - 1)))
-        sample = mean_pred + nonzero_mask * sigma * noise
+        out = denoiser(x, t)
+        z = samplers.noise_like(x, generator)
+        abar = self._extract("alphas_cumprod", t, x.shape)
+        abar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
+        sample = samplers.ddim_step(out, z, abar, abar_prev, eta, self._nonzero(t, x))
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(
@@ -555,64 +519,92 @@ class GaussianDiffusion:
         """One deterministic reverse DDIM step (the ODE run forwards): x_t -> x_{t+1}."""
         if eta != 0.0:
             raise ValueError("the reverse DDIM step is deterministic: eta must be 0")
-        out = self.p_mean_variance(
-            model,
-            x,
-            t,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            condition=condition,
+        denoiser = self._denoiser(
+            model, condition, clip_denoised, denoised_fn, None, model_kwargs, "score"
         )
-        # Written as in the forward step, with the next cumulative alpha.
-        eps = (
-            self._extract("sqrt_recip_alphas_cumprod", t, x.shape) * x
-            - out["pred_xstart"]
-        ) / self._extract("sqrt_recipm1_alphas_cumprod", t, x.shape)
-        alpha_bar_next = self._extract("alphas_cumprod_next", t, x.shape)
-        mean_pred = (
-            out["pred_xstart"] * th.sqrt(alpha_bar_next)
-            + th.sqrt(1 - alpha_bar_next) * eps
-        )
-        return {"sample": mean_pred, "pred_xstart": out["pred_xstart"]}
+        out = denoiser(x, t)
+        abar_next = self._extract("alphas_cumprod_next", t, x.shape)
+        return {
+            "sample": samplers.ddim_reverse_step(out, abar_next),
+            "pred_xstart": out["pred_xstart"],
+        }
 
-    # -- samplers: full loops -----------------------------------------------------
+    @staticmethod
+    def _nonzero(t, x):
+        """1 where a step has noise to add, 0 where it ends in the data: (N, 1, ...)."""
+        return (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
 
     def sample_loop_progressive(
         self,
-        step_fn,
+        model,
         shape,
-        *,
+        sampler="ddpm",
         noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
         device=None,
         progress=False,
+        condition=None,
         generator=None,
-        indices=None,
+        options=None,
     ):
         """
-        The loop every sampler shares: start from noise, apply ``step_fn`` from t = T-1
-        down to 0, and yield each step's output dict.
+        Run a sampler of :data:`~.samplers.SAMPLERS` by name from x_T down to the data,
+        yielding every step's dict ("sample", "pred_xstart").
 
-        :param step_fn: a function (x_t, t) -> dict with at least "sample".
-        :param shape: the shape of the samples, (N, C, H, W).
-        :param noise: the starting x_T; drawn from ``generator`` if None.
-        :param indices: the timestep indices to visit; all of them, descending, if None.
+        :param sampler: the sampler's name ("ddpm", "ddim", "dpm++2m", ...).
+        :param noise: the start x_T; drawn from ``generator`` if None (from the global
+            generator with ``th.randn(*shape)``, the draw other implementations make).
+        :param options: the sampler's options, e.g. {"eta": 0.5} for DDIM.
+        Other parameters as for :meth:`p_sample_loop`.
         """
-        if device is None:
-            device = noise.device if noise is not None else th.device("cpu")
-        img = noise if noise is not None else noise_of_shape(shape, generator, device)
-        if indices is None:
-            indices = list(range(self.num_timesteps))[::-1]
-        if progress:
-            from tqdm.auto import tqdm
+        guidance = "mean" if sampler == "ddpm" else "score"
+        denoiser = self._denoiser(
+            model,
+            condition,
+            clip_denoised,
+            denoised_fn,
+            cond_fn,
+            model_kwargs,
+            guidance,
+        )
+        device = resolve_device(device, model, noise, condition)
+        x_T = (
+            noise
+            if noise is not None
+            else samplers.noise_of_shape(shape, generator, device)
+        )
+        options = samplers.check_options(sampler, options or {})
+        steps = samplers.SAMPLERS[sampler](
+            denoiser, x_T, samplers.descending(denoiser), generator=generator, **options
+        )
+        yield from _progress(steps, self.num_timesteps, progress)
 
-            indices = tqdm(indices, desc="sampling", unit="step", leave=False)
-        for i in indices:
-            t = th.tensor([i] * shape[0], device=device)
-            with th.no_grad():
-                out = step_fn(img, t)
-            yield out
-            img = out["sample"]
+    def sample_loop(
+        self,
+        model,
+        shape,
+        sampler="ddpm",
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        cond_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        condition=None,
+        generator=None,
+        options=None,
+    ):
+        """Like :meth:`sample_loop_progressive`, but return the final sample only."""
+        return _last(
+            self.sample_loop_progressive(
+                model, shape, sampler, noise, clip_denoised, denoised_fn, cond_fn,
+                model_kwargs, device, progress, condition, generator, options,
+            )
+        )  # fmt: skip
 
     def p_sample_loop(
         self,
@@ -633,24 +625,15 @@ class GaussianDiffusion:
 
         :param shape: the shape of the samples, (N, C, H, W).
         :param condition: the clean SAR images, (N, C_sar, H, W).
-        :param generator: the noise source, see :func:`noise_like`.
+        :param generator: the noise source, see :func:`~.samplers.noise_like`.
         :return: a tensor of samples of ``shape``.
         """
-        return self._last(
+        return _last(
             self.p_sample_loop_progressive(
-                model,
-                shape,
-                noise=noise,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-                device=device,
-                progress=progress,
-                condition=condition,
-                generator=generator,
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                model_kwargs, device, progress, condition, generator,
             )
-        )
+        )  # fmt: skip
 
     def p_sample_loop_progressive(
         self,
@@ -667,10 +650,9 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like :meth:`p_sample_loop`, but yield the dict of every step."""
-        yield from self._step_loop(
-            self.p_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, condition=condition,
+        return self.sample_loop_progressive(
+            model, shape, "ddpm", noise, clip_denoised, denoised_fn, cond_fn,
+            model_kwargs, device, progress, condition, generator,
         )  # fmt: skip
 
     def ddim_sample_loop(
@@ -689,22 +671,12 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Generate samples with DDIM; see :meth:`p_sample_loop` for the arguments."""
-        return self._last(
+        return _last(
             self.ddim_sample_loop_progressive(
-                model,
-                shape,
-                noise=noise,
-                clip_denoised=clip_denoised,
-                denoised_fn=denoised_fn,
-                cond_fn=cond_fn,
-                model_kwargs=model_kwargs,
-                device=device,
-                progress=progress,
-                eta=eta,
-                condition=condition,
-                generator=generator,
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                model_kwargs, device, progress, eta, condition, generator,
             )
-        )
+        )  # fmt: skip
 
     def ddim_sample_loop_progressive(
         self,
@@ -722,26 +694,10 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like :meth:`ddim_sample_loop`, but yield the dict of every step."""
-        yield from self._step_loop(
-            self.ddim_sample, model, shape, noise, device, progress, generator,
-            clip_denoised=clip_denoised, denoised_fn=denoised_fn, cond_fn=cond_fn,
-            model_kwargs=model_kwargs, eta=eta, condition=condition,
+        return self.sample_loop_progressive(
+            model, shape, "ddim", noise, clip_denoised, denoised_fn, cond_fn,
+            model_kwargs, device, progress, condition, generator, {"eta": eta},
         )  # fmt: skip
-
-    def _step_loop(
-        self, step, model, shape, noise, device, progress, generator, **step_kwargs
-    ):
-        """Run the shared loop with ``step(model, x, t, generator=..., **step_kwargs)``."""
-        step_fn = partial(step, model, generator=generator, **step_kwargs)
-        device = resolve_device(device, model, noise, step_kwargs.get("condition"))
-        yield from self.sample_loop_progressive(
-            step_fn,
-            shape,
-            noise=noise,
-            device=device,
-            progress=progress,
-            generator=generator,
-        )
 
     def ddim_reverse_sample_loop(
         self,
@@ -758,31 +714,11 @@ class GaussianDiffusion:
 
         :return: the latent, of x_start's shape.
         """
-        step_fn = partial(
-            self.ddim_reverse_sample,
-            model,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            condition=condition,
+        denoiser = self._denoiser(
+            model, condition, clip_denoised, denoised_fn, None, model_kwargs, "score"
         )
-        return self._last(
-            self.sample_loop_progressive(
-                step_fn,
-                x_start.shape,
-                noise=x_start,
-                device=x_start.device,
-                progress=progress,
-                indices=list(range(self.num_timesteps)),
-            )
-        )
-
-    @staticmethod
-    def _last(progressive):
-        final = None
-        for out in progressive:
-            final = out
-        return final["sample"]
+        steps = samplers.ddim_reverse(denoiser, x_start, range(self.num_timesteps))
+        return _last(_progress(steps, self.num_timesteps, progress))
 
     # -- training -----------------------------------------------------------------
 

@@ -11,15 +11,13 @@ it shares, on the number of ranks or on the order the images are visited in.
 """
 
 import hashlib
-import inspect
 import json
 import os
 
 import numpy as np
 import torch as th
 
-from . import dist_util, logger
-from .dpm_solver import dpm_solver_sample_loop
+from . import dist_util, logger, samplers
 from .script_util import (
     OPT_CHANNELS,
     add_dict_to_argparser,
@@ -87,44 +85,17 @@ def make_generators(seed, names, device="cpu") -> list[th.Generator]:
     ]
 
 
-def _ddpm(diffusion, model, shape, **kwargs):
-    return diffusion.p_sample_loop(model, shape, **kwargs)
-
-
-def _ddim(diffusion, model, shape, eta=0.0, **kwargs):
-    return diffusion.ddim_sample_loop(model, shape, eta=eta, **kwargs)
-
-
-# Sampler name -> loop, every loop called as loop(diffusion, model, shape,
-# condition=, generator=, clip_denoised=, progress=, device=), plus eta= for
-# the loops that have that parameter: a new sampler is one entry here.
-_SAMPLE_LOOPS = {"ddpm": _ddpm, "ddim": _ddim, "dpm++2m": dpm_solver_sample_loop}
-SAMPLERS = tuple(_SAMPLE_LOOPS)
-
-
-def check_sampler(sampler, eta=0.0):
+def check_sampler(sampler, eta=0.0, **options):
     """
-    Fail early on a sampler name or noise scale :func:`translate` would refuse.
+    Fail early on a sampler name or option :func:`translate` would refuse.
 
     :param sampler: the sampler's name.
     :param eta: the noise scale; non-zero only for samplers that have one.
+    :param options: the sampler's other options.
     :return: ``sampler``.
     :raises ValueError: naming the problem and the choices.
     """
-    if sampler not in _SAMPLE_LOOPS:
-        raise ValueError(
-            f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}"
-        )
-    if eta and "eta" not in inspect.signature(_SAMPLE_LOOPS[sampler]).parameters:
-        with_eta = [
-            name
-            for name, loop in _SAMPLE_LOOPS.items()
-            if "eta" in inspect.signature(loop).parameters
-        ]
-        raise ValueError(
-            f"eta {eta}: the {sampler} sampler has no noise scale; leave eta at 0 "
-            f"or use {' or '.join(with_eta)}"
-        )
+    samplers.check_options(sampler, {"eta": eta, **options})
     return sampler
 
 
@@ -175,6 +146,7 @@ def translate(
     eta=0.0,
     progress=False,
     use_bf16=False,
+    **options,
 ) -> th.Tensor:
     """
     Generate the optical images of a batch of SAR images.
@@ -185,7 +157,7 @@ def translate(
     :param model: the U-Net, taking cat([x_t, sar]) as input.
     :param diffusion: the (respaced) diffusion process.
     :param sar: (N, C_sar, H, W) in [-1, 1], on the model's device.
-    :param sampler: one of :data:`SAMPLERS`.
+    :param sampler: a name in :data:`guided_diffusion.samplers.SAMPLERS`.
     :param generators: None for the global generator, or one th.Generator per
         image (see :func:`make_generators`).
     :param clip_denoised: clip each step's x_start prediction to [-1, 1].
@@ -194,24 +166,25 @@ def translate(
     :param progress: show a progress bar over the steps.
     :param use_bf16: run the model under bfloat16 autocast (fast on GPUs and on
         CPUs with AVX512-BF16); the sampler's own arithmetic stays float32.
+    :param options: the sampler's other options, e.g. ``order`` and
+        ``lower_order_final`` of dpm++2m (see :mod:`~guided_diffusion.samplers`).
     :return: generated optical images, (N, 3, H, W) in [-1, 1].
     """
-    loop = _SAMPLE_LOOPS[check_sampler(sampler, eta)]
-    extra = {"eta": eta} if eta else {}
+    options = samplers.check_options(sampler, {"eta": eta, **options})
     shape = (sar.shape[0], OPT_CHANNELS, *sar.shape[2:])
     was_training = model.training
     model.eval()
     try:
-        return loop(
-            diffusion,
+        return diffusion.sample_loop(
             Bfloat16Model(model) if use_bf16 else model,
             shape,
+            sampler,
             condition=sar,
             generator=generators,
             clip_denoised=clip_denoised,
             progress=progress,
             device=sar.device,
-            **extra,
+            options=options,
         )
     finally:
         model.train(was_training)

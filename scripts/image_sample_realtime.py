@@ -44,9 +44,9 @@ from guided_diffusion.image_datasets import (  # noqa: E402
     load_opt,
     load_sar,
 )
+from guided_diffusion.samplers import SAMPLERS  # noqa: E402
 from guided_diffusion.sampling import (  # noqa: E402
     NON_OUTPUT_FLAGS,
-    SAMPLERS,
     add_model_flags,
     check_sampler,
     checkpoint_model_flags,
@@ -176,7 +176,7 @@ def parse_args():
     )
     add_dict_to_argparser(parser, sample_defaults())
     add_model_flags(parser)
-    parser.add_argument("--sampler", choices=SAMPLERS, default=None)
+    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     args = parser.parse_args()
     explicit = explicit_model_flags(args)
 

@@ -1,6 +1,6 @@
 """Helpers shared by the test suite.
 
-Only torch and numpy are imported at module level: every test file in the
+Only torch, numpy and pytest are imported at module level: every test file in the
 suite loads this module, and the data, metrics or distributed tests must not
 fail to collect because a library module they do not use is broken.
 """
@@ -8,6 +8,7 @@ fail to collect because a library module they do not use is broken.
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch as th
 
 # Reference data that ships with the tests (see tests/data/README.md): the
@@ -161,3 +162,15 @@ class GaussianEpsModel(th.nn.Module):
             / (abar * self.s**2 + 1 - abar)
         )
         return eps.to(x.dtype)
+
+
+@pytest.fixture
+def one_thread():
+    """
+    One torch thread for a test: on two cores shared with other work, OpenMP threads
+    that wait for a busy core make small models many times slower.
+    """
+    previous = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(previous)

@@ -1,5 +1,5 @@
 """
-Tests of guided_diffusion.dpm_solver (DPM-Solver++(2M)), and a common base that
+Tests of DPM-Solver++(2M) (guided_diffusion.samplers), and a common base that
 every sampler of the project passes: DDPM, DDIM and DPM-Solver++(2M).
 
 The solver is checked against the exact solution of the probability-flow ODE
@@ -17,11 +17,15 @@ from conftest import (
 )
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.dpm_solver import (
-    dpm_solver_sample_loop,
-    dpm_solver_sample_loop_progressive,
-)
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
+
+
+def dpm_solver_sample_loop(diffusion, model, shape, **kwargs):
+    return diffusion.sample_loop(model, shape, "dpm++2m", **kwargs)
+
+
+def dpm_solver_sample_loop_progressive(diffusion, model, shape, **kwargs):
+    return diffusion.sample_loop_progressive(model, shape, "dpm++2m", **kwargs)
 
 # The Gaussian toy problem: x_0 ~ N(MU, S^2) in every dimension, on the
 # 1000-step linear schedule.

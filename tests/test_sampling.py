@@ -26,9 +26,8 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion.gaussian_diffusion import noise_of_shape
+from guided_diffusion.samplers import SAMPLERS, noise_of_shape
 from guided_diffusion.sampling import (
-    SAMPLERS,
     load_model,
     make_generators,
     read_run_config,
@@ -40,6 +39,7 @@ from guided_diffusion.script_util import model_and_diffusion_defaults
 from guided_diffusion.train_util import train_defaults
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 SCRIPT = str(REPO / "scripts" / "image_sample_realtime.py")
 SAMPLE_FLAGS = ["--timestep_respacing", "10", "--batch_size", "4"]
 
@@ -66,15 +66,6 @@ def checkpoint(tmp_path_factory):
     config = {**train_defaults(), **model_and_diffusion_defaults(), **TINY_FLAGS}
     (run / "config.json").write_text(json.dumps({**config, "world_size": 1}))
     return run / "model000010.pt"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two torch threads on the shared 2-core machine spin against each other."""
-    previous = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(previous)
 
 
 def run_sample(args, logdir, *, launcher=(), expect_rc=0, timeout=120):
