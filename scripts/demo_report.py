@@ -21,7 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import demo_report, metrics  # noqa: E402
+from guided_diffusion import metrics  # noqa: E402
+from guided_diffusion.demo import report  # noqa: E402
 
 FIGURE_NAMES = {"ssim": "SSIM", "class_acc": "class accuracy"}
 ASSET = os.path.join(
@@ -50,23 +51,23 @@ def main():
     ]
     sar = np.stack([load_grey(test_dir, "sar", s) for s in stems])
     cls_maps = np.stack([load_grey(test_dir, "cls", s) for s in stems])
-    colours = demo_report.load_class_colours(info_path)
+    colours = report.load_class_colours(info_path)
 
     # -- the model and the two baselines -------------------------------------------
-    mean_image = demo_report.mean_image_baseline(
+    mean_image = report.mean_image_baseline(
         os.path.join(args.data_dir, "train", "opt"), gt.shape[1], progress=True
     )
     candidates = [
         ("model", gen),
         ("training mean image", np.broadcast_to(mean_image, gt.shape)),
-        ("SAR copied to RGB", demo_report.sar_baseline(sar)),
+        ("SAR copied to RGB", report.sar_baseline(sar)),
     ]
     rows = [
-        (label, demo_report.score(images, gt, cls_maps, colours))
+        (label, report.score(images, gt, cls_maps, colours))
         for label, images in candidates
     ]
     print(f"{len(gt)} test images of {args.data_dir}")
-    print(demo_report.comparison_table(rows))
+    print(report.comparison_table(rows))
     model, baselines = rows[0][1], [s for _, s in rows[1:]]
     beats = {
         key: all(model[key] > s[key] for s in baselines)
@@ -78,7 +79,7 @@ def main():
     )
 
     # -- results ------------------------------------------------------------------
-    metrics_path = demo_report.write_metrics(
+    metrics_path = report.write_metrics(
         os.path.join(args.out, "demo_metrics.json"),
         rows,
         data_dir=os.path.abspath(args.data_dir),
@@ -87,10 +88,10 @@ def main():
         model_beats_baselines=beats,
     )
     picture = os.path.join(args.out, "demo.png")
-    demo_report.make_picture(sar, gen, gt, picture, n=args.rows)
+    report.make_picture(sar, gen, gt, picture, n=args.rows)
     print(f"wrote {metrics_path} and {picture}")
     if args.update_assets:
-        print(f"copied the picture to {demo_report.copy_to_assets(picture, ASSET)}")
+        print(f"copied the picture to {report.copy_to_assets(picture, ASSET)}")
 
 
 def load_grey(test_dir, kind, stem):

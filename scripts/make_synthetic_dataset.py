@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from guided_diffusion.synthetic import CLASSES, make_dataset
+from guided_diffusion.demo.scenes import CLASSES, make_dataset
 
 
 def create_argparser():

@@ -1,5 +1,5 @@
 """
-The demo: its scores and picture (guided_diffusion/demo_report.py), and
+The demo: its scores and picture (guided_diffusion/demo/report.py), and
 demo.sh end to end at a tiny budget, so a change elsewhere cannot break the
 demo unnoticed.
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion import demo_report
+from guided_diffusion.demo import report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,12 +36,12 @@ def cls_maps():
 
 
 def test_class_accuracy_is_one_for_the_class_colours(cls_maps):
-    assert demo_report.class_accuracy(paint(cls_maps), cls_maps, COLOURS) == 1.0
+    assert report.class_accuracy(paint(cls_maps), cls_maps, COLOURS) == 1.0
 
 
 def test_class_accuracy_is_zero_for_the_next_class_colour(cls_maps):
     images = paint((cls_maps + 1) % 3)
-    assert demo_report.class_accuracy(images, cls_maps, COLOURS) == 0.0
+    assert report.class_accuracy(images, cls_maps, COLOURS) == 0.0
 
 
 def test_class_accuracy_counts_the_right_pixels(cls_maps):
@@ -50,21 +50,21 @@ def test_class_accuracy_counts_the_right_pixels(cls_maps):
     wrong.reshape(-1)[::5] = True  # 52 of 256 pixels
     images[wrong] = paint((cls_maps[wrong] + 1) % 3)
     expected = 1 - wrong.sum() / wrong.size
-    assert demo_report.class_accuracy(images, cls_maps, COLOURS) == expected
+    assert report.class_accuracy(images, cls_maps, COLOURS) == expected
 
 
 def test_class_accuracy_takes_the_nearest_colour_not_the_exact_one():
     # (90, 10, 0) is 91.1 from black and 110.5 from red: nearer to black
     images = np.array([[[[90, 10, 0], [110, 10, 0]]]], dtype=np.uint8)
-    assert demo_report.class_accuracy(images, np.array([[[0, 1]]]), COLOURS) == 1.0
-    assert demo_report.class_accuracy(images, np.array([[[1, 0]]]), COLOURS) == 0.0
+    assert report.class_accuracy(images, np.array([[[0, 1]]]), COLOURS) == 1.0
+    assert report.class_accuracy(images, np.array([[[1, 0]]]), COLOURS) == 0.0
 
 
 def test_class_accuracy_ties_go_to_the_lower_class_id():
     # (100, 0, 0) lies exactly half way between black (class 0) and red (class 1)
     images = np.array([[[[100, 0, 0]]]], dtype=np.uint8)
-    assert demo_report.class_accuracy(images, np.array([[[0]]]), COLOURS) == 1.0
-    assert demo_report.class_accuracy(images, np.array([[[1]]]), COLOURS) == 0.0
+    assert report.class_accuracy(images, np.array([[[0]]]), COLOURS) == 1.0
+    assert report.class_accuracy(images, np.array([[[1]]]), COLOURS) == 0.0
 
 
 def test_class_accuracy_unknown_colour_is_never_nearest(cls_maps):
@@ -72,12 +72,12 @@ def test_class_accuracy_unknown_colour_is_never_nearest(cls_maps):
     colours[2] = np.nan  # a class that never occurred in the training set
     images = paint(cls_maps)
     expected = np.mean(cls_maps != 2)
-    assert demo_report.class_accuracy(images, cls_maps, colours) == expected
+    assert report.class_accuracy(images, cls_maps, colours) == expected
 
 
 def test_class_accuracy_rejects_ids_without_a_colour(cls_maps):
     with pytest.raises(ValueError, match="class ids"):
-        demo_report.class_accuracy(paint(cls_maps), cls_maps + 1, COLOURS)
+        report.class_accuracy(paint(cls_maps), cls_maps + 1, COLOURS)
 
 
 # -- baselines, scores, table -------------------------------------------------------
@@ -89,19 +89,17 @@ def test_mean_image_baseline_is_the_pixelwise_mean(tmp_path):
     for i, image in enumerate(images):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     expected = np.round(images.astype(np.float64).mean(axis=0)).astype(np.uint8)
-    np.testing.assert_array_equal(
-        demo_report.mean_image_baseline(tmp_path, 16), expected
-    )
+    np.testing.assert_array_equal(report.mean_image_baseline(tmp_path, 16), expected)
 
 
 def test_mean_image_baseline_needs_images(tmp_path):
     with pytest.raises(ValueError, match="no images"):
-        demo_report.mean_image_baseline(tmp_path, 16)
+        report.mean_image_baseline(tmp_path, 16)
 
 
 def test_sar_baseline_replicates_the_band():
     sar = np.random.default_rng(2).integers(0, 256, (3, 8, 8), dtype=np.uint8)
-    rgb = demo_report.sar_baseline(sar)
+    rgb = report.sar_baseline(sar)
     assert rgb.shape == (3, 8, 8, 3) and rgb.dtype == np.uint8
     for c in range(3):
         np.testing.assert_array_equal(rgb[..., c], sar)
@@ -109,12 +107,12 @@ def test_sar_baseline_replicates_the_band():
 
 def test_score_against_closed_forms(cls_maps):
     gts = paint(cls_maps) + 20
-    same = demo_report.score(gts, gts, cls_maps, COLOURS + 20)
+    same = report.score(gts, gts, cls_maps, COLOURS + 20)
     assert same["ssim"] == pytest.approx(1.0)
     assert same["psnr"] == float("inf") and same["psnr_inf_count"] == len(gts)
     assert same["class_acc"] == 1.0
     # a constant error of 10 grey levels: MSE 100, PSNR 10 log10(255^2 / 100)
-    off = demo_report.score(gts + 10, gts, cls_maps, COLOURS + 20)
+    off = report.score(gts + 10, gts, cls_maps, COLOURS + 20)
     assert off["psnr"] == pytest.approx(10 * np.log10(255**2 / 100))
     assert off["psnr_inf_count"] == 0
 
@@ -124,7 +122,7 @@ def test_comparison_table_lists_every_row():
         ("model", dict(ssim=0.812, psnr=24.31, class_acc=0.9)),
         ("mean", dict(ssim=0.25, psnr=14.0, class_acc=0.2)),
     ]
-    lines = demo_report.comparison_table(rows).splitlines()
+    lines = report.comparison_table(rows).splitlines()
     assert len(lines) == 3
     assert lines[1].split() == ["model", "0.812", "24.31", "0.900"]
     assert lines[2].split() == ["mean", "0.250", "14.00", "0.200"]
@@ -137,14 +135,14 @@ def test_load_class_colours_by_id_with_nan_for_unseen(tmp_path):
     )
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(info))
-    colours = demo_report.load_class_colours(path)
+    colours = report.load_class_colours(path)
     np.testing.assert_array_equal(colours[:2], [[1.5, 2.5, 3.5], [10, 20, 30]])
     assert np.isnan(colours[2]).all()
 
 
 def test_write_metrics_writes_infinite_psnr_as_null(tmp_path):
     rows = [("same", dict(ssim=1.0, psnr=float("inf"), class_acc=1.0))]
-    path = demo_report.write_metrics(tmp_path / "m.json", rows, num_images=3)
+    path = report.write_metrics(tmp_path / "m.json", rows, num_images=3)
     assert json.loads(path.read_text()) == dict(
         num_images=3, rows=dict(same=dict(ssim=1.0, psnr=None, class_acc=1.0))
     )
@@ -158,8 +156,8 @@ def test_make_picture_layout(tmp_path):
     sar = rng.integers(0, 256, (3, 8, 10), dtype=np.uint8)
     gen, gt = rng.integers(0, 256, (2, 3, 8, 10, 3), dtype=np.uint8)
     path = tmp_path / "picture.png"
-    size = demo_report.make_picture(sar, gen, gt, path, n=8, scale=3)
-    sep, title = demo_report.SEPARATOR, demo_report.TITLE_HEIGHT
+    size = report.make_picture(sar, gen, gt, path, n=8, scale=3)
+    sep, title = report.SEPARATOR, report.TITLE_HEIGHT
     width, height = 3 * 30 + 4 * sep, title + 3 * 24 + 4 * sep  # 3 rows: all there is
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (width, height) == size
@@ -180,7 +178,7 @@ def test_copy_to_assets_copies_the_file(tmp_path):
     picture = tmp_path / "demo.png"
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(picture)
     target = tmp_path / "assets" / "demo.png"
-    assert demo_report.copy_to_assets(picture, target) == target
+    assert report.copy_to_assets(picture, target) == target
     assert target.read_bytes() == picture.read_bytes()
 
 
@@ -221,16 +219,20 @@ def test_demo_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    report = json.loads((run / "demo_metrics.json").read_text())
-    assert report["num_images"] == 4
-    assert list(report["rows"]) == ["model", "training mean image", "SAR copied to RGB"]
-    for scores in report["rows"].values():
+    figures = json.loads((run / "demo_metrics.json").read_text())
+    assert figures["num_images"] == 4
+    assert list(figures["rows"]) == [
+        "model",
+        "training mean image",
+        "SAR copied to RGB",
+    ]
+    for scores in figures["rows"].values():
         assert -1 <= scores["ssim"] <= 1 and 0 <= scores["class_acc"] <= 1
         assert scores["psnr"] is None or scores["psnr"] > 0
-    for label in report["rows"]:
+    for label in figures["rows"]:
         assert label in proc.stdout  # the table was printed
     with Image.open(run / "demo.png") as img:
-        sep, title = demo_report.SEPARATOR, demo_report.TITLE_HEIGHT
+        sep, title = report.SEPARATOR, report.TITLE_HEIGHT
         assert img.size == (3 * 128 + 4 * sep, title + 4 * 128 + 5 * sep)
     assert (asset.read_bytes() if asset.exists() else None) == asset_before
 

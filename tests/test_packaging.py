@@ -19,15 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("guided_diffusion", "scripts")
 
 
-def _setup_requirements():
-    """install_requires and extras_require of setup.py, read without running it."""
+def _setup_keywords():
+    """The literal keyword arguments of setup() in setup.py, read without running it."""
     tree = ast.parse((REPO / "setup.py").read_text())
     call = next(
         node
         for node in ast.walk(tree)
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup"
     )
-    found = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def _setup_requirements():
+    """install_requires and extras_require of setup.py."""
+    found = _setup_keywords()
     return found["install_requires"], found.get("extras_require", {})
 
 
@@ -67,6 +72,22 @@ def test_every_import_is_declared_and_every_requirement_is_imported():
         used |= dists
     unused = declared - used
     assert not unused, f"setup.py requires {sorted(unused)}, which nothing imports"
+
+
+def test_every_package_folder_is_installed():
+    # An editable install and a checkout import a subpackage that setup.py does
+    # not list; a wheel, and so a user's plain `pip install .`, leaves it out.
+    listed = set(_setup_keywords()["packages"])
+    on_disk = {
+        ".".join(init.parent.relative_to(REPO).parts)
+        for init in (REPO / "guided_diffusion").rglob("__init__.py")
+    }
+    assert on_disk <= listed, (
+        f"setup.py's packages lacks {sorted(on_disk - listed)}: add them to the list"
+    )
+    assert listed <= on_disk, (
+        f"setup.py lists {sorted(listed - on_disk)}, which have no __init__.py"
+    )
 
 
 def _tracked_text_files():

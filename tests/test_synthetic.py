@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion.synthetic import (
+from guided_diffusion.demo.scenes import (
     CLASSES,
     DB_RANGE,
     DOUBLE_BOUNCE_SIGMA0,

@@ -1,7 +1,7 @@
 """
 Scores and a picture for the out-of-the-box demo (demo.sh).
 
-The demo translates the test set of a generated dataset (see synthetic.py)
+The demo translates the test set of a generated dataset (see scenes.py)
 and compares the model with two baselines that need no training at all:
 
 * the training set's mean optical image, the same for every input: what a
@@ -9,10 +9,10 @@ and compares the model with two baselines that need no training at all:
 * the SAR image copied into the three RGB channels: the structure is all
   there, the colours are not.
 
-Besides SSIM and PSNR (metrics.py) it measures class accuracy: the generator
-knows the land-cover class of every pixel, so a generated pixel counts as
-right when its colour is nearer to the mean colour of its true class than to
-that of any other class. This tells "the field came out green" apart from
+Besides SSIM and PSNR (guided_diffusion/metrics.py) it measures class
+accuracy: the generator knows the land-cover class of every pixel, so a
+generated pixel counts as right when its colour is nearer to the mean colour
+of its true class than to that of any other class. This tells "the field came out green" apart from
 "the picture is blurry", which SSIM and PSNR mix up.
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from . import metrics
-from .image_datasets import load_opt
+from .. import metrics
+from ..image_datasets import load_opt
 
 # Picture layout, in pixels of the written PNG.
 SEPARATOR = 2
@@ -85,7 +85,7 @@ def load_class_colours(dataset_json):
     """
     The per-class mean colours of a generated dataset's training set.
 
-    :param dataset_json: the dataset.json that synthetic.make_dataset writes.
+    :param dataset_json: the dataset.json that scenes.make_dataset writes.
     :return: float64 array (K, 3) indexed by class id; a row of NaN for a
         class that never occurred in the training set.
     """
