@@ -514,7 +514,8 @@ def fid_from_features(features1, features2):
         # Both covariances and the mean difference lie in the span of the
         # centred features. An orthonormal basis of that span turns the D x D
         # square root into a small one with the same traces: exact, and it
-        # spares the 2048 x 2048 sqrtm (15 s on two cores) when few images are scored.
+        # spares the slow 2048 x 2048 sqrtm when few images are scored
+        # (benchmarks/README.md).
         spread = np.concatenate([f1 - mu1, f2 - mu2, (mu1 - mu2)[None]])
         basis = np.linalg.qr(spread.T)[0]
         f1, f2 = f1 @ basis, f2 @ basis
