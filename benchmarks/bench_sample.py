@@ -7,7 +7,7 @@ slow path, each lever alone and all together, at the small configuration (64 px,
 
     python benchmarks/bench_sample.py                      # both, see README.md for the time
     python benchmarks/bench_sample.py --configs small
-    python benchmarks/bench_sample.py --quick --results /tmp/r.md  # a smoke test
+    python benchmarks/bench_sample.py --quick --results smoke.md  # a smoke test
 
 As in bench_train.py, each variant runs in a process of its own, the variants in
 turn, round after round; compiling happens in the warm-up and is not timed.

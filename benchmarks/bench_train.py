@@ -7,7 +7,7 @@ each lever alone and all of them together, at the small configuration (64 px,
 
     python benchmarks/bench_train.py                       # both, see README.md for the time
     python benchmarks/bench_train.py --configs small --rounds 3
-    python benchmarks/bench_train.py --quick --results /tmp/r.md   # a smoke test
+    python benchmarks/bench_train.py --quick --results smoke.md   # a smoke test
 
 Every variant runs in a process of its own, so that its peak memory is its own;
 the variants take turns, round after round, so that drift of the machine (other

@@ -275,7 +275,7 @@ def ddim_reverse_step(out, abar_next):
 
 @register("dpm++2m")
 def dpm_solver_pp(
-    denoiser, x, timesteps, *, generator=None, order=2, lower_order_final=2
+    denoiser, x, timesteps, *, generator=None, solver_order=2, lower_order_final=2
 ):
     """
     DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
@@ -283,7 +283,7 @@ def dpm_solver_pp(
     probability-flow ODE in the data prediction, on the model's discrete schedule.
     The last update goes from the last timestep to the clean data.
 
-    :param order: 2 for DPM-Solver++(2M); 1 gives DPM-Solver++(1), which is DDIM
+    :param solver_order: 2 for DPM-Solver++(2M); 1 gives DPM-Solver++(1), which is DDIM
         with eta = 0.
     :param lower_order_final: how many of the last updates are first order. At
         least 1: the update into the data has an infinite step in log-SNR. The
@@ -291,8 +291,10 @@ def dpm_solver_pp(
         the interval into timestep 0 is several times longer in log-SNR than the
         one before it, and the linear extrapolation overshoots there.
     """
-    if order not in (1, 2):
-        raise ValueError(f"order {order}: DPM-Solver++(2M) has order 1 or 2")
+    if solver_order not in (1, 2):
+        raise ValueError(
+            f"solver_order {solver_order}: DPM-Solver++(2M) has order 1 or 2"
+        )
     if lower_order_final < 1:
         raise ValueError(
             f"lower_order_final {lower_order_final}: at least the last update (into the "
@@ -315,7 +317,7 @@ def dpm_solver_pp(
         # 3. D_i = (1 + 1/(2 r_i)) x_theta(t_{i-1}) - 1/(2 r_i) x_theta(t_{i-2}),
         #    r_i = h_{i-1} / h_i; first order (D_i = x_theta(t_{i-1})) without history
         #    and on the last lower_order_final updates.
-        if order == 1 or x0_prev is None or i >= len(grid) - lower_order_final:
+        if solver_order == 1 or x0_prev is None or i >= len(grid) - lower_order_final:
             d = x0
         else:
             d = x0 + (h / (2 * h_prev)) * (x0 - x0_prev)

@@ -17,10 +17,9 @@ import os
 import numpy as np
 import torch as th
 
-from . import dist_util, logger, samplers
+from . import dist_util, logger, samplers, settings
 from .script_util import (
     OPT_CHANNELS,
-    add_dict_to_argparser,
     attention_resolutions_flag,
     check_state_dict_fits,
     create_model,
@@ -99,6 +98,29 @@ def check_sampler(sampler, eta=0.0, **options):
     return sampler
 
 
+def sampler_settings(sampler, values):
+    """
+    The options of ``sampler`` from the settings of a run: every sampler option is a
+    setting of the same name (settings.py, group "sampling"), so a sampler registered
+    with a new option is configured by declaring one setting.
+
+    :param values: setting name -> value (e.g. ``vars(args)``).
+    :return: option name -> value, for :func:`translate`.
+    :raises ValueError: another sampler's option set away from its default (``--eta
+        0.5`` with ddpm), naming the option and the samplers that have it.
+    """
+    own = samplers.sampler_options(sampler)
+    for name in {k for n in samplers.SAMPLERS for k in samplers.sampler_options(n)}:
+        declared = settings.SETTINGS.get(name)
+        if (
+            name not in own
+            and declared
+            and values.get(name, declared.default) != declared.default
+        ):
+            samplers.check_options(sampler, {name: values[name]})  # raises, naming it
+    return {k: values[k] for k in own if k in values}
+
+
 def prepare_model(model, *, channels_last=False, compile=False):
     """
     Switch on the sampling speed levers that act on the model itself; both compute
@@ -166,7 +188,7 @@ def translate(
     :param progress: show a progress bar over the steps.
     :param use_bf16: run the model under bfloat16 autocast (fast on GPUs and on
         CPUs with AVX512-BF16); the sampler's own arithmetic stays float32.
-    :param options: the sampler's other options, e.g. ``order`` and
+    :param options: the sampler's other options, e.g. ``solver_order`` and
         ``lower_order_final`` of dpm++2m (see :mod:`~guided_diffusion.samplers`).
     :return: generated optical images, (N, 3, H, W) in [-1, 1].
     """
@@ -206,8 +228,7 @@ def add_model_flags(parser):
     which marks a flag as not given: it then takes config.json's value, else the
     default (see :func:`explicit_model_flags` and :func:`resolve_model_flags`).
     """
-    add_dict_to_argparser(parser, model_and_diffusion_defaults())
-    parser.set_defaults(**dict.fromkeys(model_and_diffusion_defaults()))
+    settings.add_to_parser(parser, "model", "diffusion", unset=True)
 
 
 def explicit_model_flags(args):
@@ -218,10 +239,11 @@ def explicit_model_flags(args):
 
 def read_run_config(model_path) -> dict | None:
     """
-    The training flags saved with a checkpoint's run.
+    The training flags saved with a checkpoint's run, every declared setting included:
+    one an older ``config.json`` lacks takes its default (settings.read_record).
 
     :param model_path: a model or EMA file.
-    :return: the dict in ``config.json`` beside it, or None when there is none.
+    :return: the record in ``config.json`` beside it, or None when there is none.
     :raises ValueError: the file exists but is not a JSON object.
     """
     path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
@@ -240,7 +262,7 @@ def read_run_config(model_path) -> dict | None:
             f"{path} is not a JSON object of flags; fix or remove it and pass the "
             "model flags on the command line"
         )
-    return config
+    return settings.read_record(config)
 
 
 def resolve_model_flags(explicit, run_config):
@@ -267,7 +289,8 @@ def resolve_model_flags(explicit, run_config):
     conflicts = {
         k: (v, trained[k])
         for k, v in explicit.items()
-        if k in trained and v != trained[k]
+        # a flag that does not change the images (use_sdpa, ...) may differ freely
+        if k in trained and v != trained[k] and k not in NON_OUTPUT_FLAGS
     }
     return {**defaults, **trained, **explicit}, conflicts
 

@@ -1,17 +1,17 @@
 """
 Defaults, factories and argparse helpers shared by the scripts.
 
-The dicts returned by the ``*_defaults`` functions are the single source of truth:
-the command-line flags are generated from them and the factories fill every
+The ``*_defaults`` functions read the declarations of settings.py, the single source
+of truth: the command-line flags are generated from them and the factories fill every
 argument they are not given from them, so the two can never drift apart.
 """
 
-import argparse
 import re
 
 import torch as th
 
 from . import gaussian_diffusion as gd
+from . import settings
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
@@ -31,39 +31,12 @@ DEFAULT_CHANNEL_MULT = {
 
 def diffusion_defaults():
     """Defaults of the diffusion process (guided-diffusion's, plus sigma_small)."""
-    return dict(
-        learn_sigma=False,
-        sigma_small=False,  # with learn_sigma False: posterior variance instead of beta_t
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
+    return settings.defaults("diffusion")
 
 
 def model_defaults():
     """Defaults of the U-Net (guided-diffusion's, plus use_sdpa and sar_channels)."""
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-        use_sdpa=False,  # attention through scaled_dot_product_attention (same function)
-        sar_channels=3,  # SAR channels fed to the model (1-channel SAR is replicated to 3)
-    )
+    return settings.defaults("model")
 
 
 def model_and_diffusion_defaults():
@@ -259,17 +232,7 @@ def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
-def str2bool(v):
-    """Parse a boolean flag value: True/False, yes/no, 1/0 (any case)."""
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(
-        f"boolean value expected (True or False), got {v!r}"
-    )
+str2bool = settings.str2bool
 
 
 def read_unet_flags(state_dict):

@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch as th
@@ -28,10 +29,10 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from . import dist_util, logger
+from . import dist_util, logger, settings
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
+from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .script_util import check_state_dict_fits
 
 # Stop after this many optimizer steps in a row with a non-finite loss or gradient.
@@ -47,39 +48,12 @@ _CHECKPOINT_RE = re.compile(
 
 
 def train_defaults():
-    """The training flags and their defaults (the single source for the script)."""
-    return dict(
-        data_dir_sar="",
-        data_dir_opt="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,  # decay lr linearly to 0 over this many steps, then stop (0: off)
-        max_steps=0,  # stop and save at this step (0: run until stopped)
-        batch_size=1,  # per rank
-        microbatch=-1,  # -1: no microbatches
-        ema_rate="0.9999",  # comma-separated list of EMA rates
-        log_interval=10,
-        save_interval=10000,
-        keep_checkpoints=0,  # keep only the newest N complete checkpoints (0: keep all)
-        resume_checkpoint="",  # a model/EMA file, or "auto"
-        use_fp16=False,
-        use_bf16=False,  # autocast the model to bfloat16 (CPUs with AVX512-BF16, GPUs)
-        fp16_scale_growth=1e-3,
-        channels_last=False,  # model and inputs in NHWC memory (the same function)
-        compile=False,  # torch.compile the model (minutes of compiling first)
-        fused_optim=True,  # fused AdamW kernel, multi-tensor grad norm and EMA (same values)
-        seed=0,
-        random_crop=False,
-        random_flip=False,
-        num_workers=-1,  # data loading processes per rank (-1: min(4, cores))
-        val_data_dir="",  # a folder with sar/ and opt/: translate a few pairs during training
-        val_interval=0,  # validate every N steps (0: at every save)
-        val_num=8,  # how many validation pairs
-        val_sampler="dpm++2m",
-        val_timestep_respacing="20",
-        progress=False,  # a progress bar over the steps (with --max_steps or --lr_anneal_steps)
-    )
+    """The training flags and their defaults (data, loop, seed and batch, speed)."""
+    return settings.defaults(*TRAINING_GROUPS)
+
+
+# The groups of settings.py a training run has (with the model and the diffusion).
+TRAINING_GROUPS = ("data", "training", "run", "speed")
 
 
 class TrainLoop:
@@ -89,82 +63,41 @@ class TrainLoop:
     :param data: a function start_batch -> iterator of (batch, model_kwargs), batch of
         shape (N, C_sar + 3, H, W), SAR channels first; start_batch restores the
         data position on resume.
-    :param batch_size: the batch per rank.
-    :param microbatch: split each batch into pieces of this size (-1: no split);
-        gradients are synchronised only on the last piece.
-    :param ema_rate: a float or a comma-separated string of EMA rates.
-    :param resume_checkpoint: "", "auto" (the newest complete checkpoint in the log
-        folder), or a model/EMA file whose sibling files are loaded too.
-    :param schedule_sampler: a timestep sampler (default uniform).
-    :param max_steps: stop and save at this step (0: never).
-    :param keep_checkpoints: keep only the newest N complete checkpoints (0: all).
+    :param schedule_sampler: a timestep sampler, or its name (default uniform).
     :param validator: a callable (state_dict, step, folder) -> dict of metrics, run on
         rank 0 with the first EMA's weights every ``val_interval`` steps (see validation.py).
         Only rank 0's is used: the other ranks may pass None.
-    :param progress: show a progress bar over the steps on rank 0.
-    :param channels_last: keep the model's weights and the inputs in channels_last
-        (NHWC) memory; the same function, computed by other kernels.
-    :param compile: call the model through ``torch.compile``; the parameters stay the
-        model's own, so checkpoints keep the plain state-dict names.
-    :param fused_optim: take the AdamW step with PyTorch's fused kernel and compute
-        the gradient norm and the EMA with multi-tensor ops, instead of loops over
-        the parameters (the same values, within float rounding).
+    :param given: settings by name, as declared in settings.py (groups "training",
+        "run", "speed", and the model's use_fp16): batch_size (per rank), lr,
+        ema_rate, max_steps, resume_checkpoint, ...; a script may pass all its flags.
     """
 
     def __init__(
-        self,
-        *,
-        model,
-        diffusion,
-        data,
-        batch_size,
-        microbatch,
-        lr,
-        ema_rate,
-        log_interval,
-        save_interval,
-        resume_checkpoint,
-        use_fp16=False,
-        use_bf16=False,
-        fp16_scale_growth=1e-3,
-        schedule_sampler=None,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        max_steps=0,
-        seed=0,
-        keep_checkpoints=0,
-        validator=None,
-        val_interval=0,
-        progress=False,
-        channels_last=False,
-        compile=False,
-        fused_optim=True,
+        self, *, model, diffusion, data, schedule_sampler=None, validator=None, **given
     ):
+        # Every other setting as declared in settings.py; what is not given takes its
+        # default, and the loop reads it as self.cfg.NAME.
+        self.cfg = cfg = SimpleNamespace(
+            **settings.resolve(given, "TrainLoop", "model", *TRAINING_GROUPS)
+        )
         self.diffusion = diffusion
         self.data = data
-        self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
-        self.lr = lr
-        self.ema_rates = _parse_rates(ema_rate)
-        self.log_interval = log_interval
-        self.save_interval = save_interval
-        self.resume_checkpoint = resume_checkpoint
-        self.use_bf16 = use_bf16
+        self.microbatch = cfg.microbatch if cfg.microbatch > 0 else cfg.batch_size
+        self.ema_rates = _parse_rates(cfg.ema_rate)
+        if isinstance(schedule_sampler, str):  # the setting: a sampler's name
+            schedule_sampler = create_named_schedule_sampler(
+                schedule_sampler, diffusion
+            )
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self.weight_decay = weight_decay
-        self.lr_anneal_steps = lr_anneal_steps
-        self.max_steps = max_steps
-        self.seed = seed
-        self.keep_checkpoints = keep_checkpoints
         self.validator = validator
-        self.val_interval = val_interval or save_interval
-        self.progress = progress
-        self.memory_format = th.channels_last if channels_last else th.contiguous_format
-        self.fused_optim = fused_optim
+        self.val_interval = cfg.val_interval or cfg.save_interval
+        self.memory_format = (
+            th.channels_last if cfg.channels_last else th.contiguous_format
+        )
 
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
-        self.global_batch = batch_size * self.world_size
+        self.global_batch = cfg.batch_size * self.world_size
         self.device = dist_util.dev()
 
         self.step = 0
@@ -186,12 +119,14 @@ class TrainLoop:
 
         self.model = model.to(self.device, memory_format=self.memory_format)
         self.mp_trainer = MixedPrecisionTrainer(
-            model=self.model, use_fp16=use_fp16, fp16_scale_growth=fp16_scale_growth
+            model=self.model,
+            use_fp16=cfg.use_fp16,
+            fp16_scale_growth=cfg.fp16_scale_growth,
         )
         self.opt = th.optim.AdamW(
             self.mp_trainer.master_params,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
             **self._optim_kernel(),
         )
         self.ema_params = [
@@ -212,12 +147,14 @@ class TrainLoop:
             self.ddp_model = self.model
         # The compiled wrapper shares the model's parameters; checkpoints are written
         # from self.model, so their names carry no "_orig_mod." prefix.
-        self.forward_model = th.compile(self.ddp_model) if compile else self.ddp_model
+        self.forward_model = (
+            th.compile(self.ddp_model) if cfg.compile else self.ddp_model
+        )
 
     # -- resume -------------------------------------------------------------------
 
     def _load(self):
-        path = self.resume_checkpoint
+        path = self.cfg.resume_checkpoint
         if path == "auto":
             path = find_resume_checkpoint(logger.get_dir())
             if path is None:
@@ -265,8 +202,8 @@ class TrainLoop:
             )
             # The learning rate and the kernel are this run's flags, not the saved ones.
             for group in self.opt.param_groups:
-                group["lr"] = self.lr
-                group["weight_decay"] = self.weight_decay
+                group["lr"] = self.cfg.lr
+                group["weight_decay"] = self.cfg.weight_decay
                 group.update(self._optim_kernel())
         else:
             logger.warn(f"{paths['opt']} is missing: the optimizer restarts")
@@ -311,9 +248,9 @@ class TrainLoop:
                     bar.update(1)
                 if self.validator is not None and self.step % self.val_interval == 0:
                     self.validate()
-                if self.step % self.log_interval == 0:
+                if self.step % self.cfg.log_interval == 0:
                     self._dump_logs()
-                if self.step % self.save_interval == 0:
+                if self.step % self.cfg.save_interval == 0:
                     self.save()
                 if self._stop_requested():
                     logger.log(
@@ -322,7 +259,7 @@ class TrainLoop:
                     break
             if bar is not None:
                 bar.close()
-            if self.step % self.log_interval:
+            if self.step % self.cfg.log_interval:
                 self._dump_logs()  # the last, partial interval
             if self.last_saved_step != self.step:
                 self.save()
@@ -331,8 +268,8 @@ class TrainLoop:
                 signal.signal(sig, handler)
 
     def _progress_bar(self):
-        total = self.max_steps or self.lr_anneal_steps
-        if not self.progress or self.rank != 0:
+        total = self.cfg.max_steps or self.cfg.lr_anneal_steps
+        if not self.cfg.progress or self.rank != 0:
             return None
         from tqdm.auto import tqdm
 
@@ -357,9 +294,9 @@ class TrainLoop:
         )
 
     def _finished(self):
-        if self.max_steps and self.step >= self.max_steps:
+        if self.cfg.max_steps and self.step >= self.cfg.max_steps:
             return True
-        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+        return bool(self.cfg.lr_anneal_steps) and self.step >= self.cfg.lr_anneal_steps
 
     def _on_signal(self, signum, frame):
         if self._stop_signal is not None:
@@ -406,7 +343,7 @@ class TrainLoop:
 
     def _optim_kernel(self):
         """AdamW's kernel flags: the fused one, or PyTorch's default choice (None)."""
-        if self.fused_optim:
+        if self.cfg.fused_optim:
             return {"fused": True, "foreach": None}
         return {"fused": None, "foreach": None}
 
@@ -421,7 +358,7 @@ class TrainLoop:
         # Dropout draws from the global generators (CPU and CUDA). Seeding them from
         # (seed, rank, step) gives each rank its own stream that a resume, on any
         # number of ranks, continues without saving it.
-        th.manual_seed(dropout_seed(self.seed, self.rank, self.step))
+        th.manual_seed(dropout_seed(self.cfg.seed, self.rank, self.step))
         self._anneal_lr()
 
         self.mp_trainer.zero_grad()
@@ -437,7 +374,7 @@ class TrainLoop:
             sync = last or self.world_size == 1
             with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
                 with th.autocast(
-                    self.device.type, dtype=th.bfloat16, enabled=self.use_bf16
+                    self.device.type, dtype=th.bfloat16, enabled=self.cfg.use_bf16
                 ):
                     losses = self.diffusion.training_losses(
                         self.forward_model,
@@ -468,7 +405,7 @@ class TrainLoop:
         # optimize() reads one number on the host, whether the gradient is finite:
         # the step is skipped (and the fp16 loss scale lowered) exactly when it is not.
         took_step, grad_norm = self.mp_trainer.optimize(
-            self.opt, use_foreach=self.fused_optim
+            self.opt, use_foreach=self.cfg.fused_optim
         )
         if took_step:
             for rate, params in zip(self.ema_rates, self.ema_params):
@@ -476,7 +413,7 @@ class TrainLoop:
                     params,
                     self.mp_trainer.master_params,
                     rate=rate,
-                    use_foreach=self.fused_optim,
+                    use_foreach=self.cfg.fused_optim,
                 )
             self.nonfinite_in_a_row = 0
         else:
@@ -494,7 +431,7 @@ class TrainLoop:
 
     def _draw_step_randomness(self, shape):
         """Timesteps, importance weights and noise of this rank's block of the global batch."""
-        rng = np.random.default_rng([self.seed, self.step, 1])
+        rng = np.random.default_rng([self.cfg.seed, self.step, 1])
         # Drawn on the host and copied without waiting: a blocking copy to a GPU
         # would wait for the work queued there, once per step.
         t, weights = (
@@ -502,7 +439,7 @@ class TrainLoop:
             for x in self.schedule_sampler.sample(self.global_batch, "cpu", rng=rng)
         )
         gen = th.Generator(device=self.device).manual_seed(
-            derive_seed(self.seed, self.step, 2)
+            derive_seed(self.cfg.seed, self.step, 2)
         )
         noise = th.randn(
             (self.global_batch, *shape[1:]), generator=gen, device=self.device
@@ -535,11 +472,11 @@ class TrainLoop:
         optimizer's state carries no schedule, so a resumed run would otherwise take
         its first step at the base rate.
         """
-        if not self.lr_anneal_steps:
+        if not self.cfg.lr_anneal_steps:
             return
-        frac_done = self.step / self.lr_anneal_steps
+        frac_done = self.step / self.cfg.lr_anneal_steps
         for group in self.opt.param_groups:
-            group["lr"] = self.lr * (1 - frac_done)
+            group["lr"] = self.cfg.lr * (1 - frac_done)
 
     def _flush_logs(self):
         """
@@ -595,7 +532,7 @@ class TrainLoop:
                 "step": self.step,
                 "data_position": self.data_position,
                 "global_batch": self.global_batch,
-                "seed": self.seed,
+                "seed": self.cfg.seed,
                 "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
                 "schedule_sampler": self.schedule_sampler.state_dict(),
                 # Rank 0's generators, kept for the file's documented layout and for
@@ -606,8 +543,8 @@ class TrainLoop:
                 state["rng_cuda"] = th.cuda.get_rng_state(self.device)
             save_atomic(state, paths["state"])
             logger.log(f"saved checkpoint {paths['model']}")
-            if self.keep_checkpoints > 0:
-                prune_checkpoints(folder, self.keep_checkpoints)
+            if self.cfg.keep_checkpoints > 0:
+                prune_checkpoints(folder, self.cfg.keep_checkpoints)
         self.last_saved_step = self.step
         dist_util.barrier()
 

@@ -23,7 +23,7 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion import dist_util, logger, settings  # noqa: E402
 from guided_diffusion.image_datasets import (
     DataError,
     find_test_pairs,
@@ -37,7 +37,6 @@ from guided_diffusion.sampling import (  # noqa: E402
     load_model,
 )
 from guided_diffusion.script_util import (
-    add_dict_to_argparser,
     create_gaussian_diffusion,
     diffusion_defaults,
 )  # noqa: E402
@@ -47,16 +46,19 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(
+    settings.add_to_parser(
         parser,
-        dict(
-            data_dir="",
-            model_path="",
-            batch_size=8,
-            num_samples=-1,
-            clip_denoised=True,
-            seed=0,
+        "sampling",
+        "run",
+        only=(
+            "data_dir",
+            "model_path",
+            "batch_size",
+            "num_samples",
+            "clip_denoised",
+            "seed",
         ),
+        overrides={"batch_size": 8},
     )
     add_model_flags(parser)
     args = parser.parse_args()

@@ -37,14 +37,13 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion import dist_util, logger, settings  # noqa: E402
 from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
     load_opt,
     load_sar,
 )
-from guided_diffusion.samplers import SAMPLERS  # noqa: E402
 from guided_diffusion.sampling import (  # noqa: E402
     NON_OUTPUT_FLAGS,
     add_model_flags,
@@ -54,14 +53,13 @@ from guided_diffusion.sampling import (  # noqa: E402
     load_model,
     make_generators,
     prepare_model,
+    sampler_settings,
     to_uint8,
     translate,
 )
 from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
     create_gaussian_diffusion,
     diffusion_defaults,
-    model_and_diffusion_defaults,
 )
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
@@ -115,7 +113,8 @@ def main():
     run = {
         "model_path": os.path.abspath(args.model_path),
         "data_dir": os.path.abspath(args.data_dir),
-        **{k: getattr(args, k) for k in ("seed", "sampler", "eta", "clip_denoised")},
+        **{k: getattr(args, k) for k in ("seed", "sampler", "clip_denoised")},
+        **args.options,
         **{k: getattr(args, k) for k in ("use_bf16", "channels_last", "compile")},
         **flags,
     }
@@ -140,9 +139,10 @@ def main():
         )
         sar = sar.to(dist_util.dev())
         generated = translate(
-            model, diffusion, sar, sampler=args.sampler, eta=args.eta,
+            model, diffusion, sar, sampler=args.sampler,
             generators=make_generators(args.seed, [name for _, _, name in batch]),
             clip_denoised=args.clip_denoised, progress=rank == 0, use_bf16=args.use_bf16,
+            **args.options,
         )  # fmt: skip
         for (_, opt_path, name), sar_img, gen_img in zip(
             batch, to_uint8(sar), to_uint8(generated)
@@ -174,13 +174,12 @@ def parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, sample_defaults())
+    settings.add_to_parser(parser, *SAMPLING_GROUPS, overrides=SAMPLING_OVERRIDES)
     add_model_flags(parser)
-    parser.add_argument("--sampler", choices=list(SAMPLERS), default=None)
     args = parser.parse_args()
     explicit = explicit_model_flags(args)
 
-    if args.use_ddim and args.sampler not in (None, "ddim"):
+    if args.use_ddim and args.sampler not in ("", "ddim"):
         raise UsageError(
             f"--use_ddim True contradicts --sampler {args.sampler}; give one"
         )
@@ -200,26 +199,14 @@ def parse_args():
         raise UsageError(
             "--num_samples must be -1 (all) or positive, --batch_size positive"
         )
-    check_sampler(args.sampler, args.eta)
+    args.options = sampler_settings(args.sampler, vars(args))
+    check_sampler(args.sampler, **args.options)
     return args, explicit
 
 
-def sample_defaults():
-    """The sampling flags and their defaults (model flags come from config.json)."""
-    return dict(
-        data_dir=DEFAULT_DATA_DIR,
-        model_path="",  # a model or EMA file; its run's config.json gives the model flags
-        use_ddim=False,  # the original flag: same as --sampler ddim
-        num_samples=-1,  # the first N inputs in name order (-1: all)
-        batch_size=8,
-        seed=0,
-        clip_denoised=True,
-        eta=0.0,  # DDIM's noise scale
-        # Speed levers, off by default (benchmarks/bench_sample.py measures them):
-        use_bf16=False,  # the model under bfloat16 autocast (GPUs, CPUs with AVX512-BF16)
-        channels_last=False,  # NHWC weights (the same function)
-        compile=False,  # torch.compile the model (minutes of compiling first)
-    )
+# The settings of a sampling run (settings.py), and this script's own defaults.
+SAMPLING_GROUPS = ("sampling", "run", "speed")
+SAMPLING_OVERRIDES = {"data_dir": DEFAULT_DATA_DIR, "batch_size": 8}
 
 
 def output_names(names, data_dir):
@@ -239,7 +226,11 @@ def output_names(names, data_dir):
 
 def run_defaults():
     """The value of every setting of run.json that an older run.json may lack."""
-    return {**model_and_diffusion_defaults(), **sample_defaults(), "sampler": "ddpm"}
+    return {
+        **settings.defaults("model", "diffusion", *SAMPLING_GROUPS),
+        **SAMPLING_OVERRIDES,
+        "sampler": "ddpm",
+    }
 
 
 def claim_folder(out_dir, run, pairs, outputs):

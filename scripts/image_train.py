@@ -24,20 +24,18 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion import dist_util, logger, settings  # noqa: E402
 from guided_diffusion.image_datasets import DataError, load_data  # noqa: E402
-from guided_diffusion.resample import create_named_schedule_sampler  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
-    add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import (  # noqa: E402
+    TRAINING_GROUPS,
     TrainLoop,
     latest_run_dir,
     remove_stale_temp_files,
-    train_defaults,
     write_config,
 )
 from guided_diffusion.validation import Validator  # noqa: E402
@@ -58,7 +56,6 @@ def main():
     model, diffusion = create_model_and_diffusion(
         **args_to_dict(args, model_and_diffusion_defaults().keys())
     )
-    schedule_sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion)
 
     def data(start_batch):
         return load_data(
@@ -96,9 +93,8 @@ def main():
         model=model,
         diffusion=diffusion,
         data=data,
-        schedule_sampler=schedule_sampler,
         validator=validator,
-        **{k: getattr(args, k) for k in TRAIN_LOOP_KEYS},
+        **vars(args),  # the settings (schedule_sampler by name, batch_size, lr, ...)
     )
     n_params = sum(p.numel() for p in model.parameters())
     stop = (
@@ -114,14 +110,6 @@ def main():
     loop.run_loop()
     logger.log(f"done at step {loop.step}; checkpoints are in {logger.get_dir()}")
     dist_util.cleanup()
-
-
-TRAIN_LOOP_KEYS = (
-    "batch_size", "microbatch", "lr", "ema_rate", "log_interval", "save_interval",
-    "resume_checkpoint", "use_fp16", "use_bf16", "fp16_scale_growth", "weight_decay",
-    "lr_anneal_steps", "max_steps", "seed", "keep_checkpoints", "val_interval", "progress",
-    "channels_last", "compile", "fused_optim",
-)  # fmt: skip
 
 
 def make_validator(args):
@@ -164,9 +152,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(
-        parser, {**train_defaults(), **model_and_diffusion_defaults()}
-    )
+    settings.add_to_parser(parser, *TRAINING_GROUPS, "model", "diffusion")
     return parser
 
 

@@ -4,6 +4,7 @@ do, options are checked, a sampler registered anywhere is offered everywhere, an
 code written against guided-diffusion's calls runs unchanged.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -21,8 +22,9 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion import samplers
-from guided_diffusion.sampling import make_generators, translate
+from guided_diffusion import samplers, settings
+from guided_diffusion.image_datasets import load_sar
+from guided_diffusion.sampling import make_generators, to_uint8, translate
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     model_and_diffusion_defaults,
@@ -71,7 +73,7 @@ def _run(name, problem, **options):
 def test_dpm_solver_at_order_1_is_ddim_without_noise(problem, request):
     """DPM-Solver++(1) is DDIM with eta 0 (Lu et al. 2022, section 4.1)."""
     problem = request.getfixturevalue(problem)
-    first_order = _run("dpm++2m", problem, order=1)
+    first_order = _run("dpm++2m", problem, solver_order=1)
     ddim = _run("ddim", problem, eta=0.0)
     assert _rel_err(first_order, ddim) < 1e-5
 
@@ -89,7 +91,7 @@ def test_order_and_final_rule_change_the_solver(gaussian):
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"order": 3}, "order 3"),
+        ({"solver_order": 3}, "solver_order 3"),
         ({"lower_order_final": 0}, "lower_order_final 0"),
     ],
 )
@@ -144,18 +146,50 @@ def test_code_written_for_guided_diffusion_runs_unchanged():
     assert th.equal(samplers.run("ddim", denoiser, noise), ddim_keyword)
 
 
-def _toy_sampler(denoiser, x, timesteps, *, generator=None, shrink=0.5):
+def _toy_sampler(denoiser, x, timesteps, *, generator=None, toy_shrink=0.5):
     """Each step keeps a share of the state and moves the rest to the x_0 prediction."""
     for t in timesteps:
         x0 = denoiser(x, t)["pred_xstart"]
-        x = shrink * x + (1 - shrink) * x0 if t > 0 else x0
+        x = toy_shrink * x + (1 - toy_shrink) * x0 if t > 0 else x0
         yield {"sample": x, "pred_xstart": x0}
 
 
-def test_a_registered_sampler_is_offered_by_translate_and_the_sampling_script(
-    tiny, tmp_path, monkeypatch
-):
+def _toy_loop(denoiser, x, steps, shrink):
+    for t in range(steps - 1, -1, -1):
+        x0 = denoiser(x, t)["pred_xstart"]
+        x = shrink * x + (1 - shrink) * x0 if t > 0 else x0
+    return x
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """A toy sampler and its option, a toy setting, registered for one test."""
     monkeypatch.setitem(samplers.SAMPLERS, "toy", _toy_sampler)
+    monkeypatch.setitem(
+        settings.SETTINGS,
+        "toy_shrink",
+        settings.Setting("toy_shrink", 0.5, "the toy's share kept", "sampling"),
+    )
+
+
+def test_a_declared_setting_reaches_the_flags_and_the_record(toy, tmp_path):
+    parser = argparse.ArgumentParser()
+    settings.add_to_parser(parser, "sampling")
+    assert parser.parse_args(["--toy_shrink", "0.25"]).toy_shrink == 0.25
+    assert parser.parse_args([]).toy_shrink == 0.5
+    # A record written before the setting existed reads back with its default ...
+    older = settings.defaults("model", "diffusion")
+    assert "toy_shrink" not in older
+    assert settings.read_record(older)["toy_shrink"] == 0.5
+    # ... and one written with it keeps its value through a file.
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**older, "toy_shrink": 0.125}))
+    assert settings.read_record(str(path))["toy_shrink"] == 0.125
+
+
+def test_a_registered_sampler_and_its_setting_reach_translate_and_the_script(
+    tiny, toy, tmp_path, monkeypatch
+):
     model, diffusion, sar = tiny
     names = ["a.png", "b.png"]
 
@@ -164,15 +198,15 @@ def test_a_registered_sampler_is_offered_by_translate_and_the_sampling_script(
         model, diffusion, sar, sampler="toy", generators=make_generators(0, names)
     )
     x = samplers.noise_of_shape(out.shape, make_generators(0, names), "cpu")
-    denoiser = samplers.Denoiser(diffusion, model, sar)
-    for t in range(diffusion.num_timesteps - 1, -1, -1):
-        x0 = denoiser(x, t)["pred_xstart"]
-        x = 0.5 * x + 0.5 * x0 if t > 0 else x0
-    assert _rel_err(out, x) < 1e-6
+    expected = _toy_loop(
+        samplers.Denoiser(diffusion, model, sar), x, diffusion.num_timesteps, 0.5
+    )
+    assert _rel_err(out, expected) < 1e-6
     with pytest.raises(ValueError, match="toy sampler has no option eta"):
         translate(model, diffusion, sar, sampler="toy", eta=0.3)
 
-    # Through the sampling script, run in this process so that it sees the toy.
+    # Through the sampling script, run in this process so that it sees the toy,
+    # with the toy's option given as the flag its setting declares.
     run = tmp_path / "run"
     run.mkdir()
     th.save(model.state_dict(), run / "model000001.pt")
@@ -202,10 +236,23 @@ def test_a_registered_sampler_is_offered_by_translate_and_the_sampling_script(
             "--model_path", str(run / "model000001.pt"),
             "--data_dir", str(tmp_path / "data"),
             "--sampler", "toy",
+            "--toy_shrink", "0.25",
             "--timestep_respacing", "8",
         ],
     )  # fmt: skip
     script.main()
     folder = tmp_path / "out" / "sample_results" / "toy8"
     assert sorted(os.listdir(folder / "gen_opt")) == names
-    assert json.loads((folder / "run.json").read_text())["sampler"] == "toy"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["sampler"] == "toy" and record["toy_shrink"] == 0.25
+    loaded = th.from_numpy(np.stack([load_sar(data / n, 32, 3) for n in names]))
+    want = translate(
+        model,
+        diffusion,
+        loaded,
+        sampler="toy",
+        generators=make_generators(0, names),
+        toy_shrink=0.25,
+    )
+    for name, image in zip(names, to_uint8(want)):
+        assert np.array_equal(np.asarray(Image.open(folder / "gen_opt" / name)), image)

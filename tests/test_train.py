@@ -541,7 +541,7 @@ def step_sync_worker(logdir):
         ema_rate="0.9", log_interval=1000, save_interval=1000, resume_checkpoint="", max_steps=2,
     )  # fmt: skip
     loop.run_loop()  # DDP settles its gradient buckets after the first step
-    loop.max_steps = 5
+    loop.cfg.max_steps = 5
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         loop.run_loop()
     all_reduces = sum(event.name == "gloo:all_reduce" for event in prof.events())
@@ -555,7 +555,7 @@ def step_sync_worker(logdir):
         real_run_step(batch, cond)
 
     loop.run_step = run_step
-    loop.max_steps = 100
+    loop.cfg.max_steps = 100
     loop.run_loop()
     result = dict(
         rank=loop.rank,
