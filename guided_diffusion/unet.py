@@ -100,6 +100,18 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+def _add_into(fresh, other):
+    """
+    ``other + fresh``, written into ``fresh``: a block's own new output that nothing
+    else reads (addition is commutative, so the numbers are the same). Where the sum
+    needs a wider dtype than ``fresh`` (a float32 input under autocast, say) it is
+    made out of place, as the plain sum would be.
+    """
+    if th.result_type(fresh, other) != fresh.dtype:
+        return other + fresh
+    return fresh.add_(other)
+
+
 class ResBlock(TimestepBlock):
     """
     A residual block conditioned on the timestep embedding.
@@ -138,9 +150,12 @@ class ResBlock(TimestepBlock):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
 
+        # The SiLUs after a normalisation work in place: the norm's output is a fresh
+        # tensor that nothing else reads, and the norm's backward needs only its
+        # input (see _forward for why fewer fresh tensors matter).
         self.in_layers = nn.Sequential(
             normalization(channels),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             conv_nd(dims, channels, self.out_channels, 3, padding=1),
         )
 
@@ -163,7 +178,7 @@ class ResBlock(TimestepBlock):
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Dropout(p=dropout),
             zero_module(
                 conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)
@@ -189,6 +204,11 @@ class ResBlock(TimestepBlock):
         )
 
     def _forward(self, x, emb):
+        # The element-wise steps below write into tensors made just before them
+        # (norm and convolution outputs) instead of allocating new ones: the same
+        # operations in the same order, so the same numbers. At 256 px a new
+        # activation is 32-64 MiB, which the allocator often has to map fresh from
+        # the kernel: a page fault and a zeroed page per 4 KiB on first touch.
         if self.updown:
             # Resample between the normalisation and the convolution.
             in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
@@ -204,12 +224,11 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = th.chunk(emb_out, 2, dim=1)
-            h = out_norm(h) * (1 + scale) + shift
+            h = out_norm(h).mul_(1 + scale).add_(shift)
             h = out_rest(h)
         else:
-            h = h + emb_out
-            h = self.out_layers(h)
-        return self.skip_connection(x) + h
+            h = self.out_layers(h.add_(emb_out))
+        return _add_into(h, self.skip_connection(x))
 
 
 class AttentionBlock(nn.Module):
@@ -262,7 +281,7 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x))  # (B, 3C, T)
         h = self.attention(qkv)  # (B, C, T)
         h = self.proj_out(h)
-        return (x + h).reshape(b, c, *spatial)
+        return _add_into(h, x).reshape(b, c, *spatial)
 
 
 # Sequences at least this long take the layout of the fused attention kernel.
@@ -503,7 +522,7 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(
             normalization(ch),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),  # on the norm's fresh output, as in ResBlock
             zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1)),
         )
 

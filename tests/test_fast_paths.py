@@ -158,3 +158,82 @@ def test_channels_last_model_matches_contiguous(use_sdpa):
         expected = reference(x, t)
         out = model(x_cl, t)
     assert _rel_err(out, expected) < 1e-5
+
+
+# The faithful path writes its element-wise steps into the norm and convolution
+# outputs they follow (fewer fresh 32-64 MiB activations at 256 px). These check
+# that this is only a memory optimisation: the same numbers and gradients as the
+# original's out-of-place expressions, and no input or shared tensor overwritten.
+
+
+def _out_of_place_resblock(block, x, emb):
+    """ResBlock._forward as the original writes it, every step out of place."""
+    norm_in, conv_in = block.in_layers[0], block.in_layers[2]
+    h = conv_in(block.h_upd(th.nn.functional.silu(norm_in(x))))
+    x = block.x_upd(x)
+    emb_out = block.emb_layers(emb)[..., None, None]
+    norm_out, conv_out = block.out_layers[0], block.out_layers[3]
+    if block.use_scale_shift_norm:
+        scale, shift = th.chunk(emb_out, 2, dim=1)
+        h = norm_out(h) * (1 + scale) + shift
+    else:
+        h = norm_out(h + emb_out)
+    return block.skip_connection(x) + conv_out(th.nn.functional.silu(h))
+
+
+@pytest.mark.parametrize("use_scale_shift_norm", [True, False])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(out_channels=96), dict(up=True), dict(down=True)],
+    ids=["same-channels", "wider", "up", "down"],
+)
+def test_in_place_resblock_matches_the_out_of_place_original(
+    use_scale_shift_norm, kwargs
+):
+    block = unet.ResBlock(
+        64, 128, 0.0, use_scale_shift_norm=use_scale_shift_norm, **kwargs
+    )
+    randomize_(block, seed=21)
+    gen = th.Generator().manual_seed(21)
+    x0, emb0 = th.randn(2, 64, 8, 8, generator=gen), th.randn(2, 128, generator=gen)
+    grad_out = None
+    results = []
+    for forward in (block, lambda x, emb: _out_of_place_resblock(block, x, emb)):
+        block.zero_grad()
+        x, emb = x0.clone().requires_grad_(), emb0.clone().requires_grad_()
+        out = forward(x, emb)
+        if grad_out is None:
+            grad_out = th.randn(out.shape, generator=gen)
+        out.backward(grad_out)
+        assert th.equal(x, x0) and th.equal(emb, emb0)  # inputs untouched
+        grads = [p.grad.clone() for p in block.parameters()]
+        results.append((out.detach(), x.grad, emb.grad, grads))
+    (out, x_grad, emb_grad, grads), expected = results
+    assert th.equal(out, expected[0])
+    assert th.equal(x_grad, expected[1]) and th.equal(emb_grad, expected[2])
+    assert all(th.equal(a, b) for a, b in zip(grads, expected[3]))
+
+
+def test_in_place_attention_block_matches_the_out_of_place_original():
+    block = randomize_(unet.AttentionBlock(64, num_heads=4), seed=22)
+    x0 = th.randn(2, 64, 8, 8, generator=th.Generator().manual_seed(22))
+    x = x0.clone().requires_grad_()
+    out = block(x)
+    assert th.equal(x, x0)
+    flat = x0.reshape(2, 64, -1)
+    h = block.proj_out(block.attention(block.qkv(block.norm(flat))))
+    assert th.equal(out, (flat + h).reshape(x0.shape))
+
+
+def test_in_place_residual_keeps_the_wider_dtype_of_the_plain_sum():
+    # Under bfloat16 autocast the block's own output is bfloat16; added to a
+    # float32 input, the sum is float32 and must not be rounded into bfloat16.
+    block = randomize_(unet.AttentionBlock(64, num_heads=4), seed=23)
+    x = th.randn(2, 64, 8, 8, generator=th.Generator().manual_seed(23))
+    with th.no_grad(), th.autocast("cpu", dtype=th.bfloat16):
+        out = block(x)
+        flat = x.reshape(2, 64, -1)
+        h = block.proj_out(block.attention(block.qkv(block.norm(flat))))
+        expected = (flat + h).reshape(x.shape)
+    assert out.dtype == expected.dtype == th.float32
+    assert th.equal(out, expected)
