@@ -16,7 +16,8 @@ import sys
 
 import torch as th
 
-from guided_diffusion.script_util import str2bool
+# Nothing of the project's package is imported at the top: bench_reference.py's
+# children import this module with another codebase's guided_diffusion on the path.
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RESULTS = os.path.join(BENCH_DIR, "RESULTS.md")
@@ -99,6 +100,8 @@ def parse_variants(text, available, skip_compile):
 
 def add_speed_arguments(parser, batch_help):
     """The flags bench_train.py and bench_sample.py share."""
+    from guided_diffusion.script_util import str2bool
+
     parser.add_argument(
         "--configs", default="small,paper", help="comma-separated: tiny, small, paper"
     )
@@ -140,16 +143,19 @@ def check_speed_arguments(parser, args, available):
         parser.error(f"--variants: {err}")
 
 
-def run_rounds(script, variants, rounds, child_args, timeout, label):
+def run_rounds(script, variants, rounds, child_args, timeout, label, alternate=False):
     """
     Run every variant in a process of its own, in turn, ``rounds`` times.
 
     :param script: the benchmark script, run as ``script --variant NAME *child_args``.
+    :param alternate: reverse the order of the variants every other round, so that
+        none always runs first (after a pause) or second (after the other's load).
     :return: variant name -> list of the dicts its processes printed (one per round).
     """
     results = {v: [] for v in variants}
     for r in range(rounds):
-        for variant in variants:
+        order = variants[::-1] if alternate and r % 2 else variants
+        for variant in order:
             print(f"{label}: round {r + 1}/{rounds}, {variant} ...", flush=True)
             results[variant].append(
                 run_variant_process(
@@ -206,9 +212,9 @@ def report(title, table, notes, results_path):
     Print a table with its title, the machine and notes, and append the same
     section to ``results_path`` (none when it is empty).
     """
-    command = " ".join(
-        shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]]
-    )
+    # As typed in the repository's root; the arguments as the user gave them.
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(BENCH_DIR))
+    command = " ".join(shlex.quote(a) for a in ["python", script, *sys.argv[1:]])
     section = "\n".join(
         [
             f"## {title}",
