@@ -19,7 +19,8 @@ class GroupNorm32(nn.GroupNorm):
     A bfloat16 input on the CPU goes straight to PyTorch's mixed-precision kernel,
     which accumulates the statistics and normalises in float32 and rounds once to
     bfloat16: the same numbers as upcasting first (within one bfloat16 rounding),
-    without the two float32 copies of the activation, about 4x faster.
+    without the two float32 copies of the activation, and several times faster
+    (benchmarks/README.md, "Figures behind design choices").
     """
 
     def forward(self, x):

@@ -302,8 +302,7 @@ def _attend(q, k, v, use_sdpa):
         # only 4-D inputs whose last dimension is contiguous, so for long sequences
         # q, k and v are copied into that layout (T x ch values each, against
         # T x T x ch operations); for short ones the unfused kernel is faster on a
-        # CPU (measured: T = 64 unfused 2.7x faster in bfloat16, T = 1024 fused
-        # 2.3x faster).
+        # CPU (benchmarks/README.md, "Figures behind design choices").
         if q.shape[-1] >= FUSED_ATTENTION_MIN_LENGTH:
             q, k, v = (z.transpose(1, 2).contiguous()[None] for z in (q, k, v))
             return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2)
