@@ -9,8 +9,8 @@ samples stay within 2 %. Logging at dump time hands the logger the numbers that
 logging at every step did. The benchmarks' --quick runs complete and print their
 tables without touching benchmarks/RESULTS.md.
 
-torch.compile takes minutes on two CPU cores: its equivalence test runs only with
-RUN_COMPILE_TESTS=1.
+torch.compile takes minutes on two CPU cores: its equivalence test is marked slow
+and runs with ``python -m pytest -m slow``.
 """
 
 import itertools
@@ -147,10 +147,7 @@ def test_fp32_lever_matches_the_slow_path(tmp_path, slow_path, levers):
     assert_matches_slow_path(slow_path, train_two_steps(loop))
 
 
-@pytest.mark.skipif(
-    os.environ.get("RUN_COMPILE_TESTS") != "1",
-    reason="torch.compile takes minutes on a CPU; set RUN_COMPILE_TESTS=1 to run it",
-)
+@pytest.mark.slow  # torch.compile takes minutes on a CPU: python -m pytest -m slow
 def test_compile_matches_the_slow_path(tmp_path, slow_path):
     loop = make_loop(tmp_path, compile=True)
     assert loop.forward_model is not loop.model
