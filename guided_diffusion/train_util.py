@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import time
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,7 +143,11 @@ class TrainLoop:
                 device_ids=[self.device] if self.device.type == "cuda" else None,
                 bucket_cap_mb=128,
             )
-            self.ddp_model.register_comm_hook(None, self._reduce_with_stop_flag)
+            # The hook's state is a weak reference: a bound method would hold this
+            # loop, which holds the DDP model, which holds the hook, a cycle through
+            # C++ that gc cannot see, keeping the process group and its threads
+            # alive after dist_util.cleanup(), until the interpreter shuts down.
+            self.ddp_model.register_comm_hook(weakref.ref(self), _reduce_with_stop_flag)
         else:
             self.ddp_model = self.model
         # The compiled wrapper shares the model's parameters; checkpoints are written
@@ -307,14 +312,13 @@ class TrainLoop:
             "(again to abort)"
         )
 
-    def _reduce_with_stop_flag(self, state, bucket):
+    def reduce_with_stop_flag(self, bucket):
         """
         DDP's gradient all-reduce (the mean of every bucket over the ranks), with
         this rank's stop flag appended to the last bucket. Every rank must leave
         the loop at the same step; carried by the collective the step makes anyway,
         the flags reach all ranks without an all-reduce of their own.
 
-        :param state: unused (DDP's hook state).
         :param bucket: a torch.distributed.GradBucket of flattened gradients.
         :return: a future of the averaged bucket, as DDP's default hook returns.
         """
@@ -708,3 +712,8 @@ def write_config(config, folder):
         json.dump(config, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
     return path
+
+
+def _reduce_with_stop_flag(loop_ref, bucket):
+    """DDP's comm hook: TrainLoop.reduce_with_stop_flag of the loop ``loop_ref`` refers to."""
+    return loop_ref().reduce_with_stop_flag(bucket)
