@@ -111,8 +111,21 @@ def _tracked_text_files():
 
 # Pointers to files a clone does not have: the steering folder beside the
 # repository, the design document kept there, and absolute paths of a machine.
+# Each pattern is split with a character class ("[/]", "[.]") so that this file
+# does not contain the very strings it looks for.
 OUTSIDE = re.compile(
-    r"\.\./shared|parents\[2\]\s*/\s*\"shared\"|DESIGN\.md|/work/|/tmp/|/root/|/home/\w+/|/Users/\w+/"
+    "|".join(
+        [
+            r"[.][.][/]shared",
+            r"parents\[2\]\s*/\s*\"shared\"",
+            r"DESIGN[.]md",
+            r"[/]work[/]",
+            r"[/]tmp[/]",
+            r"[/]root[/]",
+            r"[/]home[/]\w+[/]",
+            r"[/]Users[/]\w+[/]",
+        ]
+    )
 )
 
 
@@ -120,7 +133,6 @@ def test_nothing_points_outside_the_repository():
     offenders = [
         f"{name}:{lineno}: {line.strip()}"
         for name, text in _tracked_text_files()
-        if name != "tests/test_packaging.py"
         for lineno, line in enumerate(text.splitlines(), 1)
         if OUTSIDE.search(line)
     ]
