@@ -18,6 +18,7 @@ setup(
         "scikit-image",  # SSIM and PSNR
         "scipy",  # the matrix square root of the Frechet distance (FID)
         "mpi4py",
+        "rasterio",  # GeoTIFF and 16-bit rasters (its wheels include GDAL)
     ],
     extras_require={
         # an MPI library for mpiexec when the machine has none (clusters usually do)

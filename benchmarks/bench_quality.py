@@ -33,6 +33,7 @@ from guided_diffusion.image_datasets import (
 )
 from guided_diffusion.samplers import SAMPLERS
 from guided_diffusion.sampling import (
+    input_scaling,
     load_model,
     make_generators,
     read_run_config,
@@ -130,10 +131,15 @@ def main():
         )
     size = flags["image_size"]
     names = [name for _, _, name in pairs]
+    scaling, _ = input_scaling(run_config, {}, flags["sar_channels"])
     sar = th.from_numpy(
-        np.stack([load_sar(s, size, flags["sar_channels"]) for s, _, _ in pairs])
+        np.stack([load_sar(s, size, scaling=scaling) for s, _, _ in pairs])
     ).to(device)
-    gt = to_uint8(th.from_numpy(np.stack([load_opt(o, size) for _, o, _ in pairs])))
+    gt = to_uint8(
+        th.from_numpy(
+            np.stack([load_opt(o, size, scaling=scaling) for _, o, _ in pairs])
+        )
+    )
 
     # Warm-up: the first calls of a process set up kernels and would count against
     # whichever sampler ran first.

@@ -19,16 +19,29 @@ import re
 
 import numpy as np
 import torch as th
-from PIL import Image
+
+from . import logger
+from .rasters import (  # noqa: F401 (DataError is part of this module's interface)
+    DataError,
+    Scaling,
+    load_opt_patch,
+    load_sar_patch,
+    read_raster,
+)
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # guided-diffusion's random crop covers between 80% and 100% of the short side
 _MIN_CROP_FRAC = 0.8
 
-# A SEN1-2 sensor token: "s1" as a whole word of a folder or file name, so
-# that "ROIs1158" is left alone while "s1_1/" and "_s1_1_p30" are matched.
-_S1_TOKEN = re.compile(r"(?:^|(?<=[/_]))s1(?=_)")
+# A SEN1-2 / SEN12MS sensor token: "s1" as a whole word of a folder or file name,
+# so that "ROIs1158" is left alone while "s1_1/", "_s1_1_p30" and SEN12MS-CR's
+# "ROIs1158_spring_s1/" are matched.
+_S1_TOKEN = re.compile(r"(?:^|(?<=[/_]))s1(?=[_/.]|$)")
+
+# The other products of SEN12MS (land cover, lc_1/) and SEN12MS-CR (cloudy
+# Sentinel-2, s2_cloudy_1/) that share a root with s1/ and s2/: left out.
+_OTHER_PRODUCTS = re.compile(r"(?:^|(?<=[/_]))(lc|s2_cloudy)(?=[_/.]|$)")
 
 _CONVENTIONS = (
     "pair files by the same relative path (sar/12.png <-> opt/12.png, only the "
@@ -36,13 +49,6 @@ _CONVENTIONS = (
     "(ROIs1158_spring/s1_1/ROIs1158_spring_s1_1_p30.png <-> "
     "ROIs1158_spring/s2_1/ROIs1158_spring_s2_1_p30.png)"
 )
-
-# Pillow modes with more than 8 bits per sample (16-bit integer, 32-bit int, float)
-_WIDE_MODES = ("I", "F")
-
-
-class DataError(ValueError):
-    """A problem with the user's data; its one-line message names the file and fix."""
 
 
 def natural_key(path: str) -> tuple:
@@ -174,8 +180,19 @@ def find_pairs(dir_sar: str, dir_opt: str) -> list[tuple[str, str, str]]:
     if os.path.realpath(dir_sar) == os.path.realpath(dir_opt):
         # files without an s1 token are optical candidates; one without an
         # s2 token then finds no SAR partner and is reported as unpaired
-        opt_names = [n for n in sar_names if not _S1_TOKEN.search(n)]
+        others = [n for n in sar_names if _OTHER_PRODUCTS.search(n)]
+        left_out = set(others)
+        opt_names = [
+            n for n in sar_names if not _S1_TOKEN.search(n) and n not in left_out
+        ]
         sar_names = [n for n in sar_names if _S1_TOKEN.search(n)]
+        if others:
+            kinds = sorted({_OTHER_PRODUCTS.search(n).group(1) for n in others})
+            logger.log(
+                f"{dir_sar}: left out {len(others)} file(s) of other products "
+                f"({', '.join(k + '_*' for k in kinds)}, e.g. {others[0]}); pairing "
+                "s1 with s2"
+            )
         if not sar_names:
             raise DataError(
                 f"the SAR and optical folders are both {dir_sar}, but no path in it "
@@ -215,101 +232,45 @@ def find_test_pairs(data_dir: str) -> list[tuple[str, str | None, str]]:
     return [(os.path.join(dir_sar, n), None, n) for n in _list_images(dir_sar, "SAR")]
 
 
-def _open(path: str) -> Image.Image:
-    """Decode an image fully, so a broken file fails here with its name."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img
-    except Exception as exc:
-        # Pillow reports corrupt files with many exception types (OSError,
-        # SyntaxError, ValueError, DecompressionBombError, struct.error ...)
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        raise DataError(
-            f"cannot read image {path} ({reason}); replace or remove the file"
-        ) from None
-
-
-def _check_8bit(img: Image.Image, path: str, what: str) -> None:
-    if img.mode in _WIDE_MODES or img.mode.startswith("I;"):
-        raise DataError(
-            f"{what} image {path} has mode {img.mode} (16-bit or float); only 8-bit "
-            f"{what} images are supported for now: convert it to 8-bit first"
-        )
-
-
-def _sar_image(img: Image.Image, path: str, sar_channels: int) -> Image.Image:
-    _check_8bit(img, path, "SAR")
-    if sar_channels not in (1, 3):
-        raise ValueError(f"sar_channels must be 1 or 3, not {sar_channels}")
-    # single-band SAR stays single-band through the resize; _to_array replicates it
-    if sar_channels == 1 or img.mode in ("1", "L", "LA", "La"):
-        return img.convert("L")
-    return img.convert("RGB")
-
-
-def _opt_image(img: Image.Image, path: str) -> Image.Image:
-    _check_8bit(img, path, "optical")
-    return img.convert("RGB")
-
-
-def _resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
-    # halving with BOX first avoids the aliasing of a single large bicubic step
-    while min(img.size) >= 2 * short_side:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = short_side / min(img.size)
-    return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-
-
-def _to_array(img, image_size, channels, crop, flip) -> np.ndarray:
-    """Resize, crop, flip and scale an 8-bit image to float32 (C, H, W) in [-1, 1]."""
-    short_side, fy, fx = (image_size, None, None) if crop is None else crop
-    arr = np.asarray(_resize_short_side(img, short_side))
-    h, w = arr.shape[:2]
-    top = (h - image_size) // 2 if fy is None else int(fy * (h - image_size + 1))
-    left = (w - image_size) // 2 if fx is None else int(fx * (w - image_size + 1))
-    arr = arr[top : top + image_size, left : left + image_size]
-    if flip:
-        arr = arr[:, ::-1]
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.shape[2] != channels:
-        arr = np.repeat(arr, channels, axis=2)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / 127.5 - 1
-
-
-def load_sar(path, image_size, sar_channels=3, crop=None, flip=False) -> np.ndarray:
+def load_sar(
+    path, image_size, sar_channels=3, crop=None, flip=False, *, scaling=None
+) -> np.ndarray:
     """
-    Load an 8-bit SAR image (mode L, LA, RGB or P) for the model.
+    Load a SAR image for the model (rasters.py tells how each kind is read).
 
-    :param path: image file.
+    :param path: image file: 8-bit grey or RGB (mode L, LA, RGB or P), or a
+        (Geo)TIFF / 16-bit PNG read as ``scaling`` says.
     :param image_size: side of the square output.
     :param sar_channels: 3 (single-band SAR replicated, RGB kept) or 1 (RGB
-        converted to L).
+        converted to L), for 8-bit images when no ``scaling`` is given.
     :param crop: None for a center crop after resizing the short side to
         ``image_size``; or (short_side, y, x): resize the short side to
         ``short_side`` and place the crop window at the relative offsets
         y, x in [0, 1) of the remaining room.
     :param flip: mirror left-right after cropping.
-    :return: float32 array (sar_channels, image_size, image_size) in [-1, 1].
-    :raises DataError: the file cannot be read or is not 8-bit.
+    :param scaling: a :class:`rasters.Scaling` (its sar_channels wins).
+    :return: float32 array (sar_channels, image_size, image_size) in [-1, 1];
+        nodata pixels hold -1 (:func:`rasters.load_sar_patch` returns the mask).
+    :raises DataError: the file cannot be read or does not fit the scaling.
     """
-    img = _sar_image(_open(path), path, sar_channels)
-    return _to_array(img, image_size, sar_channels, crop, flip)
+    scaling = scaling or Scaling(sar_channels=sar_channels)
+    return load_sar_patch(path, image_size, scaling, crop, flip)[0]
 
 
-def load_opt(path, image_size, crop=None, flip=False) -> np.ndarray:
+def load_opt(path, image_size, crop=None, flip=False, *, scaling=None) -> np.ndarray:
     """
-    Load an 8-bit optical image as RGB (RGBA, P and L are converted).
+    Load an optical image as RGB (RGBA, P and L are converted).
 
-    :param path: image file.
+    :param path: image file: 8-bit RGB, or bands picked and scaled by ``scaling``
+        (``opt_bands``, ``opt_range``).
     :param image_size: side of the square output.
     :param crop: as in :func:`load_sar`.
     :param flip: mirror left-right after cropping.
+    :param scaling: a :class:`rasters.Scaling`, or None for 8-bit RGB.
     :return: float32 array (3, image_size, image_size) in [-1, 1].
-    :raises DataError: the file cannot be read or is not 8-bit.
+    :raises DataError: the file cannot be read or does not fit the scaling.
     """
-    return _to_array(_opt_image(_open(path), path), image_size, 3, crop, flip)
+    return load_opt_patch(path, image_size, scaling, crop, flip)
 
 
 class PairedDataset(th.utils.data.Dataset):
@@ -318,18 +279,27 @@ class PairedDataset(th.utils.data.Dataset):
 
     :param pairs: [(sar_path, opt_path, name)] as returned by :func:`find_pairs`.
     :param image_size: side of the square crops.
-    :param sar_channels: 1 or 3.
+    :param sar_channels: 1 or 3, for 8-bit images when no ``scaling`` is given.
     :param random_crop: crop at a random scale and place instead of the center.
     :param random_flip: mirror left-right with probability 1/2.
+    :param scaling: a :class:`rasters.Scaling` (its sar_channels wins).
     """
 
     def __init__(
-        self, pairs, image_size, sar_channels=3, random_crop=False, random_flip=False
+        self,
+        pairs,
+        image_size,
+        sar_channels=3,
+        random_crop=False,
+        random_flip=False,
+        *,
+        scaling=None,
     ):
         super().__init__()
         self.pairs = pairs
         self.image_size = image_size
-        self.sar_channels = sar_channels
+        self.scaling = scaling or Scaling(sar_channels=sar_channels)
+        self.sar_channels = self.scaling.sar_channels
         self.random_crop = random_crop
         self.random_flip = random_flip
 
@@ -341,9 +311,12 @@ class PairedDataset(th.utils.data.Dataset):
         :param item: (index, aug_seed); aug_seed alone decides the crop and flip.
         :return: float32 array (sar_channels + 3, H, W), SAR channels first.
         """
-        index, aug_seed = item
+        return self.sample(*item)[0]
+
+    def sample(self, index, aug_seed):
+        """:return: (the array of ``self[index, aug_seed]``, the SAR's rasters.SarStats)."""
         sar_path, opt_path, _ = self.pairs[index]
-        sar, opt = _open(sar_path), _open(opt_path)
+        sar, opt = read_raster(sar_path), read_raster(opt_path)
         if sar.size != opt.size:
             raise DataError(
                 f"SAR image {sar_path} ({sar.size[0]}x{sar.size[1]}) and its optical "
@@ -357,13 +330,10 @@ class PairedDataset(th.utils.data.Dataset):
             short_side = int(rng.integers(self.image_size, max_side + 1))
             crop = (short_side, rng.random(), rng.random())
         flip = self.random_flip and rng.random() < 0.5
-        sar = _sar_image(sar, sar_path, self.sar_channels)
-        return np.concatenate(
-            [
-                _to_array(sar, self.image_size, self.sar_channels, crop, flip),
-                _to_array(_opt_image(opt, opt_path), self.image_size, 3, crop, flip),
-            ]
-        )
+        size, scaling = self.image_size, self.scaling
+        sar_arr, _, stats = load_sar_patch(sar_path, size, scaling, crop, flip, sar)
+        opt_arr = load_opt_patch(opt_path, size, scaling, crop, flip, opt)
+        return np.concatenate([sar_arr, opt_arr]), stats
 
 
 def _aug_seed(seed: int, epoch: int, position: int) -> int:
@@ -438,8 +408,14 @@ class GlobalBatchSampler:
             k += 1
 
 
-class _ReportErrors(th.utils.data.Dataset):
-    """Return DataErrors, not raise them: a worker would re-raise a long traceback."""
+class _Samples(th.utils.data.Dataset):
+    """
+    The samples of a batch, with what scaling met, and DataErrors returned, not
+    raised (a worker would re-raise a long traceback).
+
+    A pair whose SAR window holds no valid pixel is skipped for the next pair in
+    the dataset's order (the same whatever the workers), and named.
+    """
 
     def __init__(self, dataset):
         super().__init__()
@@ -449,17 +425,74 @@ class _ReportErrors(th.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, item):
+        index, aug_seed = item
+        skipped = []
         try:
-            return self.dataset[item]
+            for k in range(len(self.dataset)):
+                array, stats = self.dataset.sample((index + k) % len(self), aug_seed)
+                if not stats.all_nodata:
+                    return array, stats, skipped
+                skipped.append(stats.path)
         except DataError as exc:
             return exc
+        return DataError(
+            f"every SAR image of the training data is nodata in its window (e.g. "
+            f"{skipped[0]}); check --sar_nodata and the files"
+        )
 
 
 def _collate(samples):
     for s in samples:
         if isinstance(s, DataError):
             return s
-    return th.from_numpy(np.stack(samples))
+    arrays, stats, skipped = zip(*samples)
+    return (
+        th.from_numpy(np.stack(arrays)),
+        list(stats),
+        [p for group in skipped for p in group],
+    )
+
+
+class _DataReport:
+    """
+    Tells the log what scaling met: skipped all-nodata patches (each), filled
+    nodata pixels (the first time, then at 10, 100, ... patches), and one warning
+    when an image clips at one end of its dB range.
+    """
+
+    def __init__(self):
+        self.skipped = 0
+        self.patches_with_nodata = 0
+        self.nodata_pixels = 0
+        self.next_report = 10
+        self.warned = False
+
+    def add(self, stats, skipped):
+        for path in skipped:
+            self.skipped += 1
+            logger.log(
+                f"skipped {path}: no valid SAR pixel in its window "
+                f"({self.skipped} all-nodata patch(es) skipped so far)"
+            )
+        for st in stats:
+            if st.nodata:
+                self.patches_with_nodata += 1
+                self.nodata_pixels += st.nodata
+                if self.patches_with_nodata == 1:
+                    logger.log(
+                        f"{st.path}: {st.nodata} of {st.pixels} SAR pixels are nodata; "
+                        "nodata pixels are filled with the bottom of the dB range (-1)"
+                    )
+                elif self.patches_with_nodata == self.next_report:
+                    self.next_report *= 10
+                    logger.log(
+                        f"{self.patches_with_nodata} patches so far had nodata pixels "
+                        f"({self.nodata_pixels} filled with -1)"
+                    )
+            warning = None if self.warned else st.clipping_warning()
+            if warning:
+                self.warned = True
+                logger.warn(warning)
 
 
 def load_data(
@@ -472,39 +505,44 @@ def load_data(
     random_crop=False,
     random_flip=False,
     sar_channels=3,
+    scaling=None,
     seed=0,
     start_batch=0,
     num_workers=None,
     rank=None,
     world_size=None,
+    pairs=None,
 ):
     """
     Pair the two folders and return an endless iterator of training batches.
 
     The files are found and paired here, so data errors surface before
     training starts; unreadable images surface (as :class:`DataError`) when
-    their batch is reached.
+    their batch is reached. All-nodata patches are skipped and named in the
+    log, as are filled nodata pixels and images that clip at their dB range.
 
     :param data_dir_sar: SAR folder (--data_dir_sar).
     :param data_dir_opt: optical folder (--data_dir_opt); equal to data_dir_sar
-        for a SEN1-2 root holding both.
+        for a SEN1-2 / SEN12MS root holding both.
     :param batch_size: images per batch on this rank.
     :param image_size: side of the square crops.
     :param deterministic: keep the file order instead of shuffling each epoch.
     :param random_crop: random scale and position of the crop.
     :param random_flip: random left-right mirror.
-    :param sar_channels: 1 or 3.
+    :param sar_channels: 1 or 3, for 8-bit images when no ``scaling`` is given.
+    :param scaling: a :class:`rasters.Scaling` (its sar_channels wins).
     :param seed: non-negative seed of the data order and augmentations.
     :param start_batch: global batch number to start from; a run resumed at k
         sees what an uninterrupted run sees after k batches.
     :param num_workers: loader processes; None for min(4, CPUs), 0 to load in-process.
     :param rank: this process's rank; None to ask torch.distributed (else 0).
     :param world_size: number of ranks; None to ask torch.distributed (else 1).
+    :param pairs: the pairs of the two folders, when already found.
     :return: an iterator of (batch, {}) with batch a float32 tensor
         (batch_size, sar_channels + 3, image_size, image_size), SAR channels first.
     :raises DataError: the folders cannot be paired or hold too few pairs.
     """
-    pairs = find_pairs(data_dir_sar, data_dir_opt)
+    pairs = pairs if pairs is not None else find_pairs(data_dir_sar, data_dir_opt)
     distributed = th.distributed.is_available() and th.distributed.is_initialized()
     if rank is None:
         rank = th.distributed.get_rank() if distributed else 0
@@ -532,9 +570,10 @@ def load_data(
         sar_channels=sar_channels,
         random_crop=random_crop,
         random_flip=random_flip,
+        scaling=scaling,
     )
     loader = th.utils.data.DataLoader(
-        _ReportErrors(dataset),
+        _Samples(dataset),
         batch_sampler=sampler,
         collate_fn=_collate,
         num_workers=num_workers,
@@ -545,7 +584,10 @@ def load_data(
 
 
 def _batches(loader):
+    report = _DataReport()
     for batch in loader:
         if isinstance(batch, DataError):
             raise DataError(str(batch)) from None
-        yield batch, {}
+        images, stats, skipped = batch
+        report.add(stats, skipped)
+        yield images, {}

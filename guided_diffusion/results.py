@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import settings
 from .image_datasets import DataError
+from .rasters import Scaling
 from .sampling import NON_OUTPUT_FLAGS
 
 # Settings in run.json that do not change the images, so a results folder continues
@@ -48,6 +49,8 @@ def run_defaults():
     return {
         **settings.defaults("model", "diffusion", "sampling", "run", "speed"),
         "sampler": "ddpm",
+        # a run.json from before rasters read 8-bit files, as Scaling() does
+        "inputs": Scaling().record(),
     }
 
 

@@ -13,11 +13,13 @@ it shares, on the number of ranks or on the order the images are visited in.
 import hashlib
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch as th
 
 from . import dist_util, logger, samplers, settings
+from .rasters import FILE_SETTINGS, Scaling
 from .script_util import (
     OPT_CHANNELS,
     attention_resolutions_flag,
@@ -222,6 +224,20 @@ def to_uint8(images) -> np.ndarray:
     return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def sar_for_display(images) -> np.ndarray:
+    """
+    SAR as a picture: one channel grey, three as they are, and two polarisations
+    as the usual composite red = co-pol (VV), green = cross-pol (VH), blue = co-pol.
+
+    :param images: (N, H, W, C) uint8, C in 1, 2, 3.
+    :return: (N, H, W, 1 or 3) uint8.
+    """
+    images = np.asarray(images)
+    if images.shape[-1] == 2:
+        return images[..., [0, 1, 0]]
+    return images
+
+
 def add_model_flags(parser):
     """
     Add every model and diffusion flag to an argparse parser with the default None,
@@ -351,6 +367,31 @@ def checkpoint_model_flags(model_path, explicit):
     shown = " ".join(f"--{k} {v}" if v != "" else f'--{k} ""' for k, v in taken.items())
     note = f"no config.json beside {model_path}: {shown} read off its weights"
     return {**given, **taken}, {}, note
+
+
+def input_scaling(run_config, given, sar_channels):
+    """
+    How to read the inputs of a model: its training run's record, then the
+    "inputs" settings given now. Those describing the files (sar_input,
+    sar_nodata, sar_bands) may differ freely; a dB range or optical scaling other
+    than the one the model learned on is used, and reported as a conflict.
+
+    :param run_config: :func:`read_run_config`'s record, or None (a checkpoint of
+        the original code, or of a run before rasters: 8-bit, as then).
+    :param given: setting name -> value given on the command line (None: not given).
+    :param sar_channels: the model's.
+    :return: (rasters.Scaling, name -> (given value, recorded value) conflicts).
+    """
+    recorded = (run_config or {}).get("inputs")
+    base = Scaling.from_record(recorded) if recorded else Scaling()
+    base = replace(base, sar_channels=sar_channels)
+    scaling, changed = base.updated(given)
+    conflicts = {
+        k: (given[k], getattr(base, k))
+        for k in changed
+        if recorded and k not in FILE_SETTINGS
+    }
+    return scaling, conflicts
 
 
 def _load_state_dict(model_path):

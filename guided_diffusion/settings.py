@@ -13,6 +13,7 @@ The declarations below produce
 
 Adding a setting is one :func:`declare` call here plus its use. The groups:
 "model" (the U-Net), "diffusion" (the process), "data" (the training data),
+"inputs" (what the SAR and optical files hold and how they are scaled),
 "training" (the loop), "sampling" (translating images), "run" (seed and batch, used by
 training and sampling alike) and "speed" (levers that compute the same function
 faster, or nearly the same in bfloat16).
@@ -20,9 +21,10 @@ faster, or nearly the same in bfloat16).
 
 import argparse
 import json
+import re
 from dataclasses import dataclass
 
-from . import samplers
+from . import rasters, samplers
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ def add_to_parser(parser, *groups, overrides=None, unset=False, only=None):
         (the sampling scripts then take the training run's record, else the default).
     """
     overrides = overrides or {}
+    # "--sar_db_range -25,0": a value that starts like a negative number is a value
+    # (Python 3.13 reads it so; earlier versions only "-25" and "-2.5")
+    parser._negative_number_matcher = re.compile(r"^-\.?\d[\d.,:eE+-]*$")
     for s in SETTINGS.values():
         if s.group not in groups or (only is not None and s.name not in only):
             continue
@@ -165,7 +170,14 @@ declare(
     False,
     "attention through scaled_dot_product_attention (same function)",
 )
-declare(M, "sar_channels", 3, "SAR channels fed to the model (grey is replicated to 3)")
+declare(
+    M,
+    "sar_channels",
+    3,
+    "SAR channels: 1 (one polarisation), 2 (co- and cross-pol, VV and VH) or 3 "
+    "(a grey image replicated, or RGB SAR, as the original)",
+    choices=(1, 2, 3),
+)
 
 # -- the diffusion process (guided-diffusion's, plus sigma_small) -----------------------
 
@@ -188,6 +200,48 @@ declare(A, "data_dir_opt", "", "folder of the optical training images")
 declare(A, "random_crop", False, "random crops instead of centre crops")
 declare(A, "random_flip", False, "random horizontal flips (both images of a pair)")
 declare(A, "num_workers", -1, "data loading processes per rank (-1: min(4, cores))")
+
+# -- what the SAR and optical files hold (rasters.py): read by training, recorded in
+# config.json, and read from there by sampling (which may describe its own files)
+
+N = "inputs"
+declare(
+    N,
+    "sar_input",
+    "uint8",
+    "SAR values: uint8 (8-bit images, as SEN1-2), or calibrated sigma0 in db, "
+    "linear power or amplitude",
+    choices=rasters.SAR_INPUTS,
+)
+declare(
+    N,
+    "sar_db_range",
+    "",
+    "dB mapped to [-1, 1]: LO,HI for every band or LO1,HI1,LO2,HI2 per band "
+    "(empty: -25,0 for VV/HH and -32.5,0 for VH/HV, as SEN12MS-CR)",
+)
+declare(N, "sar_nodata", "", "SAR nodata value, or nan (empty: the file's; NaN always)")
+declare(
+    N,
+    "sar_bands",
+    "",
+    "SAR bands in model order, by name or 1-based index, e.g. VV,VH or 2,1 "
+    "(empty: all bands, VV/HH before VH/HV where the file names them)",
+)
+declare(
+    N,
+    "opt_bands",
+    "",
+    "optical red, green and blue bands, 1-based, e.g. 4,3,2 for Sentinel-2 "
+    "(empty: RGB images)",
+)
+declare(
+    N,
+    "opt_range",
+    "",
+    "optical values mapped to [-1, 1]: MIN,MAX, e.g. 0,3000 for Sentinel-2 L1C "
+    "(empty: 8-bit)",
+)
 
 # -- seed and batch, shared by training and sampling --------------------------------
 
@@ -261,4 +315,4 @@ declare(
     P, "lower_order_final", 2, "DPM-Solver++: first-order final updates (at least 1)"
 )
 
-del M, D, A, R, S, T, P
+del M, D, A, N, R, S, T, P

@@ -11,8 +11,9 @@ import torch as th
 from PIL import Image
 
 from . import metrics
-from .image_datasets import DataError, find_test_pairs, load_opt, load_sar
-from .sampling import make_generators, to_uint8, translate
+from .image_datasets import DataError, find_test_pairs, load_opt
+from .rasters import Scaling, load_sar_patch
+from .sampling import make_generators, sar_for_display, to_uint8, translate
 
 
 class Validator:
@@ -21,6 +22,7 @@ class Validator:
         (float32; the EMA weights are loaded into it each time).
     :param diffusion: a respaced diffusion for the fast sampler.
     :param data_dir: a folder with sar/ and opt/ (ground truth is required).
+    :param scaling: how the files are read (rasters.Scaling), as for training.
     :param num: how many pairs to translate (the first ones by name).
     :param sampler: a sampler name of guided_diffusion.sampling.
     :param seed: the noise seed; each pair's noise depends on (seed, name) only.
@@ -33,7 +35,8 @@ class Validator:
         diffusion,
         data_dir,
         image_size,
-        sar_channels,
+        scaling=None,
+        sar_channels=3,
         num,
         sampler,
         seed=0,
@@ -47,12 +50,19 @@ class Validator:
             )
         pairs = pairs[:num]
         self.names = [name for _, _, name in pairs]
-        self.sar = th.from_numpy(
-            np.stack([load_sar(sar, image_size, sar_channels) for sar, _, _ in pairs])
-        )
+        scaling = scaling or Scaling(sar_channels=sar_channels)
+        loaded = [load_sar_patch(sar, image_size, scaling) for sar, _, _ in pairs]
+        self.sar = th.from_numpy(np.stack([arr for arr, _, _ in loaded]))
+        # nodata stays nodata: black in the generated image, left out of the scores
+        self.valid = np.stack([valid for _, valid, _ in loaded])
         self.gt = to_uint8(
-            th.from_numpy(np.stack([load_opt(opt, image_size) for _, opt, _ in pairs]))
+            th.from_numpy(
+                np.stack(
+                    [load_opt(opt, image_size, scaling=scaling) for _, opt, _ in pairs]
+                )
+            )
         )
+        self.gt = np.where(self.valid[..., None], self.gt, 0).astype(np.uint8)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -76,12 +86,13 @@ class Validator:
             sampler=self.sampler,
             generators=make_generators(self.seed, self.names),
         )
-        generated = to_uint8(generated)
+        generated = np.where(self.valid[..., None], to_uint8(generated), 0)
+        generated = generated.astype(np.uint8)
         ssim = [metrics.ssim_rgb(g, t) for g, t in zip(generated, self.gt)]
         psnr = [metrics.psnr(g, t) for g, t in zip(generated, self.gt)]
         finite = [p for p in psnr if np.isfinite(p)]
         save_grid(
-            [to_uint8(self.sar), generated, self.gt],
+            [sar_for_display(to_uint8(self.sar)), generated, self.gt],
             os.path.join(folder, f"val_{step:06d}.png"),
         )
         return {

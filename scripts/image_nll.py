@@ -24,17 +24,19 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger, settings  # noqa: E402
-from guided_diffusion.image_datasets import (
+from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
     load_opt,
     load_sar,
-)  # noqa: E402
+)
 from guided_diffusion.sampling import (  # noqa: E402
     add_model_flags,
     checkpoint_model_flags,
     explicit_model_flags,
+    input_scaling,
     load_model,
+    read_run_config,
 )
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
@@ -60,6 +62,7 @@ def main():
         ),
         overrides={"batch_size": 8},
     )
+    settings.add_to_parser(parser, "inputs", unset=True)
     add_model_flags(parser)
     args = parser.parse_args()
     if not os.path.isfile(args.model_path):
@@ -74,7 +77,12 @@ def main():
     logger.configure()
     if read_note:
         logger.log(read_note)
-    for key, (given, trained) in conflicts.items():
+    scaling, input_conflicts = input_scaling(
+        read_run_config(args.model_path),
+        {k: getattr(args, k) for k in settings.names("inputs")},
+        flags["sar_channels"],
+    )
+    for key, (given, trained) in {**conflicts, **input_conflicts}.items():
         logger.warn(f"--{key} {given} differs from the training run's {trained}")
     pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]
     if not pairs:
@@ -97,14 +105,13 @@ def main():
         chunk = mine[start : start + args.batch_size]
         sar = th.from_numpy(
             np.stack(
-                [
-                    load_sar(s, flags["image_size"], flags["sar_channels"])
-                    for s, _, _ in chunk
-                ]
+                [load_sar(s, flags["image_size"], scaling=scaling) for s, _, _ in chunk]
             )
         )
         opt = th.from_numpy(
-            np.stack([load_opt(o, flags["image_size"]) for _, o, _ in chunk])
+            np.stack(
+                [load_opt(o, flags["image_size"], scaling=scaling) for _, o, _ in chunk]
+            )
         )
         out = diffusion.calc_bpd_loop(
             model, opt.to(dist_util.dev()), clip_denoised=args.clip_denoised,

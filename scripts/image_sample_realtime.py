@@ -21,7 +21,13 @@ Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
 run.json and samples_NxHxWx3.npz. Running the same command again continues where
 it stopped; each image's noise depends only on --seed and its name. A folder made
 with other settings that decide the images (checkpoint, sampler, steps, eta, seed,
-clipping, bf16, model and diffusion flags) is refused; speed levers may differ.
+clipping, bf16, model and diffusion flags, input scaling) is refused; speed levers
+may differ.
+
+The files are read the way the training run read its own (config.json: SAR kind,
+bands and dB ranges, optical bands and range); --sar_input, --sar_nodata and
+--sar_bands describe this folder's files when they come in another form. Nodata
+SAR pixels are black (0) in gen_opt/.
 """
 
 import argparse
@@ -39,8 +45,8 @@ from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
     load_opt,
-    load_sar,
 )
+from guided_diffusion.rasters import load_sar_patch  # noqa: E402
 from guided_diffusion.results import (  # noqa: E402
     claim_folder,
     output_names,
@@ -52,10 +58,13 @@ from guided_diffusion.sampling import (  # noqa: E402
     check_sampler,
     checkpoint_model_flags,
     explicit_model_flags,
+    input_scaling,
     load_model,
     make_generators,
     prepare_model,
+    read_run_config,
     sampler_settings,
+    sar_for_display,
     to_uint8,
     translate,
 )
@@ -84,11 +93,15 @@ def main():
     )
     if read_note:
         logger.log(read_note)
-    for k, (mine, trained) in conflicts.items():
+    scaling, input_conflicts = input_scaling(
+        read_run_config(args.model_path), args.inputs, flags["sar_channels"]
+    )
+    for k, (mine, trained) in {**conflicts, **input_conflicts}.items():
         logger.warn(
             f"warning: --{k} {mine} differs from {k}={trained!r} in {config_path}; "
             f"using {mine}"
         )
+    logger.log(f"inputs: {scaling.describe()}")
     diffusion = create_gaussian_diffusion(
         steps=flags["diffusion_steps"],
         **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
@@ -112,6 +125,7 @@ def main():
         **args.options,
         **{k: getattr(args, k) for k in ("use_bf16", "channels_last", "compile")},
         **flags,
+        "inputs": scaling.record(),
     }
     claim = claim_folder(out_dir, run, pairs, outputs) if rank == 0 else None
     problem, todo = dist_util.broadcast_object(claim)
@@ -124,14 +138,14 @@ def main():
     )
 
     # -- translate this rank's share ----------------------------------------------
-    size, sar_channels = flags["image_size"], flags["sar_channels"]
+    size = flags["image_size"]
     mine = [pairs[i] for i in todo[rank::world]]
     bar = tqdm(total=len(mine), unit="image", desc="images", disable=rank != 0)
+    warned, nodata_images = False, 0
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start : start + args.batch_size]
-        sar = th.from_numpy(
-            np.stack([load_sar(p, size, sar_channels) for p, _, _ in batch])
-        )
+        loaded = [load_sar_patch(p, size, scaling) for p, _, _ in batch]
+        sar = th.from_numpy(np.stack([arr for arr, _, _ in loaded]))
         sar = sar.to(dist_util.dev())
         generated = translate(
             model, diffusion, sar, sampler=args.sampler,
@@ -139,21 +153,36 @@ def main():
             clip_denoised=args.clip_denoised, progress=rank == 0, use_bf16=args.use_bf16,
             **args.options,
         )  # fmt: skip
-        for (_, opt_path, name), sar_img, gen_img in zip(
-            batch, to_uint8(sar), to_uint8(generated)
+        for (_, opt_path, name), (_, valid, stats), sar_img, gen_img in zip(
+            batch, loaded, sar_for_display(to_uint8(sar)), to_uint8(generated)
         ):
-            truth = None if opt_path is None else load_opt(opt_path, size)[None]
-            write_result(
-                out_dir, outputs[name], sar_img, gen_img,
-                None if truth is None else to_uint8(truth)[0],
-            )  # fmt: skip
+            warning = None if warned else stats.clipping_warning()
+            if warning:
+                warned = True
+                logger.warn(warning)
+            if not valid.all():
+                # no SAR there, so no translation: nodata (black) in the output
+                nodata_images += 1
+                gen_img = np.where(valid[..., None], gen_img, 0).astype(np.uint8)
+                if stats.all_nodata:
+                    logger.log(f"{name}: every SAR pixel is nodata; its output is too")
+            truth = None
+            if opt_path is not None:
+                truth = to_uint8(load_opt(opt_path, size, scaling=scaling)[None])[0]
+            write_result(out_dir, outputs[name], sar_img, gen_img, truth)
         bar.update(len(batch))
     bar.close()
 
     # -- all generated images in one file -----------------------------------------
     counts = dist_util.all_gather_object(len(mine))  # also waits for every rank
+    nodata_counts = dist_util.all_gather_object(nodata_images)
     if rank == 0:
         logger.log(f"translated {' + '.join(map(str, counts))} images (per process)")
+        if sum(nodata_counts):
+            logger.log(
+                f"{sum(nodata_counts)} image(s) had nodata SAR pixels, black (0) in "
+                "gen_opt/"
+            )
         logger.log(
             f"results in {out_dir}; arrays in {write_npz(out_dir, pairs, outputs)}"
         )
@@ -166,9 +195,11 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     settings.add_to_parser(parser, *SAMPLING_GROUPS, overrides=SAMPLING_OVERRIDES)
+    settings.add_to_parser(parser, "inputs", unset=True)
     add_model_flags(parser)
     args = parser.parse_args()
     explicit = explicit_model_flags(args)
+    args.inputs = {k: getattr(args, k) for k in settings.names("inputs")}
 
     if args.use_ddim and args.sampler not in ("", "ddim"):
         raise UsageError(

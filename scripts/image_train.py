@@ -25,7 +25,8 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger, settings  # noqa: E402
-from guided_diffusion.image_datasets import DataError, load_data  # noqa: E402
+from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
+from guided_diffusion.rasters import Scaling, resolve  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     args_to_dict,
     create_model_and_diffusion,
@@ -57,6 +58,12 @@ def main():
         **args_to_dict(args, model_and_diffusion_defaults().keys())
     )
 
+    # pair the folders and read the first pair now: a bad path or file fails
+    # before a run folder is made, and the first pair fixes the band names and
+    # dB ranges every later file, validation and sampling use
+    pairs = find_pairs(args.data_dir_sar, args.data_dir_opt)
+    scaling, facts = resolve(Scaling.from_settings(args), pairs[0][0], pairs[0][1])
+
     def data(start_batch):
         return load_data(
             data_dir_sar=args.data_dir_sar,
@@ -65,14 +72,15 @@ def main():
             image_size=args.image_size,
             random_crop=args.random_crop,
             random_flip=args.random_flip,
-            sar_channels=args.sar_channels,
+            scaling=scaling,
             seed=args.seed,
             start_batch=start_batch,
             num_workers=None if args.num_workers < 0 else args.num_workers,
+            pairs=pairs,
         )
 
-    data(0)  # pair the folders now: a bad path fails before a run folder is made
-    validator = make_validator(args) if args.val_data_dir else None  # None on ranks > 0
+    # None on ranks > 0
+    validator = make_validator(args, scaling) if args.val_data_dir else None
 
     # -- the run folder, once the inputs are known to be usable --------------------
     run_dir = None
@@ -83,10 +91,12 @@ def main():
         remove_stale_temp_files(logger.get_dir())
         config = {
             **vars(args),
+            "inputs": {**scaling.record(), **facts},
             "world_size": dist_util.get_world_size(),
             "torch": th.__version__,
         }
         logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
+        logger.log(f"inputs: {scaling.describe()}")
 
     # -- train --------------------------------------------------------------------
     loop = TrainLoop(
@@ -112,7 +122,7 @@ def main():
     dist_util.cleanup()
 
 
-def make_validator(args):
+def make_validator(args, scaling):
     """
     The validator on rank 0 (a float32 copy of the model and a respaced diffusion
     for the fast sampler); None on the other ranks, which do not validate and so
@@ -122,7 +132,7 @@ def make_validator(args):
     validator, error = None, None
     if dist_util.is_main_process():
         try:
-            validator = build_validator(args)
+            validator = build_validator(args, scaling)
         except (DataError, ValueError, FileNotFoundError) as err:
             error = str(err)
     error = dist_util.broadcast_object(error)
@@ -131,7 +141,7 @@ def make_validator(args):
     return validator
 
 
-def build_validator(args):
+def build_validator(args, scaling):
     """A float32 copy of the model and a respaced diffusion for the fast sampler."""
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     flags.update(use_fp16=False, timestep_respacing=args.val_timestep_respacing)
@@ -141,7 +151,7 @@ def build_validator(args):
         diffusion=diffusion,
         data_dir=args.val_data_dir,
         image_size=args.image_size,
-        sar_channels=args.sar_channels,
+        scaling=scaling,
         num=args.val_num,
         sampler=args.val_sampler,
         seed=args.seed,
@@ -152,7 +162,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    settings.add_to_parser(parser, *TRAINING_GROUPS, "model", "diffusion")
+    settings.add_to_parser(parser, *TRAINING_GROUPS, "inputs", "model", "diffusion")
     return parser
 
 
