@@ -66,8 +66,9 @@ def test_class_table_is_consistent():
     assert len({c.name for c in CLASSES}) == len(CLASSES)
     for c in CLASSES:
         assert len(c.rgb) == 3 and all(0 <= v <= 255 for v in c.rgb)
-        assert c.sigma0 > 0
+        assert c.sigma0 > 0 and c.sigma0_vh > 0
         assert c.sigma0_db == pytest.approx(10 * np.log10(c.sigma0))
+        assert c.sigma0_vh_db == pytest.approx(10 * np.log10(c.sigma0_vh))
 
 
 def test_classes_share_backscatter_but_not_colour():
@@ -263,7 +264,14 @@ def test_dataset_json_matches_the_files(dataset):
     assert (info["seed"], info["image_size"]) == (5, 32)
     assert (info["num_train"], info["num_test"], info["looks"]) == (12, 3, 4)
     assert info["classes"] == [
-        dict(id=c.id, name=c.name, rgb=list(c.rgb), sigma0=c.sigma0) for c in CLASSES
+        dict(
+            id=c.id,
+            name=c.name,
+            rgb=list(c.rgb),
+            sigma0=c.sigma0,
+            sigma0_vh=c.sigma0_vh,
+        )
+        for c in CLASSES
     ]
 
     train = sorted((out / "train" / "opt").iterdir())

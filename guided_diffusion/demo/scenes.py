@@ -11,6 +11,10 @@ view of the same ground:
 * building walls that face the sensor form a dihedral with the ground and
   return a very bright double-bounce line, the far side lies in radar shadow;
 * multilook speckle multiplies the intensity by Gamma(L, 1/L) noise;
+* on request (generate_scene's cross_pol) the cross-polarised VH channel is
+  simulated too: every class has a VH level as well, and VH tells apart the
+  field classes that share one VV level (bare ploughed soil scatters little
+  into the cross channel, a green canopy a lot);
 * the result is converted to dB, clipped and scaled to 8 bits the way SEN1-2
   stores Sentinel-1 images (bright, low contrast).
 
@@ -39,17 +43,25 @@ class SceneClass:
     :param id: value of the class in the saved class maps.
     :param name: short identifier.
     :param rgb: mean optical colour before per-parcel and per-pixel variation.
-    :param sigma0: noise-free radar backscatter, linear intensity.
+    :param sigma0: noise-free radar backscatter, linear intensity (VV, the
+        co-polarised channel of Sentinel-1).
+    :param sigma0_vh: noise-free cross-polarised (VH) backscatter, linear
+        intensity.
     """
 
     id: int
     name: str
     rgb: tuple
     sigma0: float
+    sigma0_vh: float
 
     @property
     def sigma0_db(self):
         return 10.0 * float(np.log10(self.sigma0))
+
+    @property
+    def sigma0_vh_db(self):
+        return 10.0 * float(np.log10(self.sigma0_vh))
 
 
 # Backscatter levels are typical C-band VV values (Sentinel-1): calm water
@@ -59,22 +71,77 @@ class SceneClass:
 # field classes and the two roof classes share a level on purpose.
 _FIELD_SIGMA0 = 0.05
 _ROOF_SIGMA0 = 0.25
+
+
+def _from_db(db):
+    return 10.0 ** (db / 10.0)
+
+
+# Cross-polarised (VH) levels. A wave comes back in the other polarisation
+# only when the target depolarises it: smooth surfaces hardly do, a volume of
+# leaves and stems does a lot. So VH separates what VV lumps together, and the
+# four field classes that share one VV level get four VH levels.
+# * Calm water and asphalt scatter specularly or nearly so; their VH lies
+#   below the sensor's noise-equivalent sigma0, which the ESA Sentinel-1 SAR
+#   Technical Guide ("SAR instrument performance") specifies as -22 dB or
+#   better. What is measured there is the noise floor, the -25 dB that radar
+#   shadow has in this model (SHADOW_SIGMA0 below).
+# * Bare soil: in the empirical bare-soil model of Oh, Sarabandi and Ulaby
+#   (1992, IEEE Trans. Geosci. Remote Sens. 30(2), fitted to truck-mounted
+#   L-, C- and X-band polarimetric measurements of bare fields) the
+#   cross-polarised ratio is q = VH / VV = 0.23 sqrt(G0) (1 - exp(-ks)), G0
+#   the Fresnel reflectivity at nadir, ks the roughness in wavenumbers. Rough
+#   moist ploughed soil (ks ~ 2, permittivity ~ 15) gives q ~ -9 dB, so
+#   -13 - 9 = -22 dB. Smooth dry soil (ks ~ 0.5, permittivity ~ 4) gives
+#   q ~ -15 dB, which would put it under the noise floor; it is set at
+#   -24 dB, the VH that Harfenmeister, Spengler and Weltzien (2019, Remote
+#   Sens. 11(13) 1569) measured with Sentinel-1 on wheat and barley fields in
+#   Germany in March 2018, dry soil with little cover.
+# * Crops: VH grows with the water content and biomass of the canopy
+#   (Vreugdenhil et al. 2018, Remote Sens. 10(9) 1396: Sentinel-1 VV, VH and
+#   VH/VV against in-situ vegetation water content, biomass and LAI of corn,
+#   oilseed rape and winter cereals in Austria). Veloso et al. (2017, Remote
+#   Sens. Environ. 199, 415-426: Sentinel-1 time series of maize, sunflower,
+#   soybean, wheat and rapeseed fields in south-west France) report VH rising
+#   by about 10 dB from the bare soil after sowing (near -25 dB) to the
+#   green canopy at its peak (near -15 dB): crop_green -16 dB.
+# * Ripening cereals (crop_yellow): Harfenmeister et al. (2019) measured VH
+#   of -19 dB (wet 2017) to -24 dB (dry 2018) on wheat and barley in March
+#   and minima of -22 to -24 dB in May, rising again towards harvest:
+#   crop_yellow -20 dB.
+# * Grassland, a lower and sparser canopy than a green crop and a greener
+#   one than a ripe cereal, is placed between them at -18 dB (no figure for
+#   grass alone was found; an interpolation by biomass).
+# * Forest, the strongest volume scatterer of the scene: -14 dB, inside the
+#   -12 to -15 dB range commonly quoted for Sentinel-1 VH over closed
+#   temperate forest (Rueetschi, Schaepman and Small 2018, Remote Sens.
+#   10(1) 55, follow such VV and VH series over beech and spruce stands);
+#   no single paper's number was checked for this value.
+# * Built-up ground (gardens, yards, paving) -17 dB and roofs -13 dB: 6 to
+#   7 dB under VV like the bare surfaces above, the roofs sharing one level
+#   as in VV. Not taken from a measurement: chosen by that ratio.
+
+
+# Sentinel-1's noise floor in this model (-25 dB, see SHADOW_SIGMA0)
+_NOISE_FLOOR_SIGMA0 = 0.003
+_ROOF_SIGMA0_VH = _from_db(-13.0)
 CLASSES = (
-    SceneClass(0, "water", (30, 50, 64), 0.003),
-    SceneClass(1, "road", (152, 150, 142), 0.012),
-    SceneClass(2, "bare_soil", (166, 138, 104), 0.02),
-    SceneClass(3, "ploughed", (104, 78, 58), _FIELD_SIGMA0),
-    SceneClass(4, "crop_green", (58, 124, 46), _FIELD_SIGMA0),
-    SceneClass(5, "crop_yellow", (198, 178, 90), _FIELD_SIGMA0),
-    SceneClass(6, "grassland", (130, 170, 86), _FIELD_SIGMA0),
-    SceneClass(7, "forest", (34, 66, 36), 0.12),
-    SceneClass(8, "urban_ground", (122, 118, 108), 0.08),
-    SceneClass(9, "roof_red", (170, 80, 62), _ROOF_SIGMA0),
-    SceneClass(10, "roof_grey", (150, 152, 158), _ROOF_SIGMA0),
+    SceneClass(0, "water", (30, 50, 64), 0.003, _NOISE_FLOOR_SIGMA0),
+    SceneClass(1, "road", (152, 150, 142), 0.012, _NOISE_FLOOR_SIGMA0),
+    SceneClass(2, "bare_soil", (166, 138, 104), 0.02, _from_db(-24.0)),
+    SceneClass(3, "ploughed", (104, 78, 58), _FIELD_SIGMA0, _from_db(-22.0)),
+    SceneClass(4, "crop_green", (58, 124, 46), _FIELD_SIGMA0, _from_db(-16.0)),
+    SceneClass(5, "crop_yellow", (198, 178, 90), _FIELD_SIGMA0, _from_db(-20.0)),
+    SceneClass(6, "grassland", (130, 170, 86), _FIELD_SIGMA0, _from_db(-18.0)),
+    SceneClass(7, "forest", (34, 66, 36), 0.12, _from_db(-14.0)),
+    SceneClass(8, "urban_ground", (122, 118, 108), 0.08, _from_db(-17.0)),
+    SceneClass(9, "roof_red", (170, 80, 62), _ROOF_SIGMA0, _ROOF_SIGMA0_VH),
+    SceneClass(10, "roof_grey", (150, 152, 158), _ROOF_SIGMA0, _ROOF_SIGMA0_VH),
 )
 _ID = {c.name: c.id for c in CLASSES}
 _CLASS_RGB = np.array([c.rgb for c in CLASSES], dtype=np.float64)
 _CLASS_SIGMA0 = np.array([c.sigma0 for c in CLASSES], dtype=np.float64)
+_CLASS_SIGMA0_VH = np.array([c.sigma0_vh for c in CLASSES], dtype=np.float64)
 _ROOF_IDS = (_ID["roof_red"], _ID["roof_grey"])
 _FIELD_IDS = (_ID["ploughed"], _ID["crop_green"], _ID["crop_yellow"], _ID["grassland"])
 
@@ -83,6 +150,14 @@ _FIELD_IDS = (_ID["ploughed"], _ID["crop_green"], _ID["crop_yellow"], _ID["grass
 # only the instrument noise floor (about -25 dB for Sentinel-1) remains.
 DOUBLE_BOUNCE_SIGMA0 = 5.0
 SHADOW_SIGMA0 = 0.003
+# In cross-pol the dihedral is much weaker: one whose walls run along the
+# track has a diagonal scattering matrix and returns no VH at all; a wall
+# turned by a polarisation orientation angle theta leaks
+# |S_hv / S_vv|^2 = tan^2(2 theta) of it, about -11 dB at theta = 8 degrees.
+# So VH double bounce is set 10 dB under VV's (-3 dB), still 10 dB above the
+# roofs. Shadow receives nothing in either channel: the noise floor.
+DOUBLE_BOUNCE_SIGMA0_VH = 0.5
+SHADOW_SIGMA0_VH = SHADOW_SIGMA0
 
 # SEN1-2 pairs measured in this project have 8-bit SAR means of 200-230 and a
 # standard deviation of about 16 per image. This 56 dB window reproduces that:
@@ -519,7 +594,69 @@ def to_uint8_db(intensity, db_range=DB_RANGE):
     return np.round(np.clip((db - lo) / (hi - lo), 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def generate_scene(rng, size, looks=4):
+def _wall_masks(cls_map, sensor_side, shadow_length):
+    """
+    Where buildings give double bounce and radar shadow (as in simulate_sar).
+
+    :return: (lit, shadow) boolean (H, W) arrays: the roof pixels on the side
+        facing the sensor, and the ground behind the buildings.
+    """
+    dy, dx = SENSOR_SIDES[sensor_side]
+    roof = np.isin(cls_map, _ROOF_IDS)
+    lit = roof & ~_shift(roof, dy, dx)
+    behind = np.zeros_like(roof)
+    for k in range(1, shadow_length + 1):
+        behind |= _shift(roof, k * dy, k * dx)
+    return lit, behind & ~roof
+
+
+def simulate_cross_pol(
+    cls_map, sigma0_vv, rng, looks=4, *, sensor_side=SENSOR_SIDE, shadow_length=1
+):
+    """
+    Simulate the cross-polarised (VH) channel that goes with a VV image.
+
+    The noise-free VH of a pixel is the VH level of its class, moved by the
+    same per-region offset as its VV (moisture and crop stage act on both
+    channels alike); double bounce and radar shadow get their own VH levels
+    (DOUBLE_BOUNCE_SIGMA0_VH, SHADOW_SIGMA0_VH). The speckle of VH is drawn
+    independently of that of VV.
+
+    :param cls_map: (H, W) integer class ids (see CLASSES).
+    :param sigma0_vv: (H, W) noise-free VV backscatter of the same map, as
+        returned by simulate_sar (its per-region offsets are carried over).
+    :param rng: numpy Generator for the speckle.
+    :param looks: number of looks L of the Gamma(L, 1/L) speckle.
+    :param sensor_side: where the radar is, as in simulate_sar.
+    :param shadow_length: length of the radar shadow, as in simulate_sar.
+    :return: (vh_linear (H, W) float32 speckled intensity, sigma0_vh (H, W)
+        float32 noise-free backscatter).
+    """
+    _check_looks(looks)
+    if sensor_side not in SENSOR_SIDES:
+        raise ValueError(
+            f"sensor_side must be one of {sorted(SENSOR_SIDES)}, got {sensor_side!r}"
+        )
+    cls_map = np.asarray(cls_map)
+    sigma0_vv = np.asarray(sigma0_vv, dtype=np.float64)
+    if cls_map.shape != sigma0_vv.shape:
+        raise ValueError(
+            f"class map {cls_map.shape} and VV backscatter {sigma0_vv.shape} "
+            "differ in size"
+        )
+    if cls_map.max(initial=0) >= len(CLASSES) or cls_map.min(initial=0) < 0:
+        raise ValueError(f"class ids must lie in 0..{len(CLASSES) - 1}")
+    lit, shadow = _wall_masks(cls_map, sensor_side, shadow_length)
+    walls = lit | shadow
+    offset = np.where(walls, 1.0, sigma0_vv / _CLASS_SIGMA0[cls_map])
+    sigma0_vh = _CLASS_SIGMA0_VH[cls_map] * offset
+    sigma0_vh = np.where(lit, DOUBLE_BOUNCE_SIGMA0_VH, sigma0_vh)
+    sigma0_vh = np.where(shadow, SHADOW_SIGMA0_VH, sigma0_vh)
+    speckle = rng.gamma(looks, 1.0 / looks, sigma0_vh.shape)
+    return (sigma0_vh * speckle).astype(np.float32), sigma0_vh.astype(np.float32)
+
+
+def generate_scene(rng, size, looks=4, *, cross_pol=False):
     """
     Draw one scene and its radar view.
 
@@ -527,9 +664,13 @@ def generate_scene(rng, size, looks=4):
     :param size: side of the square images in pixels (32 and up gives
         recognisable scenes; larger sizes hold more parcels, not bigger ones).
     :param looks: number of looks of the speckle.
+    :param cross_pol: also simulate the VH channel (simulate_cross_pol). Its
+        speckle is drawn from rng after everything else, so the other arrays
+        are the same with and without it.
     :return: dict with "opt" (H, W, 3) uint8, "sar" (H, W) uint8, "cls"
         (H, W) uint8 class ids, "sar_linear" (H, W) float32 speckled linear
-        intensity and "sigma0" (H, W) float32 noise-free backscatter.
+        intensity and "sigma0" (H, W) float32 noise-free backscatter (VV);
+        with cross_pol also "vh_linear" and "sigma0_vh", the same for VH.
     """
     if size < MIN_SIZE:
         raise ValueError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
@@ -537,10 +678,16 @@ def generate_scene(rng, size, looks=4):
     regions = np.asarray(layout.image, dtype=np.int64)
     cls_map = np.array(layout.cls, dtype=np.uint8)[regions]
     opt = _render_optical(rng, layout, regions, cls_map)
+    shadow_length = max(1, round(size / 96))
     sar, sar_linear, sigma0 = simulate_sar(
-        cls_map, rng, looks, regions=regions, shadow_length=max(1, round(size / 96))
+        cls_map, rng, looks, regions=regions, shadow_length=shadow_length
     )
-    return dict(opt=opt, sar=sar, cls=cls_map, sar_linear=sar_linear, sigma0=sigma0)
+    scene = dict(opt=opt, sar=sar, cls=cls_map, sar_linear=sar_linear, sigma0=sigma0)
+    if cross_pol:
+        scene["vh_linear"], scene["sigma0_vh"] = simulate_cross_pol(
+            cls_map, sigma0, rng, looks, shadow_length=shadow_length
+        )
+    return scene
 
 
 # ---------------------------------------------------------------------------
