@@ -7,6 +7,11 @@ Train on it with
     --data_dir_sar data/synth64/train/sar --data_dir_opt data/synth64/train/opt
 and sample from it with
     --data_dir data/synth64/test
+
+With --format sen12ms the same scenes are written as a SEN12MS-like tree of
+GeoTIFFs instead (SAR VV and VH in dB, 13-band 16-bit optical images, NaN
+nodata borders; see guided_diffusion/demo/sen12ms.py); the script prints the
+flags to train and sample with.
 """
 
 import argparse
@@ -14,6 +19,7 @@ import sys
 from pathlib import Path
 
 from guided_diffusion.demo.scenes import CLASSES, make_dataset
+from guided_diffusion.demo.sen12ms import make_sen12ms_dataset
 
 
 def create_argparser():
@@ -25,9 +31,22 @@ def create_argparser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--looks", type=float, default=4, help="speckle looks L")
     parser.add_argument(
+        "--format",
+        choices=("png", "sen12ms"),
+        default="png",
+        help="png: 8-bit PNGs in train|test/{sar,opt,cls}; sen12ms: a SEN12MS-like "
+        "GeoTIFF tree (float dB VV+VH, 13-band uint16 optical)",
+    )
+    parser.add_argument(
+        "--nodata_share",
+        type=float,
+        default=0.25,
+        help="sen12ms only: share of SAR patches with a NaN border along one edge",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="write into a non-empty --out (its PNGs under train/ and test/ are replaced)",
+        help="write into a non-empty --out (its images under train/ and test/ are replaced)",
     )
     return parser
 
@@ -40,9 +59,12 @@ def main():
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         sys.exit(
             f"--out {out} is not empty. Pass --overwrite to replace the dataset "
-            "in it (PNGs under train/ and test/ and dataset.json; other files "
+            "in it (images under train/ and test/ and dataset.json; other files "
             "are kept), or choose a new folder."
         )
+    if args.format == "sen12ms":
+        write_sen12ms(args, out)
+        return
     try:
         info = make_dataset(
             out,
@@ -75,6 +97,50 @@ def main():
         f"train with: --data_dir_sar {out / 'train' / 'sar'} --data_dir_opt {out / 'train' / 'opt'}"
     )
     print(f"sample with: --data_dir {out / 'test'}")
+    print(f"details: {out / 'dataset.json'}")
+
+
+def write_sen12ms(args, out):
+    """Write the GeoTIFF tree and print what it holds and how to use it."""
+    try:
+        info = make_sen12ms_dataset(
+            out,
+            num_train=args.num_train,
+            num_test=args.num_test,
+            image_size=args.image_size,
+            seed=args.seed,
+            looks=args.looks,
+            nodata_share=args.nodata_share,
+        )
+    except ValueError as err:
+        sys.exit(f"make_synthetic_dataset: {err}")
+
+    print(
+        f"wrote {info['num_train']} training and {info['num_test']} test patches of "
+        f"{info['image_size']}x{info['image_size']} pixels (seed {info['seed']}, "
+        f"{info['looks']:g} looks) as SEN12MS-like GeoTIFFs ({info['crs']}, "
+        f"{info['pixel_size']:g} m pixels) to {out}"
+    )
+    print(
+        f"{len(info['nodata_patches'])} SAR patches have a NaN border "
+        f"({info['nodata_pixels']} pixels)"
+    )
+    means, stds = info["sar_db_mean"], info["sar_db_std"]
+    print(
+        "SAR dB (train): "
+        + ", ".join(f"{b} mean {means[b]:.1f} std {stds[b]:.1f}" for b in means)
+    )
+    print("class            VV dB  VH dB  pixels  mean RGB (train)")
+    for cls, share, mean in zip(
+        info["classes"], info["class_pixel_share"], info["class_mean_rgb"], strict=True
+    ):
+        rgb = "-" if mean is None else " ".join(f"{v:5.1f}" for v in mean)
+        print(
+            f"  {cls['name']:<14} {cls['vv_db']:6.1f} {cls['vh_db']:6.1f} "
+            f"{100 * share:5.1f}%  {rgb}"
+        )
+    print(f"train with: {info['train_flags'].replace('OUT', str(out))}")
+    print(f"sample with: {info['sample_flags'].replace('OUT', str(out))}")
     print(f"details: {out / 'dataset.json'}")
 
 
