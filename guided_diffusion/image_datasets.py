@@ -437,7 +437,8 @@ class _Samples(th.utils.data.Dataset):
             return exc
         return DataError(
             f"every SAR image of the training data is nodata in its window (e.g. "
-            f"{skipped[0]}); check --sar_nodata and the files"
+            f"{skipped[0]}); check --sar_nodata and --sar_input (dB values read as "
+            f"power or amplitude are negative, so never valid)"
         )
 
 

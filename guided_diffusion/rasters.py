@@ -643,12 +643,27 @@ class SarStats:
             if max(below, above) > CLIP_WARN_SHARE:
                 low, high = self.observed[i]
                 name = self.labels[i] or f"band {i + 1}"
-                end = "below" if below >= above else "above"
+                if below >= above:
+                    end, hint = (
+                        "below",
+                        (
+                            "calm water and radar shadow do this; otherwise check "
+                            "--sar_input and --sar_db_range"
+                        ),
+                    )
+                else:
+                    end, hint = (
+                        "above",
+                        (
+                            "uncalibrated numbers (raw GRD lands near 40-60) or linear "
+                            "values read as dB do this: check --sar_input and "
+                            "--sar_db_range"
+                        ),
+                    )
                 return (
                     f"warning: {100 * max(below, above):.0f}% of the valid {name} pixels of "
                     f"{self.path} lie {end} the range {lo:g}..{hi:g} dB (observed "
-                    f"{low:.1f}..{high:.1f} dB): is --sar_input right (raw GRD digital "
-                    f"numbers are not calibrated dB), or does --sar_db_range need widening?"
+                    f"{low:.1f}..{high:.1f} dB): {hint}"
                 )
         return None
 
