@@ -106,28 +106,42 @@ def load_class_colours(dataset_json):
     return colours
 
 
-def mean_image_baseline(train_opt_dir, image_size, progress=False):
+def mean_image_baseline(train_opt, image_size, progress=False, *, scaling=None):
     """
     The mean of the training set's optical images, pixel by pixel.
 
     Images are loaded as the model sees them (image_datasets.load_opt: resized
-    and centre-cropped to image_size).
+    and centre-cropped to image_size, bands picked and scaled by ``scaling``).
 
-    :param train_opt_dir: folder of optical training images (searched recursively).
+    :param train_opt: folder of optical training images (searched
+        recursively), or a sequence of their files.
     :param image_size: side of the square images.
     :param progress: show a progress bar.
-    :return: uint8 array (image_size, image_size, 3), the rounded mean.
+    :param scaling: a :class:`~guided_diffusion.rasters.Scaling` that picks and
+        scales the bands of multispectral or 16-bit files (the training run's),
+        or None for 8-bit RGB images.
+    :return: uint8 array (image_size, image_size, 3), the rounded mean. 8-bit
+        images are averaged as their integer values; scaled ones as the
+        floats the model sees, mapped from [-1, 1] to [0, 255], unrounded.
     """
-    paths = list(metrics.list_images(train_opt_dir).values())
+    if isinstance(train_opt, (str, os.PathLike)):
+        paths, where = list(metrics.list_images(train_opt).values()), train_opt
+    else:
+        paths = [os.fspath(p) for p in train_opt]
+        where = "the list of optical training files"
     if not paths:
         raise ValueError(
-            f"{train_opt_dir}: no images; the mean-image baseline needs the "
+            f"{where}: no images; the mean-image baseline needs the "
             "optical training images"
         )
     total = np.zeros((image_size, image_size, 3), dtype=np.float64)
     for path in tqdm(paths, desc="mean training image", disable=not progress):
-        # load_opt returns v / 127.5 - 1 in float32; rounding recovers v exactly
-        image = np.round((load_opt(path, image_size) + 1.0) * 127.5)
+        if scaling is None:
+            # load_opt returns v / 127.5 - 1 in float32; rounding recovers v exactly
+            image = np.round((load_opt(path, image_size) + 1.0) * 127.5)
+        else:
+            opt = load_opt(path, image_size, scaling=scaling)
+            image = (opt.astype(np.float64) + 1.0) * 127.5
         total += image.transpose(1, 2, 0)
     return np.round(total / len(paths)).astype(np.uint8)
 
