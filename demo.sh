@@ -6,11 +6,33 @@
 # Every setting below can be overridden from the environment, e.g.
 #   STEPS=3000 RUN_DIR=logs/demo_long bash demo.sh
 # Running it again reuses the data and the finished training and translations.
+#
+# DATA_FORMAT picks the data: png (the default, 8-bit PNGs in data/synthetic32,
+# run in logs/demo) or sen12ms, the same kind of scenes as a SEN12MS-like GeoTIFF
+# tree (float32 dB VV+VH SAR with NaN nodata borders, 13-band uint16 optical) in
+# data/sen12ms32, run in logs/demo_sen12ms:
+#   DATA_FORMAT=sen12ms bash demo.sh
+# The model then learns from two SAR channels (VV, VH) in dB and the optical
+# bands 4,3,2 over 0..3000; the training run records that scaling in its
+# config.json, where sampling and the report read it back.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-DATA_DIR=${DATA_DIR:-data/synthetic32}
-RUN_DIR=${RUN_DIR:-logs/demo}
+DATA_FORMAT=${DATA_FORMAT:-png}
+case "$DATA_FORMAT" in
+  png)
+    DATA_DIR=${DATA_DIR:-data/synthetic32}
+    RUN_DIR=${RUN_DIR:-logs/demo}
+    ;;
+  sen12ms)
+    DATA_DIR=${DATA_DIR:-data/sen12ms32}
+    RUN_DIR=${RUN_DIR:-logs/demo_sen12ms}
+    ;;
+  *)
+    echo "demo.sh: unknown DATA_FORMAT $DATA_FORMAT; choose png (the default) or sen12ms" >&2
+    exit 2
+    ;;
+esac
 NUM_TRAIN=${NUM_TRAIN:-2000}
 NUM_TEST=${NUM_TEST:-64}
 STEPS=${STEPS:-1000}  # the training budget: ~11 min on 2 idle cores at the ~50 images/s measured
@@ -40,20 +62,38 @@ if [ -z "$image_size" ]; then
   echo "demo.sh: MODEL_FLAGS must contain --image_size N" >&2
   exit 2
 fi
+if [ "$DATA_FORMAT" = sen12ms ]; then
+  format_note=" as SEN12MS-like GeoTIFFs"
+  dataset_flags=(--format sen12ms)
+  # one root for both: s1_*/ files pair with s2_*/ ones, lc_*/ are left out
+  train_data_flags=(--data_dir_sar "$DATA_DIR/train" --data_dir_opt "$DATA_DIR/train"
+    --sar_input db --sar_channels 2 --opt_bands 4,3,2 --opt_range 0,3000)
+else
+  format_note=""
+  dataset_flags=()
+  train_data_flags=(--data_dir_sar "$DATA_DIR/train/sar" --data_dir_opt "$DATA_DIR/train/opt")
+fi
 export OPENAI_LOGDIR=$RUN_DIR
 start=$SECONDS
 
-echo "== 1/4 data: $NUM_TRAIN training and $NUM_TEST test scenes of ${image_size}x${image_size} pixels in $DATA_DIR"
+echo "== 1/4 data: $NUM_TRAIN training and $NUM_TEST test scenes of ${image_size}x${image_size} pixels$format_note in $DATA_DIR"
 if [ -f "$DATA_DIR/dataset.json" ]; then
+  # a PNG dataset's dataset.json has no "format"
+  found_format=$(sed -n 's/^  "format": "\([^"]*\)".*/\1/p' "$DATA_DIR/dataset.json")
+  if [ "${found_format:-png}" != "$DATA_FORMAT" ]; then
+    echo "demo.sh: $DATA_DIR holds a ${found_format:-png} dataset, not DATA_FORMAT=$DATA_FORMAT; use another DATA_DIR or delete $DATA_DIR" >&2
+    exit 2
+  fi
   echo "$DATA_DIR/dataset.json exists: using that dataset (delete $DATA_DIR to make a new one)"
 else
   python scripts/make_synthetic_dataset.py --out "$DATA_DIR" --overwrite \
-    --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --image_size "$image_size"
+    --num_train "$NUM_TRAIN" --num_test "$NUM_TEST" --image_size "$image_size" \
+    ${dataset_flags[@]+"${dataset_flags[@]}"}
 fi
 
 echo "== 2/4 training to step $STEPS in $RUN_DIR (continues a stopped run; Ctrl-C saves and stops)"
 # shellcheck disable=SC2086  # the flag strings are meant to split into words
-python scripts/image_train.py --data_dir_sar "$DATA_DIR/train/sar" --data_dir_opt "$DATA_DIR/train/opt" \
+python scripts/image_train.py "${train_data_flags[@]}" \
   $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS --resume_checkpoint auto --max_steps "$STEPS" --progress True
 ema_rate=$(sed -n 's/.*--ema_rate \([0-9.]*\).*/\1/p' <<<"$TRAIN_FLAGS")
 checkpoint=$(printf '%s/ema_%s_%06d.pt' "$RUN_DIR" "${ema_rate:-0.9999}" "$STEPS")
@@ -63,7 +103,8 @@ if [ ! -f "$checkpoint" ]; then
 fi
 
 echo "== 3/4 translating the test scenes of $DATA_DIR with $checkpoint ($SAMPLE_FLAGS)"
-# the model flags come from config.json beside the checkpoint
+# the model flags come from config.json beside the checkpoint, and so does the
+# scaling of the inputs (no --sar_input, --opt_bands, ... here, for either format)
 # shellcheck disable=SC2086
 python scripts/image_sample_realtime.py --data_dir "$DATA_DIR/test" --model_path "$checkpoint" $SAMPLE_FLAGS
 gen_dir=$RUN_DIR/sample_results/$SAMPLER$SAMPLE_STEPS/gen_opt
