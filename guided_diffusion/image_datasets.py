@@ -159,7 +159,7 @@ def _unpaired_error(unpaired: list[str]) -> DataError:
     return DataError(f"{first} has no partner{count}; {_CONVENTIONS}")
 
 
-def find_pairs(dir_sar: str, dir_opt: str) -> list[tuple[str, str, str]]:
+def find_pairs(dir_sar: str, dir_opt: str, notes=None) -> list[tuple[str, str, str]]:
     """
     Find the SAR/optical pairs of two folders (or of one SEN1-2 root given twice).
 
@@ -171,6 +171,7 @@ def find_pairs(dir_sar: str, dir_opt: str) -> list[tuple[str, str, str]]:
 
     :param dir_sar: folder of SAR images (searched recursively).
     :param dir_opt: folder of optical images (searched recursively).
+    :param notes: a list to append what was left out to; None to log it.
     :return: [(sar_path, opt_path, name)] sorted by :func:`natural_key` of name,
         where name is the SAR file's path relative to ``dir_sar`` ("/" separators).
     :raises DataError: a folder is missing or empty, a file has no partner, or
@@ -188,11 +189,15 @@ def find_pairs(dir_sar: str, dir_opt: str) -> list[tuple[str, str, str]]:
         sar_names = [n for n in sar_names if _S1_TOKEN.search(n)]
         if others:
             kinds = sorted({_OTHER_PRODUCTS.search(n).group(1) for n in others})
-            logger.log(
+            note = (
                 f"{dir_sar}: left out {len(others)} file(s) of other products "
                 f"({', '.join(k + '_*' for k in kinds)}, e.g. {others[0]}); pairing "
                 "s1 with s2"
             )
+            if notes is None:
+                logger.log(note)
+            else:
+                notes.append(note)
         if not sar_names:
             raise DataError(
                 f"the SAR and optical folders are both {dir_sar}, but no path in it "

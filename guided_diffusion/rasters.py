@@ -323,7 +323,9 @@ class Raster:
 
     @property
     def count(self):
-        return len(self.image.getbands()) if self.image is not None else len(self.bands)
+        if self.image is not None:
+            return Image.getmodebands(_pillow_bands_mode(self.image))
+        return len(self.bands)
 
     def describe_bands(self):
         """'2 bands (VH, VV)' or '13 bands'."""
@@ -425,15 +427,25 @@ def is_eight_bit(raster: Raster) -> bool:
     return raster.bands.dtype == np.uint8
 
 
+def _pillow_bands_mode(img):
+    """The mode whose bands a Pillow image's data are: L for grey (alpha dropped),
+    the mode itself for wide grey, RGB for the rest (a palette expanded)."""
+    if img.mode in _WIDE_MODES or img.mode.startswith("I;"):
+        return img.mode
+    return "L" if img.mode in ("1", "L", "LA", "La") else "RGB"
+
+
 def _band_stack(raster: Raster) -> np.ndarray:
-    """(B, H, W) of any raster; a Pillow image's own bands (palette expanded)."""
+    """
+    (B, H, W) of any raster; a Pillow image as grey or RGB (a palette expanded,
+    alpha dropped, as the original code's conversions do).
+    """
     if raster.bands is not None:
         return raster.bands
     img = raster.image
-    if img.mode in ("P", "PA", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert(
-            "RGBA" if "A" in img.mode or "transparency" in img.info else "RGB"
-        )
+    mode = _pillow_bands_mode(img)
+    if img.mode != mode:
+        img = img.convert(mode)
     arr = np.asarray(img)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -525,11 +537,13 @@ def _check_band_count(raster, count, sar_channels, given_bands):
     )
 
 
-def db_ranges(scaling: Scaling, labels):
+def db_ranges(scaling: Scaling, labels, positions=None):
     """
     The (lo, hi) dB range of each band fed.
 
     :param labels: the bands' polarisation names (None when unnamed), model order.
+    :param positions: the bands' 0-based places in the file, model order; an
+        unnamed band takes the convention of its place (SEN12MS: 1 VV, 2 VH).
     """
     n = len(labels)
     if scaling.sar_db_range:
@@ -541,9 +555,10 @@ def db_ranges(scaling: Scaling, labels):
                 "band(s); give one range for all bands or one per band"
             )
         return list(scaling.sar_db_range)
+    positions = range(n) if positions is None else positions
     ranges = []
-    for i, label in enumerate(labels):
-        cross = label in CROSS_POL if label else i % 2 == 1  # unnamed: VV, VH order
+    for label, place in zip(labels, positions):
+        cross = label in CROSS_POL if label else place % 2 == 1  # unnamed: VV, VH
         ranges.append(CROSS_POL_DB if cross else CO_POL_DB)
     return ranges
 
@@ -681,7 +696,7 @@ def _sar_selection(raster: Raster, scaling: Scaling):
     _check_band_count(
         raster, len(chosen), scaling.sar_channels, bool(scaling.sar_bands)
     )
-    return _band_stack(raster)[chosen], labels
+    return _band_stack(raster)[chosen], labels, chosen
 
 
 def sar_bands_scaled(raster: Raster, scaling: Scaling):
@@ -693,7 +708,7 @@ def sar_bands_scaled(raster: Raster, scaling: Scaling):
     :raises DataError: 8-bit input expected and the file is not, a band is
         missing, or the band count does not fit the model.
     """
-    raw, labels = _sar_selection(raster, scaling)
+    raw, labels, places = _sar_selection(raster, scaling)
     data = raw.astype(np.float64)
     stats = SarStats(raster.path, pixels=data.shape[1] * data.shape[2], labels=labels)
     if scaling.sar_input == "uint8":
@@ -709,7 +724,7 @@ def sar_bands_scaled(raster: Raster, scaling: Scaling):
         factor = 10.0 if scaling.sar_input == "power" else 20.0
         with np.errstate(divide="ignore", invalid="ignore"):
             data = factor * np.log10(np.where(valid, data, 1.0))
-    ranges = db_ranges(scaling, labels)
+    ranges = db_ranges(scaling, labels, places)
     stats.ranges = ranges
     stats.nodata = int(valid.size - valid.sum())
     out = np.empty_like(data)
@@ -865,15 +880,16 @@ def resolve(scaling: Scaling, sar_path, opt_path=None):
     :raises DataError: as loading the pair would.
     """
     sar = read_raster(sar_path)
-    _, _, stats = sar_bands_scaled(sar, scaling)
-    names = tuple(stats.labels) if all(stats.labels) else ()
-    resolved = replace(
-        scaling,
-        sar_band_names=names,
-        sar_db_range=tuple(map(tuple, stats.ranges))
-        if stats.ranges
-        else scaling.sar_db_range,
-    )
+    if _eight_bit_image(sar, scaling) is not None:
+        # the original code's path: nothing to fix beyond what it does
+        resolved = scaling
+    else:
+        _, _, stats = sar_bands_scaled(sar, scaling)
+        resolved = replace(
+            scaling,
+            sar_band_names=tuple(stats.labels) if all(stats.labels) else (),
+            sar_db_range=tuple(map(tuple, stats.ranges)) or scaling.sar_db_range,
+        )
     if opt_path is not None:
         opt_bands_scaled(read_raster(opt_path), scaling)
     facts = {

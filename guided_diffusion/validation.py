@@ -53,7 +53,8 @@ class Validator:
         scaling = scaling or Scaling(sar_channels=sar_channels)
         loaded = [load_sar_patch(sar, image_size, scaling) for sar, _, _ in pairs]
         self.sar = th.from_numpy(np.stack([arr for arr, _, _ in loaded]))
-        # nodata stays nodata: black in the generated image, left out of the scores
+        # nodata stays nodata: black in the generated image, as sampling writes it
+        # (the ground truth is kept, so nodata counts against the scores)
         self.valid = np.stack([valid for _, valid, _ in loaded])
         self.gt = to_uint8(
             th.from_numpy(
@@ -62,7 +63,6 @@ class Validator:
                 )
             )
         )
-        self.gt = np.where(self.valid[..., None], self.gt, 0).astype(np.uint8)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

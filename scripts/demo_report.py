@@ -201,7 +201,9 @@ def training_scaling(gen_dir):
     config = read_run_config(model_path) if model_path else None
     if config is not None:
         scaling, _ = input_scaling(config, {}, config.get("sar_channels", 3))
-        source = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+        source = os.path.join(
+            os.path.dirname(os.path.abspath(model_path)), "config.json"
+        )
         if recorded:
             sampled = Scaling.from_record(recorded)
             if (sampled.opt_bands, sampled.opt_range) != (

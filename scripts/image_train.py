@@ -61,7 +61,8 @@ def main():
     # pair the folders and read the first pair now: a bad path or file fails
     # before a run folder is made, and the first pair fixes the band names and
     # dB ranges every later file, validation and sampling use
-    pairs = find_pairs(args.data_dir_sar, args.data_dir_opt)
+    notes = []  # logged once the run folder's log exists
+    pairs = find_pairs(args.data_dir_sar, args.data_dir_opt, notes)
     scaling, facts = resolve(Scaling.from_settings(args), pairs[0][0], pairs[0][1])
 
     def data(start_batch):
@@ -97,6 +98,8 @@ def main():
         }
         logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
         logger.log(f"inputs: {scaling.describe()}")
+        for note in notes:
+            logger.log(note)
 
     # -- train --------------------------------------------------------------------
     loop = TrainLoop(

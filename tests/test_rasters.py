@@ -175,11 +175,40 @@ def test_per_band_ranges_follow_the_polarisation_names(tmp_path):
     np.testing.assert_allclose(load_sar(path, 4, scaling=per)[:, 0, 0], [0.0, 0.0])
 
 
-def test_unnamed_bands_take_the_convention_by_position(tmp_path):
+def test_unnamed_bands_take_the_convention_of_their_place_in_the_file(tmp_path):
     path = write_tif(tmp_path / "s1.tif", [np.full((4, 4), -12.5, np.float32)] * 2)
     arr = load_sar(path, 4, scaling=Scaling(sar_channels=2, sar_input="db"))
     # band 1 as VV: -12.5 in -25..0 -> 0; band 2 as VH: -12.5 in -32.5..0 -> 0.2308
-    np.testing.assert_allclose(arr[:, 0, 0], [0.0, 20 / 32.5 * 2 - 1], atol=1e-6)
+    vh = 20 / 32.5 * 2 - 1
+    np.testing.assert_allclose(arr[:, 0, 0], [0.0, vh], atol=1e-6)
+    # band 2 alone is still the cross-polarised band of a SEN12MS file
+    alone = Scaling(sar_channels=1, sar_input="db", sar_bands=(2,))
+    np.testing.assert_allclose(load_sar(path, 4, scaling=alone)[0, 0, 0], vh, atol=1e-6)
+    swapped = Scaling(sar_channels=2, sar_input="db", sar_bands=(2, 1))
+    np.testing.assert_allclose(
+        load_sar(path, 4, scaling=swapped)[:, 0, 0], [vh, 0.0], atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "mode, channels", [("LA", 1), ("LA", 3), ("RGB", 1), ("RGBA", 3)]
+)
+def test_8_bit_images_resolve_as_the_original_reads_them(tmp_path, mode, channels):
+    image = Image.new(
+        mode, (8, 8), (90, 200) if mode == "LA" else (10, 20, 30, 255)[: len(mode)]
+    )
+    image.save(tmp_path / "s1.png")
+    scaling, _ = resolve(Scaling(sar_channels=channels), str(tmp_path / "s1.png"))
+    assert scaling == Scaling(sar_channels=channels)  # nothing to fix for 8-bit files
+    arr = load_sar(str(tmp_path / "s1.png"), 8, scaling=scaling)
+    grey = 90 if mode == "LA" else round(10 * 0.299 + 20 * 0.587 + 30 * 0.114)
+    first = grey if channels == 1 or mode == "LA" else 10
+    assert arr.shape == (channels, 8, 8) and round((arr[0, 0, 0] + 1) * 127.5) == first
+    if mode == "LA":  # alpha is never a second polarisation
+        with pytest.raises(
+            DataError, match="has 1 band but the model takes --sar_channels 2"
+        ):
+            load_sar(str(tmp_path / "s1.png"), 8, scaling=Scaling(sar_channels=2))
 
 
 # -- nodata -----------------------------------------------------------------------
@@ -482,3 +511,6 @@ def test_sen12ms_cr_tree_under_one_root_leaves_other_products_out(tmp_path):
     assert [os.path.relpath(o, tmp_path) for _, o, _ in pairs] == sen12ms_cr_names("s2")
     log = (tmp_path / "log" / "log.txt").read_text()
     assert "left out 3 file(s) of other products (lc_*, s2_cloudy_*" in log
+    notes = []  # the training script logs them once its run folder exists
+    assert find_pairs(str(tmp_path), str(tmp_path), notes) == pairs
+    assert len(notes) == 1 and "left out 3 file(s)" in notes[0]
