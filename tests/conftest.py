@@ -5,6 +5,10 @@ suite loads this module, and the data, metrics or distributed tests must not
 fail to collect because a library module they do not use is broken.
 """
 
+import runpy
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +178,72 @@ def one_thread():
     th.set_num_threads(1)
     yield
     th.set_num_threads(previous)
+
+
+# Warnings that a Python process does not print by default (see the warnings module).
+_SILENT_WARNINGS = (
+    DeprecationWarning,
+    PendingDeprecationWarning,
+    ImportWarning,
+    ResourceWarning,
+)
+
+
+@pytest.fixture
+def run_in_process(monkeypatch, capsys):
+    """
+    Run a script of scripts/ in this process, as ``python SCRIPT ARGS`` would.
+
+    For the cases of a script whose real launch another test already covers (an
+    error found while parsing, a refused folder): the torch import and start-up of a
+    subprocess take seconds, the case itself milliseconds. The script runs as
+    ``__main__`` with its own top-level error handling; a ``sys.exit(message)``
+    becomes status 1 with the message on stderr, as the interpreter does, and
+    every warning a process would print counts as stderr output. An exception the
+    script lets through is not caught: the test fails with its traceback. A process
+    group the script leaves open is destroyed, as at the end of a process.
+
+    :return: a function ``run(script, args, env=None)`` that returns a
+        subprocess.CompletedProcess with returncode, stdout and stderr; ``env``
+        holds variables to set for the run, or to remove where the value is None.
+    """
+    from guided_diffusion import dist_util
+
+    def run(script, args, env=None):
+        capsys.readouterr()  # only this run's output
+        was_initialized = th.distributed.is_initialized()
+        with (
+            monkeypatch.context() as patch,
+            warnings.catch_warnings(record=True) as caught,
+        ):
+            warnings.simplefilter("always")
+            for key, value in (env or {}).items():
+                if value is None:
+                    patch.delenv(key, raising=False)
+                else:
+                    patch.setenv(key, str(value))
+            patch.setattr(sys, "argv", [str(script), *map(str, args)])
+            patch.setattr(sys, "path", list(sys.path))  # the script prepends the repo
+            try:
+                runpy.run_path(str(script), run_name="__main__")
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+            finally:
+                if not was_initialized and th.distributed.is_initialized():
+                    dist_util.cleanup()
+        out, err = capsys.readouterr()
+        if code is None:
+            code = 0
+        elif isinstance(code, str):
+            err, code = err + code + "\n", 1
+        for w in caught:
+            if not issubclass(w.category, _SILENT_WARNINGS):
+                err += warnings.formatwarning(
+                    w.message, w.category, w.filename, w.lineno
+                )
+        return subprocess.CompletedProcess(
+            [str(script), *map(str, args)], code, out, err
+        )
+
+    return run
