@@ -86,6 +86,20 @@ def run_sample(args, logdir, *, launcher=(), expect_rc=0, timeout=120):
     return proc
 
 
+def in_process_sampler(run_in_process):
+    """
+    run_sample's twin that runs the script in this process (conftest.run_in_process):
+    for refusals and reruns whose real launch other tests here cover.
+    """
+
+    def sample(args, logdir, *, expect_rc=0):
+        proc = run_in_process(SCRIPT, args, env={"OPENAI_LOGDIR": logdir})
+        assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    return sample
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, checkpoint, data_dir):
     """One process, batch 4, no model flags: they must come from config.json."""
@@ -281,7 +295,7 @@ def test_two_ranks_at_batch_1_match_one_process_at_batch_4(
 
 
 def test_rerun_fills_in_only_missing_images_and_another_seed_refuses(
-    tmp_path, first_run, checkpoint, data_dir
+    tmp_path, first_run, checkpoint, data_dir, run_in_process
 ):
     logdir = tmp_path / "logs"
     shutil.copytree(first_run.parents[1], logdir)  # keeps the modification times
@@ -306,8 +320,8 @@ def test_rerun_fills_in_only_missing_images_and_another_seed_refuses(
         again = read_png(results / "gen_opt" / name).astype(int)
         assert np.abs(again - read_png(first_run / "gen_opt" / name)).max() <= 1
 
-    proc = run_sample([*args, "--seed", "1"], logdir, expect_rc=2)
-    line = one_line_error(proc)
+    sample = in_process_sampler(run_in_process)
+    line = one_line_error(sample([*args, "--seed", "1"], logdir, expect_rc=2))
     assert str(results) in line and "seed" in line and "OPENAI_LOGDIR" in line
     assert snapshot(results) == after
 
@@ -333,26 +347,29 @@ def test_use_ddim_and_a_flag_that_differs_from_config(tmp_path, checkpoint, data
     assert run["sampler"] == "ddim" and run["predict_xstart"] is True
 
 
-def test_user_errors_are_one_line_with_status_2(tmp_path, checkpoint, data_dir):
+def test_user_errors_are_one_line_with_status_2(
+    tmp_path, checkpoint, data_dir, run_in_process
+):
     base = ["--model_path", checkpoint, "--data_dir", data_dir]
+    # A real process for the first: the status and stderr the user sees.
     misfit = one_line_error(
         run_sample([*base, "--num_channels", "64"], tmp_path, expect_rc=2)
     )
     assert str(checkpoint) in misfit and "does not fit" in misfit
     assert "trained with `--num_channels 32`; the flags say 64" in misfit
+    # The others through the same top-level handler, in this process.
+    sample = in_process_sampler(run_in_process)
     missing = one_line_error(
-        run_sample(
+        sample(
             ["--model_path", checkpoint, "--data_dir", tmp_path / "nope"],
             tmp_path,
             expect_rc=2,
         )
     )
     assert "--data_dir" in missing and "nope" in missing
-    no_model = one_line_error(
-        run_sample(["--data_dir", data_dir], tmp_path, expect_rc=2)
-    )
+    no_model = one_line_error(sample(["--data_dir", data_dir], tmp_path, expect_rc=2))
     assert "--model_path" in no_model
-    eta = one_line_error(run_sample([*base, "--eta", "0.5"], tmp_path, expect_rc=2))
+    eta = one_line_error(sample([*base, "--eta", "0.5"], tmp_path, expect_rc=2))
     assert "eta 0.5" in eta and "ddim" in eta
     assert not (tmp_path / "sample_results").exists()  # a failed start claims nothing
 
@@ -417,12 +434,13 @@ UNREADABLE = {
 
 
 def test_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
-    tmp_path, original_checkpoint, first_run, data_dir, input_names
+    tmp_path, original_checkpoint, first_run, data_dir, input_names, run_in_process
 ):
     base = ["--model_path", original_checkpoint, "--data_dir", data_dir]
     # first_run's first batch: the same batch gives the same numbers.
     base += [*SAMPLE_FLAGS, "--num_samples", "4"]
-    line = one_line_error(run_sample(base, tmp_path, expect_rc=2))
+    sample = in_process_sampler(run_in_process)
+    line = one_line_error(sample(base, tmp_path, expect_rc=2))
     assert str(original_checkpoint) in line and "config.json" in line
     for flag in UNREADABLE:
         assert flag in line
@@ -470,7 +488,7 @@ def test_an_fp16_run_samples_in_float32_on_a_cpu(
 
 
 def test_an_older_run_json_continues_and_other_settings_refuse(
-    tmp_path, first_run, checkpoint, data_dir
+    tmp_path, first_run, checkpoint, data_dir, run_in_process
 ):
     logdir = tmp_path / "logs"
     shutil.copytree(first_run.parents[1], logdir)
@@ -490,12 +508,14 @@ def test_an_older_run_json_continues_and_other_settings_refuse(
     proc = run_sample([*args, *speed], logdir)
     assert "15 of 15 images already in" in proc.stdout
 
+    # The refusals in this process; the continued run above was a real one.
+    sample = in_process_sampler(run_in_process)
     for changed, name in (
         (["--timestep_respacing", "ddim10"], "timestep_respacing"),  # also 10 steps
         (["--seed", "3"], "seed"),
         (["--use_bf16", "True"], "use_bf16"),
     ):
-        line = one_line_error(run_sample([*args, *changed], logdir, expect_rc=2))
+        line = one_line_error(sample([*args, *changed], logdir, expect_rc=2))
         assert str(results) in line and name in line and "OPENAI_LOGDIR" in line
     after = snapshot(results)
     assert {k: v for k, v in after.items() if not k.endswith(".npz")} == {
