@@ -94,7 +94,9 @@ def assert_state_dicts_close(a, b, tol=1e-4):
 # -- launchers ----------------------------------------------------------------------
 
 
-def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, tmp_path):
+def test_two_ranks_equal_one_process_at_twice_the_batch(
+    pairs_dir, tmp_path, run_in_process
+):
     """mpiexec -n 2 and torchrun at batch 2 == one process at batch 4, with shuffle and flips."""
     common = [*data_flags(pairs_dir), *TINY_FLAGS, "--lr=1e-3", "--max_steps=3", "--save_interval=3",
               "--random_flip=True", "--num_workers=0", "--ema_rate=0.9"]  # fmt: skip
@@ -119,8 +121,12 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, tmp_path):
             "--no-python",
         ],
     )
+    # Only a yardstick for the tolerance, so it runs in this process.
     other_data = tmp_path / "other_data"
-    run_script([*common, "--batch_size=2"], {"OPENAI_LOGDIR": str(other_data)})
+    proc = run_in_process(
+        TRAIN, [*common, "--batch_size=2"], env={"OPENAI_LOGDIR": other_data}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reference = load(single / "model000003.pt")
     # The tolerance tells runs apart: half the examples give a clearly different model.
     assert rel_error(load(other_data / "model000003.pt"), reference) > 100 * 1e-4
@@ -154,13 +160,29 @@ def test_two_ranks_with_dropout_resume_equals_straight_run(pairs_dir, tmp_path):
         assert all(th.equal(got[k], expected[k]) for k in expected), name
 
 
-def test_plain_process_writes_run_folder(pairs_dir, tmp_path):
-    logdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def validated_run(pairs_dir, tmp_path_factory):
+    """
+    One plain process, two steps, validating after each: the run that both
+    test_plain_process_writes_run_folder and
+    test_validation_during_training_writes_grid_and_scores read (one launch).
+
+    :return: (the run folder, the finished process).
+    """
+    root = tmp_path_factory.mktemp("validated")
+    val_dir = make_val_dir(pairs_dir, root / "val")
+    logdir = root / "run"
     proc = run_script(
         [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--save_interval=100",
-         "--log_interval=1", "--num_workers=0"],
+         "--log_interval=1", "--num_workers=0", f"--val_data_dir={val_dir}", "--val_interval=1",
+         "--val_num=2", "--val_timestep_respacing=5"],
         {"OPENAI_LOGDIR": str(logdir)},
     )  # fmt: skip
+    return logdir, proc
+
+
+def test_plain_process_writes_run_folder(validated_run):
+    logdir, proc = validated_run
     assert proc.stdout.splitlines()[0] == f"Logging to {logdir}"
     names = set(os.listdir(logdir))
     # A final checkpoint on normal exit, though save_interval was never reached.
@@ -657,17 +679,19 @@ def test_train_sh_runs_with_overrides(pairs_dir, tmp_path):
     assert proc.returncode == 2 and "DATA_DIR_SAR" in proc.stderr
 
 
-def test_data_error_is_one_line_without_traceback(pairs_dir, tmp_path):
+def test_data_error_is_one_line_without_traceback(pairs_dir, tmp_path, run_in_process):
     sar = tmp_path / "sar"
     sar.mkdir()
     for name in os.listdir(pairs_dir / "sar"):
         (sar / name).write_bytes((pairs_dir / "sar" / name).read_bytes())
     (sar / "orphan_77.png").write_bytes((pairs_dir / "sar" / "0.png").read_bytes())
-    env = {**os.environ, "OPENAI_LOGDIR": str(tmp_path / "run")}
-    proc = subprocess.run(
-        [sys.executable, TRAIN, f"--data_dir_sar={sar}", f"--data_dir_opt={pairs_dir / 'opt'}", *TINY_FLAGS],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    # In this process (the script's own handler): every other test here that
+    # starts image_train.py is a real launch.
+    proc = run_in_process(
+        TRAIN,
+        [f"--data_dir_sar={sar}", f"--data_dir_opt={pairs_dir / 'opt'}", *TINY_FLAGS],
+        env={"OPENAI_LOGDIR": tmp_path / "run"},
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "orphan_77.png" in proc.stderr.strip().splitlines()[-1]
@@ -725,15 +749,8 @@ def make_val_dir(pairs_dir, val_dir):
     return val_dir
 
 
-def test_validation_during_training_writes_grid_and_scores(pairs_dir, tmp_path):
-    val_dir = make_val_dir(pairs_dir, tmp_path / "val")
-    logdir = tmp_path / "run"
-    run_script(
-        [*data_flags(pairs_dir), *TINY_FLAGS, "--batch_size=2", "--max_steps=2", "--num_workers=0",
-         f"--val_data_dir={val_dir}", "--val_interval=1", "--val_num=2", "--val_timestep_respacing=5",
-         "--log_interval=1"],
-        {"OPENAI_LOGDIR": str(logdir)},
-    )  # fmt: skip
+def test_validation_during_training_writes_grid_and_scores(validated_run):
+    logdir, _ = validated_run
     grid = Image.open(logdir / "val_000002.png")
     # Two rows (pairs) of three 16-pixel columns (SAR | generated | ground truth), 2-pixel gaps.
     assert grid.size == (3 * 16 + 2 * 2, 2 * 16 + 2)
