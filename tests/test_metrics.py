@@ -118,6 +118,21 @@ def run_script(*args, env_inception=None):
     )
 
 
+@pytest.fixture
+def run_in_this_process(run_in_process):
+    """
+    run_script's twin that runs the script in this process (conftest.run_in_process):
+    test_script_writes_figures_and_fid is the real launch, the other cases of the
+    script take milliseconds where a process that imports torch takes seconds.
+    """
+
+    def run(*args, env_inception=None):
+        env = {metrics.INCEPTION_ENV: env_inception}  # None: not set
+        return run_in_process(SCRIPT, args, env=env)
+
+    return run
+
+
 # ---------------------------------------------------------------------------
 # Per-image figures and folders
 
@@ -370,23 +385,27 @@ def test_script_writes_figures_and_fid(tmp_path, inception_file):
 
 
 @pytest.mark.filterwarnings("ignore:FID from")
-def test_script_takes_inception_from_environment(tmp_path, inception_file):
+def test_script_takes_inception_from_environment(
+    tmp_path, inception_file, run_in_this_process
+):
     gens, gts = noisy_pairs(np.random.default_rng(9), 3, shape=(24, 24, 3))
     write_images(tmp_path / "gen", {f"{i}.png": x for i, x in enumerate(gens)})
     write_images(tmp_path / "gt", {f"{i}.png": x for i, x in enumerate(gts)})
-    result = run_script(
+    result = run_in_this_process(
         "--gen_dir", tmp_path / "gen", "--gt_dir", tmp_path / "gt",
         env_inception=inception_file,
     )  # fmt: skip
     check_fid(tmp_path, inception_file, result)
 
 
-def test_script_skips_fid_without_inception_and_reports_inf(tmp_path):
+def test_script_skips_fid_without_inception_and_reports_inf(
+    tmp_path, run_in_this_process
+):
     images = {"a.png": np.full((16, 16, 3), 7, dtype=np.uint8)}
     write_images(tmp_path / "gen", images)
     write_images(tmp_path / "gt", images)
     out = tmp_path / "report"
-    result = run_script(
+    result = run_in_this_process(
         "--gen_dir", tmp_path / "gen", "--gt_dir", tmp_path / "gt", "--out", out
     )
     assert result.returncode == 0, result.stderr
@@ -401,12 +420,12 @@ def test_script_skips_fid_without_inception_and_reports_inf(tmp_path):
     assert "inf" in psnr_line
 
 
-def test_script_skips_fid_when_inception_file_is_missing(tmp_path):
+def test_script_skips_fid_when_inception_file_is_missing(tmp_path, run_in_this_process):
     images = {"a.png": np.zeros((16, 16, 3), dtype=np.uint8)}
     write_images(tmp_path / "gen", images)
     write_images(tmp_path / "gt", images)
     missing = tmp_path / "nowhere" / metrics.INCEPTION_FILE
-    result = run_script(
+    result = run_in_this_process(
         "--gen_dir", tmp_path / "gen", "--gt_dir", tmp_path / "gt",
         env_inception=missing,
     )  # fmt: skip
@@ -420,14 +439,18 @@ def test_script_skips_fid_when_inception_file_is_missing(tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "unpaired"])
-def test_script_user_errors_exit_2_with_one_line(tmp_path, problem):
+def test_script_user_errors_exit_2_with_one_line(
+    tmp_path, problem, run_in_this_process
+):
     image = np.zeros((16, 16, 3), dtype=np.uint8)
     write_images(tmp_path / "gt", {"a.png": image})
     if problem == "empty":
         (tmp_path / "gen").mkdir()
     elif problem == "unpaired":
         write_images(tmp_path / "gen", {"b.png": image})
-    result = run_script("--gen_dir", tmp_path / "gen", "--gt_dir", tmp_path / "gt")
+    result = run_in_this_process(
+        "--gen_dir", tmp_path / "gen", "--gt_dir", tmp_path / "gt"
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
