@@ -63,7 +63,7 @@ def test_nll_script_matches_the_bound_computed_directly(tmp_path):
 
 
 def test_nll_of_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
-    tmp_path,
+    tmp_path, run_in_process
 ):
     data = tmp_path / "data"
     name = sorted(os.listdir(REAL_PAIRS / "sar"))[0]
@@ -75,11 +75,12 @@ def test_nll_of_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_t
     th.save(model.state_dict(), tmp_path / "ema_0.9999_000001.pt")  # no config.json
 
     def run(*flags):
-        return subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "image_nll.py"), f"--data_dir={data}",
-             f"--model_path={tmp_path / 'ema_0.9999_000001.pt'}", "--seed=5", *flags],
-            env={**os.environ, "OPENAI_LOGDIR": str(tmp_path / "out")},
-            capture_output=True, text=True, timeout=180,
+        # In this process: the test above is the script's real launch.
+        return run_in_process(
+            REPO / "scripts" / "image_nll.py",
+            [f"--data_dir={data}", f"--model_path={tmp_path / 'ema_0.9999_000001.pt'}",
+             "--seed=5", *flags],
+            env={"OPENAI_LOGDIR": tmp_path / "out"},
         )  # fmt: skip
 
     proc = run()
