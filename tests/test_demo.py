@@ -197,7 +197,7 @@ TINY_DEMO = dict(
 )
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, run_in_process):
     asset = REPO / "assets" / "demo.png"
     asset_before = asset.read_bytes() if asset.exists() else None
     data, run = tmp_path / "data", tmp_path / "run"
@@ -236,15 +236,13 @@ def test_demo_end_to_end(tmp_path):
         assert img.size == (3 * 128 + 4 * sep, title + 4 * 128 + 5 * sep)
     assert (asset.read_bytes() if asset.exists() else None) == asset_before
 
-    # the report refuses a test image without a translation, and names it
+    # the report refuses a test image without a translation, and names it (in
+    # this process: demo.sh above launched the script for real)
     gen_dir = run / "sample_results" / "ddim2" / "gen_opt"
     (gen_dir / "00002.png").unlink()
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo_report.py")]
-        + ["--data_dir", str(data), "--gen_dir", str(gen_dir), "--out", str(run)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = run_in_process(
+        REPO / "scripts" / "demo_report.py",
+        ["--data_dir", data, "--gen_dir", gen_dir, "--out", run],
     )
     assert proc.returncode == 2
     assert "00002.png" in proc.stderr and "Traceback" not in proc.stderr
