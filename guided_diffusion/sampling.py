@@ -394,6 +394,86 @@ def input_scaling(run_config, given, sar_channels):
     return scaling, conflicts
 
 
+def add_sampling_flags(parser, groups=("sampling", "run", "speed"), overrides=None):
+    """
+    The flags of a script that samples a checkpoint: the groups' settings, the
+    "inputs" settings and the model and diffusion flags (those two unset: they
+    default to the training run's record, see :func:`checkpoint_settings`).
+    """
+    settings.add_to_parser(parser, *groups, overrides=overrides)
+    settings.add_to_parser(parser, "inputs", unset=True)
+    add_model_flags(parser)
+
+
+def read_sampling_args(parser):
+    """
+    Parse a sampling script's command line and check the flags every such script
+    has: the sampler and its options, and the checkpoint.
+
+    :return: the namespace, with ``sampler`` resolved (--use_ddim), ``options`` (the
+        sampler's), ``explicit`` (the model and diffusion flags given) and
+        ``inputs`` (the "inputs" settings, None where not given).
+    :raises ValueError: a one-line message naming the flag.
+    """
+    args = parser.parse_args()
+    args.explicit = explicit_model_flags(args)
+    args.inputs = {k: getattr(args, k) for k in settings.names("inputs")}
+    if args.use_ddim and args.sampler not in ("", "ddim"):
+        raise ValueError(
+            f"--use_ddim True contradicts --sampler {args.sampler}; give one"
+        )
+    args.sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
+    if not args.model_path:
+        raise ValueError(
+            "--model_path is required: a model or EMA file of a training run"
+        )
+    if not os.path.isfile(args.model_path):
+        raise ValueError(f"--model_path {args.model_path}: no such file")
+    args.options = sampler_settings(args.sampler, vars(args))
+    check_sampler(args.sampler, **args.options)
+    return args
+
+
+def checkpoint_settings(model_path, explicit, given_inputs):
+    """
+    What sampling a checkpoint needs from its training run: the model and
+    diffusion flags, the input scaling and the (respaced) diffusion.
+
+    :param explicit: the model and diffusion flags given on the command line.
+    :param given_inputs: the "inputs" settings given (None where not given).
+    :return: (flags, scaling, diffusion, log): ``log`` holds the lines to log once
+        the log is set up, as (is_warning, text).
+    :raises ValueError: as :func:`checkpoint_model_flags`.
+    """
+    from .script_util import create_gaussian_diffusion, diffusion_defaults
+
+    flags, conflicts, read_note = checkpoint_model_flags(model_path, explicit)
+    scaling, input_conflicts = input_scaling(
+        read_run_config(model_path), given_inputs, flags["sar_channels"]
+    )
+    config_path = os.path.join(
+        os.path.dirname(os.path.abspath(model_path)), "config.json"
+    )
+    log = [(False, read_note)] if read_note else []
+    for k, (mine, trained) in {**conflicts, **input_conflicts}.items():
+        log.append(
+            (True, f"warning: --{k} {mine} differs from {k}={trained!r} in "
+                   f"{config_path}; using {mine}")
+        )  # fmt: skip
+    log.append((False, f"inputs: {scaling.describe()}"))
+    diffusion = create_gaussian_diffusion(
+        steps=flags["diffusion_steps"],
+        **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
+    )
+    return flags, scaling, diffusion, log
+
+
+def write_log(lines):
+    """Log the lines of :func:`checkpoint_settings`."""
+    for is_warning, text in lines:
+        (logger.warn if is_warning else logger.log)(text)
+
+
 def _load_state_dict(model_path):
     """The checkpoint's state dict; a one-line error when it holds something else."""
     state_dict = dist_util.load_state_dict(model_path, map_location="cpu")

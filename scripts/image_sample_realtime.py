@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, settings  # noqa: E402
+from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
@@ -54,23 +54,16 @@ from guided_diffusion.results import (  # noqa: E402
     write_result,
 )
 from guided_diffusion.sampling import (  # noqa: E402
-    add_model_flags,
-    check_sampler,
-    checkpoint_model_flags,
-    explicit_model_flags,
-    input_scaling,
+    add_sampling_flags,
+    checkpoint_settings,
     load_model,
     make_generators,
     prepare_model,
-    read_run_config,
-    sampler_settings,
+    read_sampling_args,
     sar_for_display,
     to_uint8,
     translate,
-)
-from guided_diffusion.script_util import (  # noqa: E402
-    create_gaussian_diffusion,
-    diffusion_defaults,
+    write_log,
 )
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
@@ -81,31 +74,16 @@ class UsageError(ValueError):
 
 
 def main():
-    args, explicit = parse_args()
-    flags, conflicts, read_note = checkpoint_model_flags(args.model_path, explicit)
+    args = parse_args()
+    flags, scaling, diffusion, notes = checkpoint_settings(
+        args.model_path, args.explicit, args.inputs
+    )
 
-    # -- processes, log folder, diffusion, inputs, model --------------------------
+    # -- processes, log folder, inputs, model ---------------------------------------
     dist_util.setup_dist()
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(append=True)  # a rerun must not wipe the first run's log
-    config_path = os.path.join(
-        os.path.dirname(os.path.abspath(args.model_path)), "config.json"
-    )
-    if read_note:
-        logger.log(read_note)
-    scaling, input_conflicts = input_scaling(
-        read_run_config(args.model_path), args.inputs, flags["sar_channels"]
-    )
-    for k, (mine, trained) in {**conflicts, **input_conflicts}.items():
-        logger.warn(
-            f"warning: --{k} {mine} differs from {k}={trained!r} in {config_path}; "
-            f"using {mine}"
-        )
-    logger.log(f"inputs: {scaling.describe()}")
-    diffusion = create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
-    )
+    write_log(notes)
     pairs = find_test_pairs(args.data_dir)
     pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
     outputs = output_names([name for _, _, name in pairs], args.data_dir)
@@ -190,28 +168,12 @@ def main():
 
 
 def parse_args():
-    """The namespace, and the model and diffusion flags given on the command line."""
+    """The namespace (see sampling.read_sampling_args)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    settings.add_to_parser(parser, *SAMPLING_GROUPS, overrides=SAMPLING_OVERRIDES)
-    settings.add_to_parser(parser, "inputs", unset=True)
-    add_model_flags(parser)
-    args = parser.parse_args()
-    explicit = explicit_model_flags(args)
-    args.inputs = {k: getattr(args, k) for k in settings.names("inputs")}
-
-    if args.use_ddim and args.sampler not in ("", "ddim"):
-        raise UsageError(
-            f"--use_ddim True contradicts --sampler {args.sampler}; give one"
-        )
-    args.sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
-    if not args.model_path:
-        raise UsageError(
-            "--model_path is required: a model or EMA file of a training run"
-        )
-    if not os.path.isfile(args.model_path):
-        raise UsageError(f"--model_path {args.model_path}: no such file")
+    add_sampling_flags(parser, SAMPLING_GROUPS, SAMPLING_OVERRIDES)
+    args = read_sampling_args(parser)
     if not os.path.isdir(args.data_dir):
         raise UsageError(
             f"--data_dir {args.data_dir}: no such folder; pass a folder with sar/ (and "
@@ -221,9 +183,7 @@ def parse_args():
         raise UsageError(
             "--num_samples must be -1 (all) or positive, --batch_size positive"
         )
-    args.options = sampler_settings(args.sampler, vars(args))
-    check_sampler(args.sampler, **args.options)
-    return args, explicit
+    return args
 
 
 # The settings of a sampling run (settings.py), and this script's own defaults.
