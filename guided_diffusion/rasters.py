@@ -27,6 +27,7 @@ training, validation, sampling and the likelihood scale an image the same way:
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -897,3 +898,73 @@ def resolve(scaling: Scaling, sar_path, opt_path=None):
         "pixel_size": list(sar.pixel_size) if sar.pixel_size else None,
     }
     return resolved, facts
+
+
+# ---------------------------------------------------------------------------
+# Writing georeferenced results
+
+
+def georeference(path):
+    """
+    Where a raster lies: its CRS and transform, or its ground control points.
+
+    :return: a dict of rasterio profile entries ("crs" and "transform", or "gcps"
+        and "gcp_crs"); empty for a file that is not georeferenced.
+    """
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                gcps, gcp_crs = src.gcps
+                if src.crs is not None and not src.transform.is_identity:
+                    return {"crs": src.crs, "transform": src.transform}
+                if gcps:
+                    return {"gcps": gcps, "gcp_crs": gcp_crs}
+                return {}
+    except Exception as exc:  # rasterio.errors.RasterioIOError and GDAL's errors
+        raise _unreadable(path, exc) from None
+
+
+def write_geotiff(path, image, georef, *, nodata=None, names=None, block=256):
+    """
+    Write (B, H, W) as a GeoTIFF a GIS opens well: internally tiled, deflate
+    compressed, BigTIFF when it needs it, with overviews (halvings down to about
+    ``block`` pixels), band names and the nodata value. Written to a temporary file
+    and renamed, so a killed job never leaves half a file under ``path``.
+
+    :param georef: :func:`georeference` of the input.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+
+    count, height, width = image.shape
+    profile = {
+        "driver": "GTiff", "width": width, "height": height, "count": count,
+        "dtype": image.dtype.name, "nodata": nodata, "tiled": True,
+        "blockxsize": block, "blockysize": block, "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }  # fmt: skip
+    gcps = georef.get("gcps")
+    if not gcps:
+        profile.update({k: v for k, v in georef.items() if k in ("crs", "transform")})
+    tmp = f"{path}.tmp-{os.getpid()}.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(image)
+            if gcps:
+                dst.gcps = (gcps, georef["gcp_crs"])
+            for i, name in enumerate(names or ()):
+                dst.set_band_description(i + 1, name)
+            factors = []
+            while min(height, width) // (2 ** (len(factors) + 1)) >= block // 2:
+                factors.append(2 ** (len(factors) + 1))
+            if factors:
+                dst.build_overviews(factors, Resampling.average)
+                dst.update_tags(ns="rio_overview", resampling="average")
+    os.replace(tmp, path)
+    return path

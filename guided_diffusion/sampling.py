@@ -394,13 +394,16 @@ def input_scaling(run_config, given, sar_channels):
     return scaling, conflicts
 
 
-def add_sampling_flags(parser, groups=("sampling", "run", "speed"), overrides=None):
+def add_sampling_flags(
+    parser, groups=("sampling", "run", "speed"), overrides=None, skip=()
+):
     """
-    The flags of a script that samples a checkpoint: the groups' settings, the
-    "inputs" settings and the model and diffusion flags (those two unset: they
-    default to the training run's record, see :func:`checkpoint_settings`).
+    The flags of a script that samples a checkpoint: the groups' settings (but
+    ``skip``), the "inputs" settings and the model and diffusion flags (those two
+    unset: they default to the training run's record, see :func:`checkpoint_settings`).
     """
-    settings.add_to_parser(parser, *groups, overrides=overrides)
+    only = [n for n in settings.names(*groups) if n not in skip]
+    settings.add_to_parser(parser, *groups, overrides=overrides, only=only)
     settings.add_to_parser(parser, "inputs", unset=True)
     add_model_flags(parser)
 
