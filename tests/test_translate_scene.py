@@ -6,7 +6,10 @@ smaller than a tile) work.
 """
 
 import json
+import os
 import runpy
+import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -141,3 +144,24 @@ def test_ground_control_points_and_optical_units(tmp_path, monkeypatch, checkpoi
     assert out.dtype == np.float32 and np.isnan(profile["nodata"])
     assert np.isnan(out[:, :, :3]).all() and np.isfinite(out[:, :, 3:]).all()
     assert 0 <= np.nanmin(out) and np.nanmax(out) <= 3000  # --opt_range 0,3000
+
+
+@pytest.mark.skipif(
+    shutil.which("mpiexec") is None, reason="no mpiexec (pip install mpich)"
+)
+def test_two_ranks_share_the_tiles_and_give_the_same_scene(
+    tmp_path, monkeypatch, checkpoint
+):
+    scene = write_scene(tmp_path / "scene.tif", 48, 80, strip=5, seed=3)
+    one, *_ = translate(monkeypatch, scene, tmp_path / "one.tif", checkpoint)
+    proc = subprocess.run(
+        ["mpiexec", "-n", "2", sys.executable, SCRIPT, "--input", scene, "--output",
+         str(tmp_path / "two.tif"), "--model_path", str(checkpoint), "--sampler", "ddim",
+         "--timestep_respacing", "ddim3"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with rasterio.open(tmp_path / "two.tif") as src:
+        two = src.read()
+    assert np.abs(one.astype(int) - two).max() <= 1
