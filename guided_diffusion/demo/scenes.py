@@ -515,6 +515,21 @@ def _render_optical(rng, layout, regions, cls_map):
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
+def check_dataset_arguments(num_train, num_test, image_size, seed, looks):
+    """Refuse what no dataset writer can make, with a ValueError naming the value."""
+    if num_train < 1 or num_test < 0:
+        raise ValueError(
+            f"need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}"
+        )
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    if image_size < MIN_SIZE:
+        raise ValueError(
+            f"image size must be at least {MIN_SIZE} pixels, got {image_size}"
+        )
+    _check_looks(looks)
+
+
 def _check_looks(looks):
     if not looks > 0:
         raise ValueError(
@@ -775,17 +790,7 @@ def make_dataset(
     :param progress: show a progress bar.
     :return: the dict written to dataset.json.
     """
-    if num_train < 1 or num_test < 0:
-        raise ValueError(
-            f"need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}"
-        )
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    if image_size < MIN_SIZE:
-        raise ValueError(
-            f"image size must be at least {MIN_SIZE} pixels, got {image_size}"
-        )
-    _check_looks(looks)
+    check_dataset_arguments(num_train, num_test, image_size, seed, looks)
     out_dir = Path(out_dir)
     splits = (("train", num_train), ("test", num_test))
     for split, _ in splits:

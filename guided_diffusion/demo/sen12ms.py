@@ -44,11 +44,11 @@ from .scenes import (
     CLASSES,
     DOUBLE_BOUNCE_SIGMA0,
     DOUBLE_BOUNCE_SIGMA0_VH,
-    MIN_SIZE,
     SENSOR_SIDE,
     SHADOW_SIGMA0,
     SHADOW_SIGMA0_VH,
     _ColourStats,
+    check_dataset_arguments,
     generate_scene,
 )
 
@@ -277,20 +277,7 @@ def _remove_stale(out_dir):
 
 
 def _check_arguments(num_train, num_test, image_size, seed, looks, nodata_share):
-    if num_train < 1 or num_test < 0:
-        raise ValueError(
-            f"need num_train >= 1 and num_test >= 0, got {num_train} and {num_test}"
-        )
-    if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
-    if image_size < MIN_SIZE:
-        raise ValueError(
-            f"image size must be at least {MIN_SIZE} pixels, got {image_size}"
-        )
-    if not looks > 0:
-        raise ValueError(
-            f"looks must be positive, got {looks}; Sentinel-1 GRD has about 4"
-        )
+    check_dataset_arguments(num_train, num_test, image_size, seed, looks)
     if not 0 <= nodata_share <= 1:
         raise ValueError(
             f"nodata_share is the share of patches with a nodata border and must "
