@@ -408,8 +408,10 @@ def read_raster(path) -> Raster:
     Decode a file: 8-bit PNG, JPEG, BMP and WebP with Pillow (as the original
     code), everything else (TIFF, GeoTIFF, 16-bit PNG) with rasterio.
 
+    :param path: a str or path-like.
     :raises DataError: the file cannot be read, naming it.
     """
+    path = os.fspath(path)
     ext = path.lower().rsplit(".", 1)[-1]
     if f".{ext}" in PILLOW_EXTENSIONS:
         try:
