@@ -105,12 +105,25 @@ def main():
     bar = tqdm(
         total=0, unit="tile", desc="tiles", disable=not dist_util.is_main_process()
     )
+    timing = {}
+
+    def tiles_done(count):
+        bar.update(count)
+        if "first" not in timing:  # the estimate, from the first batch of tiles
+            timing["first"] = time.perf_counter() - timing["began"]
+            total = timing["first"] * calls * steps
+            about = f"{total:.0f} s" if total < 90 else f"{total / 60:.1f} min"
+            logger.log(
+                f"the first {count} tile(s) took {timing['first']:.1f} s: about "
+                f"{about} for the scene"
+            )
+
     tiled = TiledDenoiser(
         lambda cond: samplers.Denoiser(diffusion, net, cond, clip_denoised=args.clip_denoised),
         diffusion, sar, tile, overlap=overlap, batch_size=args.batch_size,
         rank=dist_util.get_rank(), world=dist_util.get_world_size(),
         all_reduce=all_reduce if dist_util.get_world_size() > 1 else None,
-        progress=bar.update,
+        progress=tiles_done,
     )  # fmt: skip
     calls = math.ceil(len(tiled.mine) / args.batch_size)
     bar.total = steps * len(tiled.mine)
@@ -123,25 +136,9 @@ def main():
     # -- sample ---------------------------------------------------------------------
     generator = th.Generator().manual_seed(args.seed)
     x = samplers.noise_of_shape((1, 3, *sar.shape[2:]), generator, device)
-    began = time.perf_counter()
-
-    def estimate(i, _out):
-        if i == 0:
-            per_step = time.perf_counter() - began
-            logger.log(
-                f"first step took {per_step:.1f} s: about {per_step * steps / 60:.1f} min "
-                "for the scene"
-            )
-
+    timing["began"] = time.perf_counter()
     with th.no_grad():
-        x = samplers.run(
-            args.sampler,
-            tiled,
-            x,
-            generator=generator,
-            callback=estimate,
-            **args.options,
-        )
+        x = samplers.run(args.sampler, tiled, x, generator=generator, **args.options)
     bar.close()
 
     # -- write ----------------------------------------------------------------------
