@@ -512,3 +512,29 @@ def test_script_writes_sen12ms_and_refuses_a_non_empty_folder(tmp_path):
     assert refused.returncode != 0
     assert "--overwrite" in refused.stderr and str(out) in refused.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_large_scene_is_the_generator_s_scene_on_one_grid(tmp_path):
+    from guided_diffusion.demo.sen12ms import make_scene
+
+    paths = make_scene(tmp_path, height=96, width=160, seed=4)
+    rng = np.random.default_rng(np.random.SeedSequence([4, 2, 0]))
+    scene = generate_scene(rng, 160, 4, cross_pol=True)
+    with rasterio.open(paths["sar"]) as src:
+        sar, names, transform = src.read(), src.descriptions, src.transform
+        assert src.crs.to_epsg() == 32632 and src.res == (10.0, 10.0)
+    assert sar.shape == (2, 96, 160) and names == ("VV", "VH")
+    expected = 10 * np.log10(scene["sar_linear"][:96].astype(np.float64))
+    np.testing.assert_allclose(sar[0], expected, rtol=0, atol=1e-4)
+    with rasterio.open(paths["opt"]) as src:
+        opt = src.read([4, 3, 2])
+        assert src.transform == transform  # SAR and optical share one grid
+    np.testing.assert_allclose(
+        opt.transpose(1, 2, 0).astype(np.float64) * 255 / 3000,
+        scene["opt"][:96],
+        atol=0.5,
+    )
+    assert (np.asarray(Image.open(paths["rgb"])) == scene["opt"][:96]).all()
+    assert (np.asarray(Image.open(paths["cls"])) == scene["cls"][:96]).all()
+    with pytest.raises(ValueError, match="image size must be at least"):
+        make_scene(tmp_path, height=8, width=160, seed=4)

@@ -461,3 +461,46 @@ def make_sen12ms_dataset(
         json.dump(info, f, indent=2)
         f.write("\n")
     return info
+
+
+def make_scene(out_dir, *, height, width, seed, looks=4, name="scene"):
+    """
+    One large georeferenced scene and its truth, for translating whole scenes.
+
+    The generator draws a square scene of the longer side (larger sizes hold more
+    parcels, rivers and roads, not bigger ones), cropped to height x width. Files,
+    all on one 10 m grid in EPSG:32632:
+
+    * ``{name}_s1.tif``: VV and VH in dB, float32, as the SEN12MS-like patches;
+    * ``{name}_s2.tif``: the 13 Sentinel-2-like bands, uint16 (RGB in 4,3,2 at
+      3000 DN = 255);
+    * ``{name}_rgb.png`` and ``{name}_cls.png``: the 8-bit optical truth and the
+      class map.
+
+    :param out_dir: folder to write to (created if missing).
+    :param height: rows of the scene, at least MIN_SIZE.
+    :param width: columns of the scene, at least MIN_SIZE.
+    :param seed: non-negative seed; the same seed gives the same files.
+    :param looks: speckle looks.
+    :param name: the files' common prefix.
+    :return: a dict of the four paths ("sar", "opt", "rgb", "cls").
+    """
+    check_dataset_arguments(1, 0, min(height, width), seed, looks)
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, 0]))
+    scene = generate_scene(rng, max(height, width), looks, cross_pol=True)
+    crop = (slice(0, height), slice(0, width))
+    linear = np.stack([scene["sar_linear"][crop], scene["vh_linear"][crop]])
+    sar = (10.0 * np.log10(linear.astype(np.float64))).astype(np.float32)
+    opt, cls_map = scene["opt"][crop], scene["cls"][crop]
+    transform = Affine(PIXEL_SIZE, 0, 500000.0, 0, -PIXEL_SIZE, 5400000.0)
+    paths = {
+        kind: out_dir / f"{name}_{suffix}"
+        for kind, suffix in (("sar", "s1.tif"), ("opt", "s2.tif"),
+                             ("rgb", "rgb.png"), ("cls", "cls.png"))
+    }  # fmt: skip
+    _write_tif(paths["sar"], sar, transform, SAR_BANDS, nodata=float("nan"), units="dB")
+    _write_tif(paths["opt"], _optical_bands(opt, cls_map), transform, S2_BANDS)
+    Image.fromarray(np.ascontiguousarray(opt)).save(paths["rgb"])
+    Image.fromarray(np.ascontiguousarray(cls_map)).save(paths["cls"])
+    return {k: str(v) for k, v in paths.items()}
