@@ -24,7 +24,9 @@ from .script_util import (
     OPT_CHANNELS,
     attention_resolutions_flag,
     check_state_dict_fits,
+    create_gaussian_diffusion,
     create_model,
+    diffusion_defaults,
     model_and_diffusion_defaults,
     model_defaults,
     read_unet_flags,
@@ -448,8 +450,6 @@ def checkpoint_settings(model_path, explicit, given_inputs):
         the log is set up, as (is_warning, text).
     :raises ValueError: as :func:`checkpoint_model_flags`.
     """
-    from .script_util import create_gaussian_diffusion, diffusion_defaults
-
     flags, conflicts, read_note = checkpoint_model_flags(model_path, explicit)
     scaling, input_conflicts = input_scaling(
         read_run_config(model_path), given_inputs, flags["sar_channels"]

@@ -126,15 +126,25 @@ class TiledDenoiser:
         self.mine = self.grid[rank::world]
         self.all_reduce = all_reduce
         self.progress = progress
-        total = np.zeros((height, width))
-        self.weights = {}
-        for top, left in self.grid:
-            w = tile_weights(height, width, tile, top, left)
-            total[top : top + tile, left : left + tile] += w
-            if (top, left) in self.mine:
-                self.weights[top, left] = th.from_numpy(w).to(condition)
-        # the same on every rank: every rank knows every tile's window
-        self.total = th.from_numpy(total).to(condition)
+        self.size = (height, width)
+        # a window depends only on which of its sides lie on the scene's border, so
+        # there are at most nine, however many tiles
+        self._windows = {}
+        total = th.zeros(
+            (height, width), dtype=condition.dtype, device=condition.device
+        )
+        for top, left in self.grid:  # every rank knows every tile's window
+            total[top : top + tile, left : left + tile] += self.window(top, left)
+        self.total = total
+
+    def window(self, top, left):
+        """The fusion weights of the tile at (top, left), (tile, tile)."""
+        height, width = self.size
+        key = (top > 0, top + self.tile < height, left > 0, left + self.tile < width)
+        if key not in self._windows:
+            w = tile_weights(height, width, self.tile, top, left)
+            self._windows[key] = th.from_numpy(w).to(self.condition)
+        return self._windows[key]
 
     @th.no_grad()
     def __call__(self, x, t):
@@ -157,7 +167,7 @@ class TiledDenoiser:
             )
             out = self.make_denoiser(cond)(xs, t)
             for i, (r, c) in enumerate(places):
-                w = self.weights[r, c]
+                w = self.window(r, c)
                 for key, acc in sums.items():
                     acc[0, :, r : r + size, c : c + size] += w * out[key][i]
             if self.progress is not None:

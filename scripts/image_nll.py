@@ -32,16 +32,11 @@ from guided_diffusion.image_datasets import (  # noqa: E402
 )
 from guided_diffusion.sampling import (  # noqa: E402
     add_model_flags,
-    checkpoint_model_flags,
+    checkpoint_settings,
     explicit_model_flags,
-    input_scaling,
     load_model,
-    read_run_config,
+    write_log,
 )
-from guided_diffusion.script_util import (
-    create_gaussian_diffusion,
-    diffusion_defaults,
-)  # noqa: E402
 
 
 def main():
@@ -69,21 +64,15 @@ def main():
         raise FileNotFoundError(
             f"--model_path {args.model_path!r}: no such file (a model or EMA checkpoint)"
         )
-    flags, conflicts, read_note = checkpoint_model_flags(
-        args.model_path, explicit_model_flags(args)
+    flags, scaling, diffusion, notes = checkpoint_settings(
+        args.model_path,
+        explicit_model_flags(args),
+        {k: getattr(args, k) for k in settings.names("inputs")},
     )
 
     dist_util.setup_dist()
     logger.configure()
-    if read_note:
-        logger.log(read_note)
-    scaling, input_conflicts = input_scaling(
-        read_run_config(args.model_path),
-        {k: getattr(args, k) for k in settings.names("inputs")},
-        flags["sar_channels"],
-    )
-    for key, (given, trained) in {**conflicts, **input_conflicts}.items():
-        logger.warn(f"--{key} {given} differs from the training run's {trained}")
+    write_log(notes)
     pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]
     if not pairs:
         raise DataError(
@@ -94,10 +83,6 @@ def main():
     mine = pairs[dist_util.get_rank() :: dist_util.get_world_size()]
 
     model = load_model(args.model_path, flags, dist_util.dev())
-    diffusion = create_gaussian_diffusion(
-        steps=flags["diffusion_steps"],
-        **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
-    )
     th.manual_seed(args.seed + dist_util.get_rank())  # the noise of the bound's terms
 
     results = {}
