@@ -527,13 +527,13 @@ def select_sar_bands(raster: Raster, scaling: Scaling):
 def _check_band_count(raster, count, sar_channels, given_bands):
     if count == sar_channels or (count == 1 and sar_channels == 3):
         return
-    hint = (
-        f"give --sar_channels {count}"
-        if count in (1, 2, 3)
-        else "pick the bands with --sar_bands"
-    )
+    hints = [f"give --sar_channels {count}"] if count in (1, 2, 3) else []
     if not given_bands and count > sar_channels:
-        hint += " or pick bands with --sar_bands (e.g. --sar_bands 1)"
+        hints.append(
+            f"pick {sar_channels} band(s) with --sar_bands (e.g. --sar_bands "
+            f"{','.join(str(i + 1) for i in range(sar_channels))})"
+        )
+    hint = " or ".join(hints) or f"give {sar_channels} band(s) to --sar_bands"
     raise DataError(
         f"SAR image {raster.path} has {raster.describe_bands() if not given_bands else f'{count} band(s) selected'}"
         f" but the model takes --sar_channels {sar_channels}; {hint}"

@@ -69,7 +69,7 @@ def main():
         args.model_path, args.explicit, args.inputs
     )
     dist_util.setup_dist()
-    logger.configure(dir=args.output + ".work", format_strs=["stdout"])
+    logger.configure(dir=os.path.dirname(args.output), format_strs=["stdout"])
     write_log(notes)
 
     # -- the scene ----------------------------------------------------------------
@@ -147,10 +147,6 @@ def main():
         write_outputs(args, raster, scaling, x, sar[..., :height, :width].cpu(), valid)
     dist_util.barrier()
     dist_util.cleanup()
-    try:
-        os.rmdir(args.output + ".work")
-    except OSError:
-        pass
 
 
 def all_reduce(tensor):
@@ -239,6 +235,9 @@ def parse_args():
         raise ValueError("--output must not be the --input file")
     if args.batch_size < 1:
         raise ValueError("--batch_size (tiles per network call) must be positive")
+    # the folder is made now: a missing one must not fail the job at its end
+    args.output = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
     return args
 
 
