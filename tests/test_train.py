@@ -542,8 +542,9 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(pairs_dir, tmp_path):
 
 def step_sync_worker(logdir):
     """
-    Run under ``mpiexec -n 2``: train a few steps and print, as one JSON line per
-    rank, the all-reduces per step, DDP's gradient buckets, and the step at which
+    Run under ``mpiexec -n 2``: train a few steps and write, as one JSON file per
+    rank (two ranks' prints can share a line of mpiexec's output), the all-reduces
+    per step, DDP's gradient buckets, and the step at which
     the loop stopped when rank 1 alone got a SIGTERM at the start of step 7.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -585,7 +586,7 @@ def step_sync_worker(logdir):
         buckets=len(str(buckets).split(",")),
         stopped_at=loop.step,
     )
-    print(json.dumps(result), flush=True)
+    (Path(logdir) / f"result{loop.rank}.json").write_text(json.dumps(result))
     dist_util.cleanup()
 
 
@@ -599,9 +600,7 @@ def test_stop_check_adds_no_collective_to_a_step(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [
-        json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")
-    ]
+    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["all_reduces_per_step"] == r["buckets"], r
