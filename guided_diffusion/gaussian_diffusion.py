@@ -262,6 +262,18 @@ class GaussianDiffusion:
             + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
+    def fixed_variance(self, t, shape):
+        """
+        The variance of p(x_{t-1} | x_t) of a model that does not learn it.
+
+        :return: (variance, log_variance), float32 tensors of ``shape``.
+        """
+        names = {
+            ModelVarType.FIXED_LARGE: ("fixed_large_variance", "fixed_large_log_variance"),
+            ModelVarType.FIXED_SMALL: ("posterior_variance", "posterior_log_variance_clipped"),
+        }[self.model_var_type]
+        return self._extract(names[0], t, shape), self._extract(names[1], t, shape)
+
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """
         The diffusion posterior q(x_{t-1} | x_t, x_0).
@@ -339,18 +351,7 @@ class GaussianDiffusion:
                 model_log_variance = frac * max_log + (1 - frac) * min_log
                 model_variance = th.exp(model_log_variance)
         else:
-            names = {
-                ModelVarType.FIXED_LARGE: (
-                    "fixed_large_variance",
-                    "fixed_large_log_variance",
-                ),
-                ModelVarType.FIXED_SMALL: (
-                    "posterior_variance",
-                    "posterior_log_variance_clipped",
-                ),
-            }[self.model_var_type]
-            model_variance = self._extract(names[0], t, x.shape)
-            model_log_variance = self._extract(names[1], t, x.shape)
+            model_variance, model_log_variance = self.fixed_variance(t, x.shape)
 
         def process_xstart(x):
             if denoised_fn is not None:

@@ -366,16 +366,21 @@ def _open_pillow(path):
         raise _unreadable(path, exc) from None
 
 
-def _open_rasterio(path):
+def _open_rasterio(path, rows=None):
+    """The file, or only its rows [top, bottom) when ``rows`` is given."""
     import rasterio
     from rasterio.enums import ColorInterp
     from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.windows import Window
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(path) as src:
-                bands = src.read()
+                window = None
+                if rows is not None:
+                    window = Window(0, rows[0], src.width, rows[1] - rows[0])
+                bands = src.read(window=window)
                 names = tuple(d or None for d in src.descriptions)
                 nodata = src.nodata
                 crs = src.crs.to_string() if src.crs else None
@@ -412,15 +417,66 @@ def read_raster(path) -> Raster:
     :raises DataError: the file cannot be read, naming it.
     """
     path = os.fspath(path)
-    ext = path.lower().rsplit(".", 1)[-1]
-    if f".{ext}" in PILLOW_EXTENSIONS:
-        try:
-            sixteen = ext == "png" and _png_bit_depth(path) == 16
-        except OSError as exc:
-            raise _unreadable(path, exc) from None
-        if not sixteen:
-            return Raster(path, image=_open_pillow(path))
+    if _reads_with_pillow(path):
+        return Raster(path, image=_open_pillow(path))
     return _open_rasterio(path)
+
+
+class RasterRows:
+    """
+    A raster read a band of rows at a time, so that a scene larger than memory can
+    be scaled piece by piece: rasterio reads just those rows of a GeoTIFF; a file
+    Pillow decodes (8-bit PNG, JPEG) is read whole once and sliced.
+
+    :param path: a str or path-like.
+    :raises DataError: the file cannot be read, naming it.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        first = read_raster(self.path) if _reads_with_pillow(self.path) else None
+        if first is not None:
+            self._whole = Raster(
+                self.path, bands=_band_stack(first), names=(None,) * first.count
+            )
+        else:
+            self._whole = None
+            first = _open_rasterio(self.path, rows=(0, 1))
+        self.width = first.size[0]
+        self.height = (
+            first.size[1] if self._whole is not None else _raster_height(self.path)
+        )
+        self.crs, self.pixel_size = first.crs, first.pixel_size
+
+    def read(self, top, bottom) -> Raster:
+        """The rows [top, bottom) as a :class:`Raster`."""
+        if self._whole is not None:
+            w = self._whole
+            return Raster(w.path, bands=w.bands[:, top:bottom], names=w.names)
+        return _open_rasterio(self.path, rows=(top, bottom))
+
+
+def _reads_with_pillow(path):
+    ext = path.lower().rsplit(".", 1)[-1]
+    if f".{ext}" not in PILLOW_EXTENSIONS:
+        return False
+    try:
+        return not (ext == "png" and _png_bit_depth(path) == 16)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _raster_height(path):
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                return src.height
+    except Exception as exc:  # rasterio.errors.RasterioIOError and GDAL's errors
+        raise _unreadable(path, exc) from None
 
 
 def is_eight_bit(raster: Raster) -> bool:
@@ -654,6 +710,29 @@ class SarStats:
     @property
     def all_nodata(self):
         return self.valid_in_window == 0
+
+    @classmethod
+    def combined(cls, parts):
+        """The stats of a file from those of its pieces (bands of rows)."""
+        parts = list(parts)
+        whole = cls(parts[0].path, ranges=parts[0].ranges, labels=parts[0].labels)
+        whole.nodata = sum(p.nodata for p in parts)
+        whole.pixels = sum(p.pixels for p in parts)
+        valid = [p.pixels - p.nodata for p in parts]
+        total = max(sum(valid), 1)
+        for band in range(len(parts[0].clipped)):
+            whole.clipped.append(
+                tuple(
+                    sum(p.clipped[band][end] * n for p, n in zip(parts, valid)) / total
+                    for end in (0, 1)
+                )
+            )
+            lows = [p.observed[band][0] for p, n in zip(parts, valid) if n]
+            highs = [p.observed[band][1] for p, n in zip(parts, valid) if n]
+            whole.observed.append(
+                (min(lows), max(highs)) if lows else (math.nan, math.nan)
+            )
+        return whole
 
     def clipping_warning(self, flag_hint=""):
         """A line when over :data:`CLIP_WARN_SHARE` of a band clips at one end, else None."""
@@ -932,41 +1011,84 @@ def georeference(path):
 
 def write_geotiff(path, image, georef, *, nodata=None, names=None, block=256):
     """
-    Write (B, H, W) as a GeoTIFF a GIS opens well: internally tiled, deflate
-    compressed, BigTIFF when it needs it, with overviews (halvings down to about
-    ``block`` pixels), band names and the nodata value. Written to a temporary file
-    and renamed, so a killed job never leaves half a file under ``path``.
+    Write (B, H, W) as a GeoTIFF a GIS opens well (see :class:`GeoTiffWriter`).
 
     :param georef: :func:`georeference` of the input.
     """
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.errors import NotGeoreferencedWarning
-
     count, height, width = image.shape
-    profile = {
-        "driver": "GTiff", "width": width, "height": height, "count": count,
-        "dtype": image.dtype.name, "nodata": nodata, "tiled": True,
-        "blockxsize": block, "blockysize": block, "compress": "deflate",
-        "BIGTIFF": "IF_SAFER",
-    }  # fmt: skip
-    gcps = georef.get("gcps")
-    if not gcps:
-        profile.update({k: v for k, v in georef.items() if k in ("crs", "transform")})
-    tmp = f"{path}.tmp-{os.getpid()}.tif"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(image)
-            if gcps:
-                dst.gcps = (gcps, georef["gcp_crs"])
-            for i, name in enumerate(names or ()):
-                dst.set_band_description(i + 1, name)
-            factors = []
-            while min(height, width) // (2 ** (len(factors) + 1)) >= block // 2:
-                factors.append(2 ** (len(factors) + 1))
-            if factors:
-                dst.build_overviews(factors, Resampling.average)
-                dst.update_tags(ns="rio_overview", resampling="average")
-    os.replace(tmp, path)
+    with GeoTiffWriter(
+        path, count, height, width, image.dtype, georef, nodata=nodata, names=names,
+        block=block,
+    ) as out:  # fmt: skip
+        out.write(0, image)
     return path
+
+
+class GeoTiffWriter:
+    """
+    A GeoTIFF written a band of rows at a time: internally tiled, deflate
+    compressed, BigTIFF when it needs it, with overviews (halvings down to about
+    ``block`` pixels, built on closing), band names and the nodata value. It is
+    written to a temporary file and renamed when the ``with`` block ends without an
+    error, so a killed job never leaves half a file under ``path``.
+
+    :param georef: :func:`georeference` of the input.
+    """
+
+    def __init__(self, path, count, height, width, dtype, georef, *, nodata=None,
+                 names=None, block=256):  # fmt: skip
+        self.path, self.georef, self.names = path, georef, names
+        self.height, self.width, self.block = height, width, block
+        self.profile = {
+            "driver": "GTiff", "width": width, "height": height, "count": count,
+            "dtype": np.dtype(dtype).name, "nodata": nodata, "tiled": True,
+            "blockxsize": block, "blockysize": block, "compress": "deflate",
+            "BIGTIFF": "IF_SAFER",
+        }  # fmt: skip
+        if not georef.get("gcps"):
+            self.profile.update(
+                {k: v for k, v in georef.items() if k in ("crs", "transform")}
+            )
+        self.tmp = f"{path}.tmp-{os.getpid()}.tif"
+        self._dst = None
+
+    def __enter__(self):
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self._dst = rasterio.open(self.tmp, "w", **self.profile)
+        return self
+
+    def write(self, top, rows):
+        """Write (B, h, W) as the rows [top, top + h)."""
+        from rasterio.windows import Window
+
+        self._dst.write(rows, window=Window(0, top, self.width, rows.shape[1]))
+
+    def __exit__(self, exc_type, exc, tb):
+        from rasterio.enums import Resampling
+
+        dst = self._dst
+        try:
+            if exc_type is None:
+                if self.georef.get("gcps"):
+                    dst.gcps = (self.georef["gcps"], self.georef["gcp_crs"])
+                for i, name in enumerate(self.names or ()):
+                    dst.set_band_description(i + 1, name)
+                factors = []
+                while min(self.height, self.width) // (2 ** (len(factors) + 1)) >= (
+                    self.block // 2
+                ):
+                    factors.append(2 ** (len(factors) + 1))
+                if factors:
+                    dst.build_overviews(factors, Resampling.average)
+                    dst.update_tags(ns="rio_overview", resampling="average")
+        finally:
+            dst.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        elif os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        return False

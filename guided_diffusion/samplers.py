@@ -3,7 +3,7 @@ Samplers of the reverse diffusion process, all with one signature.
 
 A sampler is a generator function
 
-    sampler(denoiser, x, timesteps, *, generator=None, **options)
+    sampler(denoiser, x, timesteps, *, generator=None, history=None, **options)
 
 that starts from ``x`` (x_T, shape (N, C, H, W)), visits ``timesteps`` (indices
 into the denoiser's schedule, in the order given: descending from T - 1 to 0 for
@@ -12,6 +12,14 @@ step; the clean image after the last one) and "pred_xstart" (that step's
 prediction of x_0). ``generator`` is the source of every random number it draws
 (see :func:`noise_like`). ``options`` are the sampler's own (DDIM's eta,
 DPM-Solver++'s order and final-step rule).
+
+A run can be continued from any step: give the sampler the state after step k as
+``x``, the timesteps from step k + 1 on, the generator as it was after step k,
+and ``history``, {"t": step k's timestep, "pred_xstart": step k's prediction},
+for a multistep sampler (DPM-Solver++ reuses the previous prediction; DDPM and
+DDIM ignore it). The continued run then gives what the whole run gives, to the
+bit. Scenes use this to save and resume long jobs, and to update a scene band
+by band (guided_diffusion/scene.py).
 
 ``denoiser(x_t, t)`` is a :class:`Denoiser`: the network with the SAR condition,
 the clipping and the timestep respacing bound inside it, returning what
@@ -46,7 +54,7 @@ def register(name):
 def sampler_options(name):
     """
     The options of a registered sampler and their defaults: its keyword-only
-    parameters other than ``generator``.
+    parameters other than ``generator`` and ``history``.
 
     :raises ValueError: for an unknown name, listing the known ones.
     """
@@ -58,7 +66,7 @@ def sampler_options(name):
     return {
         p.name: p.default
         for p in params
-        if p.kind == p.KEYWORD_ONLY and p.name != "generator"
+        if p.kind == p.KEYWORD_ONLY and p.name not in ("generator", "history")
     }
 
 
@@ -86,7 +94,10 @@ def check_options(name, options):
     return taken
 
 
-def run(name, denoiser, x, timesteps=None, *, generator=None, callback=None, **options):
+def run(
+    name, denoiser, x, timesteps=None, *, generator=None, history=None, callback=None,
+    **options,
+):
     """
     Run a registered sampler to the end.
 
@@ -96,6 +107,7 @@ def run(name, denoiser, x, timesteps=None, *, generator=None, callback=None, **o
     :param x: the start x_T, (N, C, H, W).
     :param timesteps: the indices to visit; all of the schedule, descending, if None.
     :param generator: the noise source, see :func:`noise_like`.
+    :param history: where a continued run starts from (see the module's docstring).
     :param callback: called as callback(i, out) after step i with the step's dict.
     :param options: the sampler's options (see :func:`sampler_options`).
     :return: the final sample, of x's shape.
@@ -106,6 +118,7 @@ def run(name, denoiser, x, timesteps=None, *, generator=None, callback=None, **o
         x,
         descending(denoiser) if timesteps is None else timesteps,
         generator=generator,
+        history=history,
         **options,
     )
     for i, out in enumerate(steps):
@@ -195,7 +208,7 @@ class Denoiser:
 
 
 @register("ddpm")
-def ddpm(denoiser, x, timesteps, *, generator=None):
+def ddpm(denoiser, x, timesteps, *, generator=None, history=None):
     """
     Ancestral sampling (Ho et al. 2020, "Denoising Diffusion Probabilistic Models",
     Algorithm 2), with the model's variance (fixed or learned). ``timesteps`` must
@@ -217,7 +230,7 @@ def ancestral_step(out, z, nonzero):
 
 
 @register("ddim")
-def ddim(denoiser, x, timesteps, *, generator=None, eta=0.0):
+def ddim(denoiser, x, timesteps, *, generator=None, history=None, eta=0.0):
     """
     DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12),
     deterministic at eta = 0, as noisy as DDPM at eta = 1.
@@ -275,7 +288,8 @@ def ddim_reverse_step(out, abar_next):
 
 @register("dpm++2m")
 def dpm_solver_pp(
-    denoiser, x, timesteps, *, generator=None, solver_order=2, lower_order_final=2
+    denoiser, x, timesteps, *, generator=None, history=None, solver_order=2,
+    lower_order_final=2,
 ):
     """
     DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling
@@ -309,6 +323,13 @@ def dpm_solver_pp(
         math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alpha, sigma)
     ]
     x0_prev = h_prev = None
+    if history is not None and solver_order == 2:
+        # continuing a run: the step before grid[0] and its prediction
+        t_prev = history["t"]
+        lam_prev = math.log(math.sqrt(abar[t_prev])) - math.log(
+            math.sqrt(1.0 - abar[t_prev])
+        )
+        x0_prev, h_prev = history["pred_xstart"], lam[0] - lam_prev
     for i, t in enumerate(grid):
         # 1. The data prediction x_theta(x_{t_{i-1}}, t_{i-1}).
         x0 = denoiser(x, t)["pred_xstart"]

@@ -24,8 +24,10 @@ model's size, resizing larger inputs as training did.
 """
 
 import argparse
+import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -39,10 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, logger, samplers  # noqa: E402
 from guided_diffusion.rasters import (  # noqa: E402
     DataError,
+    GeoTiffWriter,
+    RasterRows,
+    SarStats,
     georeference,
-    read_raster,
     sar_bands_scaled,
-    write_geotiff,
 )
 from guided_diffusion.sampling import (  # noqa: E402
     Bfloat16Model,
@@ -56,11 +59,20 @@ from guided_diffusion.sampling import (  # noqa: E402
     to_uint8,
     write_log,
 )
-from guided_diffusion.tiling import TiledDenoiser  # noqa: E402
+from guided_diffusion.scene import (  # noqa: E402
+    JobMismatch,
+    SceneArrays,
+    SceneSampler,
+    bands,
+    scene_bytes,
+)
 
 # Pixel sizes that differ by more than this share from the training data's are warned of.
 PIXEL_SIZE_TOLERANCE = 0.2
 QUICKLOOK_WIDTH = 1024
+# --memory auto keeps the arrays in memory while they take at most this share of
+# the memory available when the job starts.
+MEMORY_SHARE = 0.5
 
 
 def main():
@@ -68,89 +80,237 @@ def main():
     flags, scaling, diffusion, notes = checkpoint_settings(
         args.model_path, args.explicit, args.inputs
     )
+    if args.output_units == "optical" and not scaling.opt_range:
+        raise ValueError(
+            "--output_units optical: the training run mapped 8-bit optical images, "
+            "so there are no other units to write; use --output_units uint8"
+        )
     dist_util.setup_dist()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(dir=os.path.dirname(args.output), format_strs=["stdout"])
     write_log(notes)
-
-    # -- the scene ----------------------------------------------------------------
-    raster = read_raster(args.input)
-    sar, valid, stats = sar_bands_scaled(raster, scaling)
-    if stats.nodata:
-        logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
-    warning = stats.clipping_warning()
-    if warning:
-        logger.warn(warning)
-    check_pixel_size(raster, read_run_config(args.model_path), args.input)
     tile = flags["image_size"]
-    height, width = valid.shape
-    sar = th.from_numpy(sar.astype(np.float32))[None]
-    if sar.shape[1] == 1 and scaling.sar_channels == 3:
-        sar = sar.repeat(1, 3, 1, 1)  # grey replicated, as the model was trained
-    # a scene smaller than a tile is padded to one (edge pixels repeated)
-    pad = (0, max(0, tile - width), 0, max(0, tile - height))
-    sar = th.nn.functional.pad(sar, pad, mode="replicate") if any(pad) else sar
-    device = dist_util.dev()
-    sar = sar.to(device)
-
-    # -- the model and the tiled denoiser ------------------------------------------
-    model = load_model(args.model_path, flags, device, use_bf16=args.use_bf16)
-    model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
-    net = Bfloat16Model(model) if args.use_bf16 else model
     overlap = tile // 2 if args.overlap < 0 else args.overlap
     if not 0 <= overlap < tile:
         raise ValueError(
             f"--overlap {args.overlap}: give 0..{tile - 1} pixels (-1: half a tile)"
         )
-    steps = len(samplers.descending(diffusion))
-    bar = tqdm(
-        total=0, unit="tile", desc="tiles", disable=not dist_util.is_main_process()
+
+    # -- the scene, into scene-sized arrays ----------------------------------------------
+    reader = RasterRows(args.input)
+    height, width = reader.height, reader.width
+    check_pixel_size(reader, read_run_config(args.model_path), args.input)
+    sar_channels = 3 if scaling.sar_channels == 3 else scaling.sar_channels
+    # a scene smaller than a tile is padded to one (edge pixels repeated)
+    padded = (max(height, tile), max(width, tile))
+    need = scene_bytes(*padded, sar_channels, flags["learn_sigma"])
+    use_disk = args.memory == "mmap" or (
+        args.memory == "auto" and need > MEMORY_SHARE * available_memory()
     )
+    arrays = SceneArrays(
+        os.path.join(args.work_dir, f"arrays-rank{rank}") if use_disk else None
+    )
+    logger.log(
+        f"{width}x{height} pixels: the scene's arrays take {need / 2**30:.2f} GiB "
+        + (f"in memory-mapped files in {arrays.folder}" if use_disk else "in memory")
+    )
+    try:
+        stats = load_scene(reader, scaling, arrays, padded, sar_channels)
+        if stats.nodata:
+            logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
+        warning = stats.clipping_warning()
+        if warning:
+            logger.warn(warning)
+        finished = sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world)
+        if finished and dist_util.is_main_process():
+            write_outputs(args, scaling, arrays, reader, height, width)
+    finally:
+        arrays.remove()
+    dist_util.barrier()
+    if finished and dist_util.is_main_process():
+        remove_work_dir(args.work_dir)
+    dist_util.cleanup()
+    if not finished:
+        sys.exit(128 + STOP["signal"])
+
+
+def available_memory():
+    """Bytes of memory available now (MemAvailable), or all of it where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def load_scene(reader, scaling, arrays, padded, sar_channels):
+    """
+    Scale the scene's SAR a band of rows at a time into the arrays "sar" and
+    "valid", padded to ``padded`` (height, width) by repeating edge pixels.
+
+    :return: the :class:`SarStats` of the whole file.
+    """
+    height, width = reader.height, reader.width
+    arrays.create("sar", sar_channels, *padded)
+    arrays.create("valid", 1, *padded)
+    parts = []
+    for top, bottom in bands(height):
+        data, valid, stats = sar_bands_scaled(reader.read(top, bottom), scaling)
+        parts.append(stats)
+        data = data.astype(np.float32)
+        if len(data) == 1 and sar_channels == 3:
+            data = np.repeat(data, 3, axis=0)  # grey replicated, as the model was trained
+        valid = valid[None].astype(np.float32)
+        if padded[1] > width:
+            extra = ((0, 0), (0, 0), (0, padded[1] - width))
+            data, valid = np.pad(data, extra, mode="edge"), np.pad(valid, extra)
+        arrays.write("sar", top, data)
+        arrays.write("valid", top, valid)
+    if padded[0] > height:
+        last = arrays.read("sar", (height - 1, height))
+        arrays.write("sar", height, last.repeat(1, padded[0] - height, 1))
+    return SarStats.combined(parts)
+
+
+# Set by SIGINT and SIGTERM: the job saves at the end of the step and stops.
+STOP = {"signal": None}
+
+
+def _ask_to_stop(signum, frame):
+    STOP["signal"] = signum
+
+
+def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world):
+    """
+    Run (or continue) the job on the scene in ``arrays``.
+
+    :return: True when it finished, False when a signal stopped it (saved).
+    """
+    device = dist_util.dev()
+    model = load_model(args.model_path, flags, device, use_bf16=args.use_bf16)
+    model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+    net = Bfloat16Model(model) if args.use_bf16 else model
+    keep = ("pred_xstart", "log_variance") if flags["learn_sigma"] else ("pred_xstart",)
+
+    def denoise(xs, sar, t):
+        denoiser = samplers.Denoiser(
+            diffusion, net, sar.to(device), clip_denoised=args.clip_denoised
+        )
+        out = denoiser(xs.to(device), t)
+        return {k: out[k].float().cpu() for k in keep}
+
     timing = {}
 
     def tiles_done(count):
         bar.update(count)
         if "first" not in timing:  # the estimate, from the first batch of tiles
             timing["first"] = time.perf_counter() - timing["began"]
-            total = timing["first"] * calls * steps
+            total = timing["first"] * calls * (steps - job.step)
             about = f"{total:.0f} s" if total < 90 else f"{total / 60:.1f} min"
             logger.log(
                 f"the first {count} tile(s) took {timing['first']:.1f} s: about "
                 f"{about} for the scene"
             )
 
-    tiled = TiledDenoiser(
-        lambda cond: samplers.Denoiser(diffusion, net, cond, clip_denoised=args.clip_denoised),
-        diffusion, sar, tile, overlap=overlap, batch_size=args.batch_size,
-        rank=dist_util.get_rank(), world=dist_util.get_world_size(),
-        all_reduce=all_reduce if dist_util.get_world_size() > 1 else None,
+    fuser_args = dict(
+        denoise=denoise, tile=tile, overlap=overlap, batch_size=args.batch_size,
+        rank=rank, world=world, learned_variance=flags["learn_sigma"],
         progress=tiles_done,
     )  # fmt: skip
-    calls = math.ceil(len(tiled.mine) / args.batch_size)
-    bar.total = steps * len(tiled.mine)
+    job = SceneSampler(
+        arrays, fuser_args, diffusion, args.sampler, args.options, args.seed,
+        all_reduce=all_reduce if world > 1 else None, key=job_key(args, tile, overlap),
+    )  # fmt: skip
+    steps = len(job.timesteps)
+    saved = job.saved_step(args.work_dir)
+    if saved is None:
+        job.start()
+    else:
+        job.resume(args.work_dir)
+        logger.log(f"continuing the job saved at step {saved} of {steps} in {args.work_dir}")
+    calls = math.ceil(len(job.fuser.mine) / args.batch_size)
     logger.log(
-        f"{width}x{height} pixels: {len(tiled.grid)} tiles of {tile} px (overlap {overlap}), "
-        f"{steps} {args.sampler} steps, {calls} network calls of up to {args.batch_size} "
-        f"tiles per step on {dist_util.get_world_size()} process(es)"
+        f"{len(job.fuser.grid)} tiles of {tile} px (overlap {overlap}), {steps} "
+        f"{args.sampler} steps, {calls} network calls of up to {args.batch_size} tiles "
+        f"per step on {world} process(es); saved every {args.save_every} steps in "
+        f"{args.work_dir}"
     )
+    bar = tqdm(
+        total=(steps - job.step) * len(job.fuser.mine), unit="tile",
+        desc=f"step {job.step + 1}/{steps}", disable=not dist_util.is_main_process(),
+    )  # fmt: skip
 
-    # -- sample ---------------------------------------------------------------------
-    generator = th.Generator().manual_seed(args.seed)
-    x = samplers.noise_of_shape((1, 3, *sar.shape[2:]), generator, device)
+    def should_stop():
+        stop = th.tensor([float(STOP["signal"] or 0)])
+        if world > 1:
+            all_reduce(stop, op=th.distributed.ReduceOp.MAX)
+        STOP["signal"] = int(stop.item()) or None
+        return STOP["signal"] is not None
+
+    def on_step(done):
+        bar.set_description(f"step {min(done + 1, steps)}/{steps}")
+
+    handlers = {s: signal.signal(s, _ask_to_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     timing["began"] = time.perf_counter()
-    with th.no_grad():
-        x = samplers.run(args.sampler, tiled, x, generator=generator, **args.options)
-    bar.close()
+    try:
+        with th.no_grad():
+            finished = job.run(
+                save_every=args.save_every,
+                folder=args.work_dir if dist_util.is_main_process() else None,
+                should_stop=should_stop, on_step=on_step,
+            )  # fmt: skip
+    finally:
+        bar.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    if not finished:
+        name = signal.Signals(STOP["signal"]).name
+        logger.log(
+            f"stopped by {name} after step {job.step} of {steps}; the job is saved in "
+            f"{args.work_dir}: run the same command again to continue it"
+        )
+    return finished
 
-    # -- write ----------------------------------------------------------------------
-    if dist_util.is_main_process():
-        x = x[..., :height, :width].cpu().clamp(-1, 1)
-        write_outputs(args, raster, scaling, x, sar[..., :height, :width].cpu(), valid)
-    dist_util.barrier()
-    dist_util.cleanup()
+
+def job_key(args, tile, overlap):
+    """The settings that decide the result: a saved job continues only under them."""
+    stat = os.stat(args.input)
+    model = os.stat(args.model_path)
+    return {
+        "input": os.path.abspath(args.input), "input_bytes": stat.st_size,
+        "input_mtime": stat.st_mtime, "model": os.path.abspath(args.model_path),
+        "model_mtime": model.st_mtime, "sampler": args.sampler,
+        "options": args.options, "timestep_respacing": args.timestep_respacing,
+        "seed": args.seed, "tile": tile, "overlap": overlap,
+        "clip_denoised": args.clip_denoised, "use_bf16": args.use_bf16,
+        "inputs": {k: v for k, v in args.inputs.items() if v is not None},
+    }  # fmt: skip
 
 
-def all_reduce(tensor):
-    th.distributed.all_reduce(tensor)
+def all_reduce(tensor, op=None):
+    """Sum (or ``op``) a CPU tensor in place across the processes."""
+    moved = tensor.to(dist_util.dev())
+    if op is None:
+        th.distributed.all_reduce(moved)
+    else:
+        th.distributed.all_reduce(moved, op=op)
+    tensor.copy_(moved.cpu())
+
+
+def remove_work_dir(folder):
+    """Remove a finished job's work folder (its saved state and nothing else)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name == "job.json" or name.endswith((".f32", ".pt", ".tmp")):
+            os.remove(os.path.join(folder, name))
+    try:
+        os.rmdir(folder)
+    except OSError:
+        pass  # the user put something else there: keep it
 
 
 def check_pixel_size(raster, run_config, path):
@@ -169,33 +329,40 @@ def check_pixel_size(raster, run_config, path):
         )
 
 
-def write_outputs(args, raster, scaling, x, sar, valid):
-    """The GeoTIFF and the quick-look PNG."""
+def write_outputs(args, scaling, arrays, reader, height, width):
+    """The GeoTIFF and the quick-look PNG, a band of rows at a time."""
     if args.output_units == "optical":
-        if not scaling.opt_range:
-            raise ValueError(
-                "--output_units optical: the training run mapped 8-bit optical images, "
-                "so there are no other units to write; use --output_units uint8"
-            )
         lo, hi = scaling.opt_range
-        image = ((x[0].numpy().astype(np.float64) + 1) / 2 * (hi - lo) + lo).astype(
-            np.float32
-        )
-        image[:, ~valid] = np.nan
-        nodata = float("nan")
+        dtype, nodata = np.float32, float("nan")
     else:
-        image = to_uint8(x)[0].transpose(2, 0, 1).copy()
-        image[:, ~valid] = 0
-        nodata = 0
-    write_geotiff(
-        args.output, image, georeference(args.input), nodata=nodata,
+        dtype, nodata = np.uint8, 0
+    # the quick-look keeps every step-th row and column
+    step = max(1, math.ceil((2 * width + 4) / QUICKLOOK_WIDTH))
+    looks = {"sar": [], "result": [], "valid": []}
+    with GeoTiffWriter(
+        args.output, 3, height, width, dtype, georeference(args.input), nodata=nodata,
         names=("red", "green", "blue"),
-    )  # fmt: skip
-    logger.log(
-        f"wrote {args.output} ({image.shape[2]}x{image.shape[1]}, {image.dtype})"
-    )
+    ) as out:  # fmt: skip
+        for top, bottom in bands(height):
+            x = arrays.read("x", (top, bottom))[:, :, :width].clamp(-1, 1)
+            valid = arrays.read("valid", (top, bottom))[0, :, :width].numpy() > 0.5
+            if args.output_units == "optical":
+                image = ((x.double().numpy() + 1) / 2 * (hi - lo) + lo).astype(np.float32)
+                image[:, ~valid] = np.nan
+            else:
+                image = to_uint8(x[None])[0].transpose(2, 0, 1).copy()
+                image[:, ~valid] = 0
+            out.write(top, image)
+            keep = [r - top for r in range(top, bottom) if r % step == 0]
+            sar = arrays.read("sar", (top, bottom))[:, keep, :width:step]
+            looks["sar"].append(sar_for_display(to_uint8(sar[None]))[0])
+            looks["result"].append(to_uint8(x[None, :, keep, ::step])[0])
+            looks["valid"].append(valid[keep, ::step])
+    logger.log(f"wrote {args.output} ({width}x{height}, {np.dtype(dtype).name})")
     quicklook = os.path.splitext(args.output)[0] + "_quicklook.png"
-    write_quicklook(quicklook, sar_for_display(to_uint8(sar))[0], to_uint8(x)[0], valid)
+    write_quicklook(
+        quicklook, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid"))
+    )
     logger.log(f"wrote {quicklook}")
 
 
@@ -223,7 +390,18 @@ def parse_args():
     parser.add_argument("--overlap", type=int, default=-1,
                         help="pixels shared by neighbouring tiles (-1: half a tile)")  # fmt: skip
     parser.add_argument("--output_units", choices=("uint8", "optical"), default="uint8",
-                        help="8-bit RGB, or the training data's optical values (float32)")  # fmt: skip
+                        help="8-bit RGB, or the training data's optical values (float32)")
+    parser.add_argument("--save_every", type=int, default=5,
+                        help="save the job every N steps (and when stopped, and at the "
+                             "end); rerunning the command continues it (0: only then)")
+    parser.add_argument("--work_dir", default="",
+                        help="where the saved job (and memory-mapped arrays) live; "
+                             "default OUTPUT.work beside the output, removed when done")
+    parser.add_argument("--memory", choices=("auto", "ram", "mmap"), default="auto",
+                        help="keep the scene's arrays in memory (ram) or in "
+                             "memory-mapped files in the work folder (mmap); auto: "
+                             f"mmap when they would take over {MEMORY_SHARE:.0%} of "
+                             "the available memory")  # fmt: skip
     add_sampling_flags(
         parser, overrides={"batch_size": 8},
         skip=("data_dir", "num_samples"),
@@ -235,15 +413,18 @@ def parse_args():
         raise ValueError("--output must not be the --input file")
     if args.batch_size < 1:
         raise ValueError("--batch_size (tiles per network call) must be positive")
+    if args.save_every < 0:
+        raise ValueError("--save_every must be 0 (save only when stopped and at the end) or more")
     # the folder is made now: a missing one must not fail the job at its end
     args.output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    args.work_dir = os.path.abspath(args.work_dir or args.output + ".work")
     return args
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, JobMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -256,3 +256,29 @@ def test_a_registered_sampler_and_its_setting_reach_translate_and_the_script(
     )
     for name, image in zip(names, to_uint8(want)):
         assert np.array_equal(np.asarray(Image.open(folder / "gen_opt" / name)), image)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++2m"])
+@pytest.mark.parametrize("stop", [1, 3, 7])
+def test_a_run_continued_from_any_step_is_the_same_run(tiny, name, stop):
+    # the state, the generator and the last prediction after a step are all a
+    # sampler needs to go on (what a saved scene job keeps)
+    model, diffusion, sar = tiny
+    denoiser = samplers.Denoiser(diffusion, model, sar)
+    x_T = samplers.noise_of_shape((2, 3, 32, 32), th.Generator().manual_seed(9), "cpu")
+    timesteps = list(samplers.descending(diffusion))
+    options = {"eta": 1.0} if name == "ddim" else {}
+    whole = samplers.run(name, denoiser, x_T, generator=th.Generator().manual_seed(1), **options)
+    g = th.Generator().manual_seed(1)
+    seen = []
+    steps = samplers.SAMPLERS[name](denoiser, x_T, timesteps, generator=g, **options)
+    for _ in range(stop):
+        seen.append(next(steps))
+    steps.close()
+    state = g.get_state()
+    g = th.Generator()
+    g.set_state(state)
+    history = {"t": timesteps[stop - 1], "pred_xstart": seen[-1]["pred_xstart"]}
+    rest = samplers.run(name, denoiser, seen[-1]["sample"], timesteps[stop:], generator=g,
+                        history=history, **options)  # fmt: skip
+    assert th.equal(rest, whole)

@@ -1,10 +1,12 @@
 """
-Joint denoising of overlapping tiles (guided_diffusion/tiling.py).
+Joint denoising of overlapping tiles (guided_diffusion/tiling.py and scene.py).
 
 The independent facts: tiles cover the scene and stay inside it; the fused
 weights are positive everywhere; for a network that looks at one pixel at a time
-(a 1x1 convolution) tiling cannot change anything, so the tiled denoiser and every
-sampler on it must give what the whole-scene denoiser gives.
+(a 1x1 convolution) tiling cannot change anything, so the fused prediction and
+every deterministic sampler on the scene must give what the whole-scene denoiser
+gives; a job saved and continued, or kept on disk, gives what one run in memory
+gives, to the bit.
 """
 
 import numpy as np
@@ -13,8 +15,8 @@ import torch as th
 from conftest import linear_diffusion
 
 from guided_diffusion import samplers
+from guided_diffusion.scene import SceneArrays, SceneSampler, bands
 from guided_diffusion.tiling import (
-    TiledDenoiser,
     tile_grid,
     tile_starts,
     tile_weights,
@@ -96,77 +98,166 @@ def scene(height, width, sar_channels=2, seed=0):
     )
 
 
-def make(diffusion, model):
-    return lambda cond: samplers.Denoiser(diffusion, model, cond)
+def make_job(diffusion, model, sar, *, folder=None, sampler="ddim", options=None,
+             seed=0, rank=0, world=1, batch_size=4, learn_sigma=False):  # fmt: skip
+    """A SceneSampler on ``sar`` (1, C, H, W) with 32-pixel tiles."""
+    arrays = SceneArrays(folder)
+    _, channels, height, width = sar.shape
+    arrays.create("sar", channels, height, width)
+    arrays.write("sar", 0, sar[0])
+
+    def denoise(xs, conds, t):
+        out = samplers.Denoiser(diffusion, model, conds)(xs, t)
+        return {k: out[k] for k in ("pred_xstart", "log_variance")}
+
+    fuser_args = dict(denoise=denoise, tile=32, overlap=16, batch_size=batch_size,
+                      rank=rank, world=world, learned_variance=learn_sigma)  # fmt: skip
+    return SceneSampler(arrays, fuser_args, diffusion, sampler, options or {}, seed)
+
+
+def whole(job, name):
+    _, height, _ = job.arrays.shapes[name]
+    return job.arrays.read(name, (0, height))[None]
+
+
+def fused(job, t):
+    job.fuser(t)
+    rows = (0, job.arrays.shapes["x"][1])
+    return {
+        key: (job.arrays.read(key, rows) / job.fuser.total(rows))[None]
+        for key in job.fuser.keys
+    }
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_a_pixelwise_network_gives_the_whole_scene_result(learn_sigma):
+def test_a_pixelwise_network_gives_the_whole_scene_prediction(learn_sigma):
     from guided_diffusion import gaussian_diffusion as gd
 
     kind = gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE
     diffusion = linear_diffusion(num_steps=50, model_var_type=kind)
     model = PixelModel(5, 6 if learn_sigma else 3)
-    sar, x = scene(72, 100)
-    whole = samplers.Denoiser(diffusion, model, sar)
-    tiled = TiledDenoiser(make(diffusion, model), diffusion, sar, 32, batch_size=3)
+    sar, _ = scene(72, 100)
+    job = make_job(diffusion, model, sar, learn_sigma=learn_sigma, batch_size=3)
+    job.start()
+    x = whole(job, "x")
+    direct = samplers.Denoiser(diffusion, model, sar)
     for t in (49, 20, 0):
-        a, b = whole(x, t), tiled(x, t)
-        for key in ("pred_xstart", "mean", "eps", "log_variance"):
-            th.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5)
+        a, b = direct(x, t), fused(job, t)
+        th.testing.assert_close(b["pred"], a["pred_xstart"], rtol=1e-5, atol=1e-5)
+        if learn_sigma:
+            th.testing.assert_close(b["logvar"], a["log_variance"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
-def test_every_sampler_runs_on_the_tiled_scene(sampler):
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_a_deterministic_sampler_on_the_scene_is_the_whole_scene_sampler(sampler):
+    # band by band, the sampler's update is the one it makes on the whole scene
     diffusion = linear_diffusion(num_steps=50)
     model = PixelModel(5, 3)
-    sar, x = scene(40, 56)
-    steps = list(range(49, -1, -1)) if sampler == "ddpm" else list(range(49, -1, -7))
-    outs = []
-    for denoiser in (
-        samplers.Denoiser(diffusion, model, sar),
-        TiledDenoiser(make(diffusion, model), diffusion, sar, 32),
-    ):
-        g = th.Generator().manual_seed(3)
-        outs.append(samplers.run(sampler, denoiser, x.clone(), steps, generator=g))
-    th.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    sar, _ = scene(150, 56)  # three bands of rows, the last one short
+    job = make_job(diffusion, model, sar, sampler=sampler)
+    assert len(job.bands) == 3
+    job.start()
+    x_T = whole(job, "x")
+    job.run()
+    direct = samplers.run(sampler, samplers.Denoiser(diffusion, model, sar), x_T)
+    th.testing.assert_close(whole(job, "x"), direct, rtol=1e-4, atol=1e-4)
+
+
+def test_the_noise_is_one_draw_per_pixel_from_the_seed():
+    diffusion = linear_diffusion(num_steps=50)
+    sar, _ = scene(150, 40)
+    a, b, c = (make_job(diffusion, PixelModel(5, 3), sar, seed=s) for s in (0, 0, 1))
+    for job in (a, b, c):
+        job.start()
+    x_a = whole(a, "x")
+    th.testing.assert_close(whole(b, "x"), x_a, rtol=0, atol=0)
+    assert not th.equal(whole(c, "x"), x_a)
+    # standard normal, and no two bands alike
+    assert abs(x_a.mean()) < 0.05 and abs(x_a.std() - 1) < 0.05
+    rows = [x_a[..., top:bottom, :] for top, bottom in bands(150)]
+    assert not th.equal(rows[0][..., :22, :], rows[1][..., :22, :])
 
 
 def test_the_result_does_not_depend_on_the_tile_batch_or_the_share():
     diffusion = linear_diffusion(num_steps=50)
     model = NeighbourModel(5, 3)
-    sar, x = scene(64, 88)
-    one = TiledDenoiser(make(diffusion, model), diffusion, sar, 32, batch_size=1)(x, 30)
-    many = TiledDenoiser(make(diffusion, model), diffusion, sar, 32, batch_size=7)(
-        x, 30
-    )
-    th.testing.assert_close(
-        many["pred_xstart"], one["pred_xstart"], rtol=1e-5, atol=1e-5
-    )
-    # two "ranks" each fuse their own tiles; summing their partial sums is the whole
-    partial = {}
-
-    def keep(rank):
-        def reduce(acc):
-            partial.setdefault(rank, []).append(acc.clone())
-
-        return reduce
-
+    sar, _ = scene(64, 88)
+    one = make_job(diffusion, model, sar, batch_size=1)
+    many = make_job(diffusion, model, sar, batch_size=7)
+    for job in (one, many):
+        job.start()
+    a = fused(one, 30)["pred"]
+    th.testing.assert_close(fused(many, 30)["pred"], a, rtol=1e-5, atol=1e-5)
+    # two "ranks" each sum their own tiles; adding their sums gives the whole
+    halves = []
     for rank in (0, 1):
-        TiledDenoiser(make(diffusion, model), diffusion, sar, 32, rank=rank, world=2,
-                      all_reduce=keep(rank))(x, 30)  # fmt: skip
-    summed = partial[0][0] + partial[1][0]  # pred_xstart's weighted sums
-    total = TiledDenoiser(make(diffusion, model), diffusion, sar, 32).total
-    th.testing.assert_close(summed / total, one["pred_xstart"], rtol=1e-5, atol=1e-5)
+        job = make_job(diffusion, model, sar, rank=rank, world=2)
+        job.start()
+        job.fuser(30)
+        halves.append(whole(job, "pred"))
+        assert len(job.fuser.mine) < len(job.fuser.grid)
+    total = one.fuser.total((0, 64))
+    th.testing.assert_close((halves[0] + halves[1]) / total, a, rtol=1e-5, atol=1e-5)
 
 
 def test_a_scene_of_one_tile_is_the_plain_denoiser():
     diffusion = linear_diffusion(num_steps=50)
     model = NeighbourModel(5, 3)
-    sar, x = scene(32, 32)
-    tiled = TiledDenoiser(make(diffusion, model), diffusion, sar, 32)
-    assert tiled.grid == [(0, 0)]
+    sar, _ = scene(32, 32)
+    job = make_job(diffusion, model, sar)
+    assert job.fuser.grid == [(0, 0)]
+    job.start()
+    x = whole(job, "x")
     th.testing.assert_close(
-        tiled(x, 10)["pred_xstart"],
+        fused(job, 10)["pred"],
         samplers.Denoiser(diffusion, model, sar)(x, 10)["pred_xstart"],
     )
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
+def test_a_saved_job_continues_to_the_same_bits_on_disk_or_in_memory(sampler, tmp_path):
+    diffusion = linear_diffusion(num_steps=25)
+    model = NeighbourModel(5, 3)
+    sar, _ = scene(100, 72)
+    straight = make_job(diffusion, model, sar, sampler=sampler)
+    straight.start()
+    straight.run()
+    expected = whole(straight, "x")
+    # on disk, saved every 5 steps, "killed" in step 8: continues from step 5
+    first = make_job(diffusion, model, sar, sampler=sampler, folder=tmp_path / "a")
+    first.start()
+    real_step = first.step_once
+
+    def dies_in_step_8():
+        if first.step == 7:
+            raise KeyboardInterrupt
+        real_step()
+
+    first.step_once = dies_in_step_8
+    with pytest.raises(KeyboardInterrupt):
+        first.run(save_every=5, folder=tmp_path / "job")
+    second = make_job(diffusion, model, sar, sampler=sampler, folder=tmp_path / "b")
+    assert second.saved_step(tmp_path / "job") == 5
+    second.resume(tmp_path / "job")
+    assert second.run(save_every=5, folder=tmp_path / "job")
+    assert th.equal(whole(second, "x"), expected)
+    # a job asked to stop saves where it is and says so
+    third = make_job(diffusion, model, sar, sampler=sampler)
+    third.start()
+    assert not third.run(folder=tmp_path / "stop", should_stop=lambda: third.step == 3)
+    assert make_job(diffusion, model, sar, sampler=sampler).saved_step(tmp_path / "stop") == 3
+
+
+def test_a_job_saved_with_other_settings_is_not_continued(tmp_path):
+    from guided_diffusion.scene import JobMismatch
+
+    diffusion = linear_diffusion(num_steps=25)
+    sar, _ = scene(40, 40)
+    job = make_job(diffusion, PixelModel(5, 3), sar)
+    job.key = {"seed": 0}
+    job.start()
+    job.run(folder=tmp_path)
+    other = make_job(diffusion, PixelModel(5, 3), sar)
+    other.key = {"seed": 1}
+    with pytest.raises(JobMismatch, match="seed 0, not 1"):
+        other.saved_step(tmp_path)

@@ -9,6 +9,7 @@ import json
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -25,6 +26,7 @@ from rasterio.transform import Affine
 
 from guided_diffusion import settings
 from guided_diffusion.rasters import Scaling
+from guided_diffusion.scene import SceneSampler
 from guided_diffusion.script_util import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +113,7 @@ def test_geotiff_keeps_place_and_nodata_and_ignores_the_tile_batch(
     assert not (tmp_path / "a.tif.work").exists()
 
 
-@pytest.mark.parametrize("height, width", [(257, 300), (20, 24)])
+@pytest.mark.parametrize("height, width", [(200, 300), (257, 1000), (20, 24)])
 def test_odd_sizes_and_a_scene_smaller_than_a_tile(
     tmp_path, monkeypatch, checkpoint, height, width
 ):
@@ -124,6 +126,7 @@ def test_odd_sizes_and_a_scene_smaller_than_a_tile(
     assert profile["transform"] == TRANSFORM
     # halvings down to about half a 256-pixel block: one for 257 pixels, none for 20
     assert overviews == ([2] if height > 256 else [])
+    assert out[:, :, :].std() > 0 and not (tmp_path / "out.tif.work").exists()
 
 
 def test_ground_control_points_and_optical_units(tmp_path, monkeypatch, checkpoint):
@@ -165,3 +168,85 @@ def test_two_ranks_share_the_tiles_and_give_the_same_scene(
     with rasterio.open(tmp_path / "two.tif") as src:
         two = src.read()
     assert np.abs(one.astype(int) - two).max() <= 1
+
+
+def test_memory_mapped_arrays_give_the_memory_result(tmp_path, monkeypatch, checkpoint):
+    scene = write_scene(tmp_path / "scene.tif", 150, 90, strip=4, seed=4)
+    flags = ("--sampler", "ddpm", "--timestep_respacing", "4", "--batch_size", "5")
+    ram, *_ = translate(monkeypatch, scene, tmp_path / "ram.tif", checkpoint, *flags,
+                        "--memory", "ram")  # fmt: skip
+    disk, *_ = translate(monkeypatch, scene, tmp_path / "disk.tif", checkpoint, *flags,
+                         "--memory", "mmap")  # fmt: skip
+    assert np.array_equal(disk, ram)
+    assert not (tmp_path / "disk.tif.work").exists()  # the mapped files are gone
+
+
+RESUME = ("--sampler", "dpm++2m", "--timestep_respacing", "7", "--save_every", "2",
+          "--batch_size", "3")  # fmt: skip
+
+
+@pytest.mark.parametrize("memory", ["ram", "mmap"])
+def test_a_crashed_job_continues_from_its_last_save_to_the_same_scene(
+    tmp_path, monkeypatch, checkpoint, memory
+):
+    scene = write_scene(tmp_path / "scene.tif", 64, 80, strip=6, seed=5)
+    expected, *_ = translate(monkeypatch, scene, tmp_path / "straight.tif", checkpoint,
+                             *RESUME)  # fmt: skip
+    out = tmp_path / "out.tif"
+    real_step = SceneSampler.step_once
+    done = []
+
+    def crashes_in_step_4(job):
+        if job.step == 3:
+            raise MemoryError("the machine ran out")
+        real_step(job)
+        done.append(job.step)
+
+    monkeypatch.setattr(SceneSampler, "step_once", crashes_in_step_4)
+    with pytest.raises(MemoryError):
+        translate(monkeypatch, scene, out, checkpoint, *RESUME, "--memory", memory)
+    assert done == [1, 2, 3] and not out.exists()
+    job = json.loads((tmp_path / "out.tif.work" / "job.json").read_text())
+    assert job["step"] == 2  # saved every 2 steps: step 3 is lost, no more
+    monkeypatch.setattr(SceneSampler, "step_once", real_step)
+    done.clear()
+    again, *_ = translate(monkeypatch, scene, out, checkpoint, *RESUME, "--memory", memory)
+    assert np.array_equal(again, expected)
+    assert not (tmp_path / "out.tif.work").exists()
+
+
+def test_a_stopped_job_saves_where_it_is_and_says_how_to_go_on(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
+    expected, *_ = translate(monkeypatch, scene, tmp_path / "straight.tif", checkpoint,
+                             *RESUME)  # fmt: skip
+    real_step = SceneSampler.step_once
+
+    def terminated_in_step_3(job):
+        if job.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster's scheduler does
+        real_step(job)
+
+    monkeypatch.setattr(SceneSampler, "step_once", terminated_in_step_3)
+    out = tmp_path / "out.tif"
+    with pytest.raises(SystemExit) as stopped:
+        translate(monkeypatch, scene, out, checkpoint, *RESUME)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 3 of 7" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.tif.work" / "job.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers given back
+    monkeypatch.setattr(SceneSampler, "step_once", real_step)
+    again, *_ = translate(monkeypatch, scene, out, checkpoint, *RESUME)
+    assert np.array_equal(again, expected)
+    # the same folder with another seed: refused, naming the setting
+    translate_again = [SCRIPT, "--input", scene, "--output", str(out), "--model_path",
+                       str(checkpoint), *RESUME, "--seed", "3"]  # fmt: skip
+    monkeypatch.setattr(SceneSampler, "step_once", terminated_in_step_3)
+    with pytest.raises(SystemExit):
+        translate(monkeypatch, scene, out, checkpoint, *RESUME)
+    monkeypatch.setattr(SceneSampler, "step_once", real_step)
+    proc = subprocess.run([sys.executable, *translate_again], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
+    assert proc.returncode == 2
+    assert "with other settings (seed 0, not 3)" in proc.stderr and "delete the folder" in proc.stderr

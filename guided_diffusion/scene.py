@@ -1,0 +1,435 @@
+"""
+A whole scene sampled as one: the state, the SAR and the fusion buffers are the
+only scene-sized arrays, kept in memory or in memory-mapped files, and a long job
+is saved every few steps and continued after a kill with the same result.
+
+Every step has two passes.
+
+1. Fusion (:class:`TileFuser`): the network sees overlapping tiles of the state,
+   a batch at a time, and their x_0 predictions (and learned log-variances) are
+   summed into scene-sized buffers with the tiles' windows (guided_diffusion/
+   tiling.py). The windows' sum is separable, (sum over tile rows) x (sum over
+   tile columns), so it needs no buffer of its own.
+2. Update (:class:`SceneSampler`): the registered sampler takes its step, one band
+   of :data:`BAND_ROWS` rows at a time, on that band's state and fused prediction.
+   Each band continues the sampler from where it stopped (``history`` in
+   guided_diffusion/samplers.py) with its own noise generator, so DDPM, DDIM and
+   DPM-Solver++ run unchanged, a band's arithmetic is the same whether the arrays
+   live in memory or on disk, and a saved job is just the state, the last
+   prediction and the generators' states.
+
+The bands are fixed (they depend on the scene's height only), and so is each
+band's seed (the run's seed and the band's number): the result depends on the
+seed alone, never on the tile batch, the number of processes or where the arrays
+live. Noise is drawn once per scene pixel, never averaged across tiles.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import torch as th
+
+from . import samplers
+from .tiling import tile_grid, window_1d
+
+# Rows per band of the sampler's update (and of reading and writing the scene).
+BAND_ROWS = 64
+# The arrays of a job; "logvar" only for a model that learns its variance.
+STATE_ARRAYS = ("x", "history")
+
+
+def bands(height, rows=BAND_ROWS):
+    """The fixed bands of a scene: [(top, bottom)], top to bottom."""
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def band_seed(seed, band):
+    """The seed of one band's noise generator: 63 bits of SHA-256 of (seed, band),
+    the same in every process and on every machine."""
+    digest = hashlib.sha256(f"{int(seed)}\0scene band {band}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class SceneArrays:
+    """
+    Named float32 arrays of shape (C, H, W), in memory or in memory-mapped files.
+
+    Every access copies: :meth:`read` returns a tensor of its own and
+    :meth:`write` / :meth:`add` copy into the array. A file is mapped only for
+    the duration of one access, so pages a job has finished with are not held in
+    the process's memory and its resident size stays that of a band or a tile
+    row, whatever the scene's size.
+
+    :param folder: where the files live; None keeps the arrays in memory.
+    """
+
+    def __init__(self, folder=None):
+        self.folder = folder
+        self.shapes = {}
+        self._memory = {}
+        if folder is not None:
+            os.makedirs(folder, exist_ok=True)
+
+    def path(self, name):
+        return os.path.join(self.folder, f"{name}.f32")
+
+    def create(self, name, channels, height, width):
+        """A new array of zeros."""
+        shape = (channels, height, width)
+        self.shapes[name] = shape
+        if self.folder is None:
+            self._memory[name] = np.zeros(shape, np.float32)
+        else:
+            with open(self.path(name), "wb") as f:  # sparse: no disk until written
+                f.truncate(4 * channels * height * width)
+
+    def _array(self, name):
+        if self.folder is None:
+            return self._memory[name]
+        return np.memmap(self.path(name), np.float32, "r+", shape=self.shapes[name])
+
+    def read(self, name, rows) -> th.Tensor:
+        """A copy of the rows [rows[0], rows[1]), all columns, (C, h, W)."""
+        arr = self._array(name)
+        out = th.from_numpy(np.array(arr[:, rows[0] : rows[1]]))
+        del arr
+        return out
+
+    def write(self, name, top, values):
+        """Set the rows from ``top`` (all columns) to ``values`` (C, h, W)."""
+        arr = self._array(name)
+        arr[:, top : top + values.shape[1]] = _numpy(values)
+        del arr
+
+    def add(self, name, top, values):
+        """Add ``values`` (C, h, W) to the rows from ``top``."""
+        arr = self._array(name)
+        arr[:, top : top + values.shape[1]] += _numpy(values)
+        del arr
+
+    def zero(self, name):
+        for top, bottom in bands(self.shapes[name][1]):
+            c, _, w = self.shapes[name]
+            self.write(name, top, np.zeros((c, bottom - top, w), np.float32))
+
+    def save(self, name, path):
+        """Copy an array into a file of raw float32, band by band (each band
+        (C, h, W) in turn), durably."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            for rows in bands(self.shapes[name][1]):
+                f.write(self.read(name, rows).numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, name, path):
+        """Fill an array from a file :meth:`save` wrote."""
+        c, h, w = self.shapes[name]
+        if os.path.getsize(path) != 4 * c * h * w:
+            raise ValueError(f"{path} does not hold a ({c}, {h}, {w}) array")
+        with open(path, "rb") as f:
+            for top, bottom in bands(h):
+                part = np.fromfile(f, np.float32, count=c * (bottom - top) * w)
+                self.write(name, top, part.reshape(c, bottom - top, w))
+
+    def remove(self):
+        """Delete the files (the arrays in memory are dropped)."""
+        self._memory.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _numpy(values):
+    return values.numpy() if th.is_tensor(values) else values
+
+
+def scene_bytes(height, width, sar_channels, learned_variance):
+    """Bytes of a job's scene-sized arrays (state, history, fused x_0 and
+    log-variance, SAR, valid mask), float32 each."""
+    channels = 3 + 3 + 3 + (3 if learned_variance else 0) + sar_channels + 1
+    return 4 * channels * height * width
+
+
+# -- the two passes -------------------------------------------------------------------
+
+
+class TileFuser:
+    """
+    Fuse the network's predictions on overlapping tiles into scene-sized sums.
+
+    :param arrays: a :class:`SceneArrays` with "x" (3, H, W) and "sar"; receives
+        "pred" (and "logvar") sums.
+    :param denoise: (x tiles, SAR tiles, t) -> a dict with "pred_xstart" (and
+        "log_variance" when learned), CPU tensors (N, 3, tile, tile).
+    :param tile: the tile side. :param overlap: pixels shared by neighbours.
+    :param batch_size: tiles per network call.
+    :param rank, world: this process's share of the tiles: rank, rank + world, ...
+    :param learned_variance: fuse the log-variance too.
+    :param progress: called with the number of tiles done after each batch.
+    """
+
+    def __init__(self, arrays, denoise, tile, overlap, *, batch_size=8, rank=0,
+                 world=1, learned_variance=False, progress=None):  # fmt: skip
+        _, height, width = arrays.shapes["x"]
+        self.arrays, self.denoise, self.tile = arrays, denoise, tile
+        self.batch_size, self.progress = batch_size, progress
+        self.grid = tile_grid(height, width, tile, overlap)
+        self.mine = self.grid[rank::world]
+        self.keys = ("pred", "logvar") if learned_variance else ("pred",)
+        tops = sorted({top for top, _ in self.grid})
+        lefts = sorted({left for _, left in self.grid})
+        self._wy = {top: window_1d(tile, top > 0, top + tile < height) for top in tops}
+        self._wx = {left: window_1d(tile, left > 0, left + tile < width) for left in lefts}
+        self.row_total = np.zeros(height)
+        for top in tops:
+            self.row_total[top : top + tile] += self._wy[top]
+        self.col_total = np.zeros(width)
+        for left in lefts:
+            self.col_total[left : left + tile] += self._wx[left]
+        for key in self.keys:
+            arrays.create(key, 3, height, width)
+
+    def total(self, rows):
+        """The windows' sum over rows [top, bottom), (h, W) float32."""
+        return th.from_numpy(
+            np.outer(self.row_total[rows[0] : rows[1]], self.col_total).astype(np.float32)
+        )
+
+    def __call__(self, t):
+        """Fill the sums with step ``t``'s predictions on this process's tiles."""
+        for key in self.keys:
+            self.arrays.zero(key)
+        size, width = self.tile, self.arrays.shapes["x"][2]
+        pending = {}
+        for top, _ in self.mine:
+            pending[top] = pending.get(top, 0) + 1
+        strips, sums = {}, {}
+        for start in range(0, len(self.mine), self.batch_size):
+            places = self.mine[start : start + self.batch_size]
+            for top, _ in places:
+                if top not in strips:  # one tile row of the state and SAR, read once
+                    rows = (top, top + size)
+                    strips[top] = (self.arrays.read("x", rows), self.arrays.read("sar", rows))
+                    sums[top] = {k: th.zeros(3, size, width) for k in self.keys}
+            xs = th.stack([strips[r][0][:, :, c : c + size] for r, c in places])
+            sar = th.stack([strips[r][1][:, :, c : c + size] for r, c in places])
+            out = self.denoise(xs, sar, t)
+            for i, (top, left) in enumerate(places):
+                w = th.from_numpy(np.outer(self._wy[top], self._wx[left]).astype(np.float32))
+                sums[top]["pred"][:, :, left : left + size] += w * out["pred_xstart"][i]
+                if "logvar" in sums[top]:
+                    sums[top]["logvar"][:, :, left : left + size] += (
+                        w * out["log_variance"][i]
+                    )
+                pending[top] -= 1
+                if not pending[top]:  # the tile row is done: into the scene's sums
+                    for key, acc in sums.pop(top).items():
+                        self.arrays.add(key, top, acc)
+                    del strips[top]
+            if self.progress is not None:
+                self.progress(len(places))
+
+
+class _BandPrediction:
+    """
+    One band's fused prediction in the shape of ``samplers.Denoiser``: the
+    sampler calls it once, with the band's state.
+    """
+
+    def __init__(self, diffusion, pred_xstart, log_variance):
+        self.diffusion = diffusion
+        self.alphas_cumprod = diffusion.alphas_cumprod
+        self.pred_xstart, self.log_variance = pred_xstart, log_variance
+
+    def __call__(self, x, t):
+        d = self.diffusion
+        ts = th.full((1,), int(t), dtype=th.long)
+        pred = self.pred_xstart
+        if self.log_variance is None:
+            variance, log_variance = d.fixed_variance(ts, x.shape)
+        else:
+            log_variance = self.log_variance
+            variance = th.exp(log_variance)
+        mean, _, _ = d.q_posterior_mean_variance(x_start=pred, x_t=x, t=ts)
+        return {
+            "pred_xstart": pred, "mean": mean, "variance": variance,
+            "log_variance": log_variance, "eps": d._predict_eps_from_xstart(x, ts, pred),
+        }  # fmt: skip
+
+
+class JobMismatch(ValueError):
+    """A work folder holds a job saved with other settings."""
+
+
+class SceneSampler:
+    """
+    The reverse process on a scene: fusion over tiles, then the sampler's update
+    band by band; saved every few steps and continued after a kill.
+
+    :param arrays: a :class:`SceneArrays` holding "sar" (C_sar, H, W); "x" and
+        "history" are made here.
+    :param fuser_args: the keyword arguments of :class:`TileFuser` but ``arrays``.
+    :param diffusion: the (respaced) diffusion.
+    :param sampler: a name in ``samplers.SAMPLERS``. :param options: its options.
+    :param seed: the noise seed.
+    :param all_reduce: sums a CPU tensor in place across processes (None for one).
+    :param key: the settings that decide the result (saved with the job and
+        checked when it is continued).
+    """
+
+    def __init__(self, arrays, fuser_args, diffusion, sampler, options, seed, *,
+                 all_reduce=None, key=None):  # fmt: skip
+        _, height, width = arrays.shapes["sar"]
+        for name in STATE_ARRAYS:
+            arrays.create(name, 3, height, width)
+        self.arrays = arrays
+        self.fuser = TileFuser(arrays, **fuser_args)
+        self.diffusion = diffusion
+        self.sampler, self.options = sampler, samplers.check_options(sampler, options)
+        self.timesteps = list(samplers.descending(diffusion))
+        self.bands = bands(height)
+        self.seed = seed
+        self.all_reduce = all_reduce
+        self.key = dict(key or {})
+        self.generators = []
+        self.step = 0
+
+    # -- start, continue ----------------------------------------------------------
+
+    def start(self):
+        """x_T: noise from each band's generator."""
+        self.generators = [
+            th.Generator().manual_seed(band_seed(self.seed, b)) for b in range(len(self.bands))
+        ]
+        width = self.arrays.shapes["x"][2]
+        for (top, bottom), g in zip(self.bands, self.generators):
+            noise = samplers.noise_of_shape((3, bottom - top, width), g, "cpu")
+            self.arrays.write("x", top, noise)
+        self.step = 0
+
+    def saved_step(self, folder):
+        """
+        The step a job saved in ``folder`` reached, or None when there is none.
+
+        :raises JobMismatch: it was saved with other settings, naming them.
+        """
+        path = os.path.join(folder, "job.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            job = json.load(f)
+        mine = json.loads(json.dumps(self.key))  # as it would be saved
+        if job["key"] != mine:
+            differ = sorted(
+                k for k in set(job["key"]) | set(mine) if job["key"].get(k) != mine.get(k)
+            )
+            shown = ", ".join(
+                f"{k} {job['key'].get(k)!r}, not {mine.get(k)!r}" for k in differ
+            )
+            raise JobMismatch(
+                f"{folder} holds a job saved at step {job['step']} of "
+                f"{len(self.timesteps)} with other settings ({shown}); "
+                "rerun with those to continue it, or delete the folder to start over"
+            )
+        return job["step"]
+
+    def resume(self, folder):
+        """Continue from the job saved in ``folder`` (see :meth:`saved_step`)."""
+        with open(os.path.join(folder, "job.json")) as f:
+            job = json.load(f)
+        for name in STATE_ARRAYS:
+            self.arrays.load(name, os.path.join(folder, job["files"][name]))
+        states = th.load(os.path.join(folder, job["files"]["generators"]))
+        self.generators = []
+        for state in states:
+            g = th.Generator()
+            g.set_state(state)
+            self.generators.append(g)
+        self.step = job["step"]
+
+    def save(self, folder):
+        """
+        Save the job durably: the arrays and the generators under names of this
+        step, then job.json (renamed into place last, so it always names complete
+        files), then the older files are removed.
+        """
+        os.makedirs(folder, exist_ok=True)
+        files = {name: f"{name}-{self.step:06d}.f32" for name in STATE_ARRAYS}
+        files["generators"] = f"generators-{self.step:06d}.pt"
+        for name in STATE_ARRAYS:
+            self.arrays.save(name, os.path.join(folder, files[name]))
+        tmp = os.path.join(folder, files["generators"] + ".tmp")
+        with open(tmp, "wb") as f:
+            th.save([g.get_state() for g in self.generators], f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(folder, files["generators"]))
+        job = {"step": self.step, "key": self.key, "files": files}
+        tmp = os.path.join(folder, "job.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(job, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(folder, "job.json"))
+        for name in os.listdir(folder):
+            if name.endswith((".f32", ".pt")) and name not in files.values():
+                os.remove(os.path.join(folder, name))
+
+    # -- run ------------------------------------------------------------------------
+
+    def step_once(self):
+        """One step of the reverse process over the whole scene."""
+        t = self.timesteps[self.step]
+        self.fuser(t)
+        later = self.timesteps[self.step :]
+        previous = self.timesteps[self.step - 1] if self.step else None
+        for b, rows in enumerate(self.bands):
+            total = self.fuser.total(rows)
+            fused = {}
+            for key in self.fuser.keys:
+                part = self.arrays.read(key, rows)
+                if self.all_reduce is not None:
+                    self.all_reduce(part)
+                fused[key] = (part / total)[None]
+            x = self.arrays.read("x", rows)[None]
+            history = None
+            if previous is not None:
+                history = {"t": previous, "pred_xstart": self.arrays.read("history", rows)[None]}
+            denoiser = _BandPrediction(self.diffusion, fused["pred"], fused.get("logvar"))
+            steps = samplers.SAMPLERS[self.sampler](
+                denoiser, x, later, generator=self.generators[b], history=history,
+                **self.options,
+            )  # fmt: skip
+            out = next(steps)
+            self.arrays.write("x", rows[0], out["sample"][0])
+            self.arrays.write("history", rows[0], out["pred_xstart"][0])
+        self.step += 1
+
+    def run(self, *, save_every=0, folder=None, should_stop=None, on_step=None):
+        """
+        Step to the end, saving into ``folder`` every ``save_every`` steps and
+        after the last one.
+
+        :param should_stop: called after each step; True saves and returns early.
+        :param on_step: called after each step with the steps done.
+        :return: True when the job reached its last step.
+        """
+        while self.step < len(self.timesteps):
+            self.step_once()
+            last = self.step == len(self.timesteps)
+            stop = bool(should_stop and should_stop())
+            if folder is not None and (last or stop or (save_every and self.step % save_every == 0)):
+                self.save(folder)
+            if on_step is not None:
+                on_step(self.step)
+            if stop and not last:
+                return False
+        return True
+
+    def result(self, rows):
+        """The finished scene's rows [top, bottom), (3, h, W) in [-1, 1]."""
+        return self.arrays.read("x", rows).clamp(-1, 1)
