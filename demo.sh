@@ -3,6 +3,9 @@
 # the test set translated, scored against two trivial baselines and drawn.
 #   bash demo.sh                  # about 12 minutes on 2 idle CPU cores
 #   bash demo.sh --update_assets  # also copy the picture to assets/demo.png
+#   DATA_FORMAT=sen12ms bash demo.sh --update_assets
+#                                 # also refresh the bundled scene model,
+#                                 # assets/scene_model/ (translate_scene.py's default)
 # Every setting below can be overridden from the environment, e.g.
 #   STEPS=3000 RUN_DIR=logs/demo_long bash demo.sh
 # Running it again reuses the data and the finished training and translations.
@@ -114,5 +117,13 @@ if [ ! -d "$gen_dir" ]; then
 fi
 
 echo "== 4/4 scoring $gen_dir against the ground truth and two baselines"
-python scripts/demo_report.py --data_dir "$DATA_DIR" --gen_dir "$gen_dir" --out "$RUN_DIR" ${report_flags[@]+"${report_flags[@]}"}
+if [ "$DATA_FORMAT" = sen12ms ]; then
+  # the README's picture is the PNG demo's; this run's model is the bundled one
+  python scripts/demo_report.py --data_dir "$DATA_DIR" --gen_dir "$gen_dir" --out "$RUN_DIR"
+  if [ ${#report_flags[@]} -gt 0 ]; then
+    python -c 'import sys; from guided_diffusion.demo.report import bundle_model; print("bundled", bundle_model(sys.argv[1], "assets/scene_model"))' "$checkpoint"
+  fi
+else
+  python scripts/demo_report.py --data_dir "$DATA_DIR" --gen_dir "$gen_dir" --out "$RUN_DIR" ${report_flags[@]+"${report_flags[@]}"}
+fi
 echo "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s: picture $RUN_DIR/demo.png, figures $RUN_DIR/demo_metrics.json"

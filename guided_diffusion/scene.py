@@ -83,8 +83,14 @@ class SceneArrays:
         if self.folder is None:
             self._memory[name] = np.zeros(shape, np.float32)
         else:
-            with open(self.path(name), "wb") as f:  # sparse: no disk until written
-                f.truncate(4 * channels * height * width)
+            with open(self.path(name), "wb") as f:
+                # the disk space is taken now: a full disk fails here with
+                # ENOSPC, not later as a SIGBUS in a write through the mapping
+                size = 4 * channels * height * width
+                if size and hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(f.fileno(), 0, size)
+                else:
+                    f.truncate(size)
 
     def _array(self, name):
         if self.folder is None:

@@ -45,7 +45,9 @@ from guided_diffusion.rasters import (  # noqa: E402
     RasterRows,
     SarStats,
     georeference,
+    grid_at_pixel_size,
     sar_bands_scaled,
+    warp_to_grid,
 )
 from guided_diffusion.sampling import (  # noqa: E402
     Bfloat16Model,
@@ -70,6 +72,12 @@ from guided_diffusion.scene import (  # noqa: E402
 # Pixel sizes that differ by more than this share from the training data's are warned of.
 PIXEL_SIZE_TOLERANCE = 0.2
 QUICKLOOK_WIDTH = 1024
+# The small model that ships with the repository (DATA_FORMAT=sen12ms bash demo.sh
+# --update_assets): 32-pixel tiles, VV and VH in dB, trained on generated scenes.
+BUNDLED_MODEL = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "assets", "scene_model", "model.pt",
+)
 # --memory auto keeps the arrays in memory while they take at most this share of
 # the memory available when the job starts.
 MEMORY_SHARE = 0.5
@@ -97,9 +105,14 @@ def main():
         )
 
     # -- the scene, into scene-sized arrays ----------------------------------------------
-    reader = RasterRows(args.input)
+    source = RasterRows(args.input)
+    trained = ((read_run_config(args.model_path) or {}).get("inputs") or {}).get("pixel_size")
+    if args.resample:
+        reader = resample_input(args, source, trained)
+    else:
+        reader = source
+        check_pixel_size(source, trained, args.input)
     height, width = reader.height, reader.width
-    check_pixel_size(reader, read_run_config(args.model_path), args.input)
     sar_channels = 3 if scaling.sar_channels == 3 else scaling.sar_channels
     # a scene smaller than a tile is padded to one (edge pixels repeated)
     padded = (max(height, tile), max(width, tile))
@@ -115,7 +128,14 @@ def main():
         + (f"in memory-mapped files in {arrays.folder}" if use_disk else "in memory")
     )
     try:
-        stats = load_scene(reader, scaling, arrays, padded, sar_channels)
+        try:
+            stats = load_scene(reader, scaling, arrays, padded, sar_channels)
+        except OSError as err:
+            raise SceneError(
+                f"cannot hold the scene's arrays in {arrays.folder or 'memory'} "
+                f"({err.strerror or err}): free space there, or give --work_dir on "
+                "a larger disk"
+            ) from None
         if stats.nodata:
             logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
         warning = stats.clipping_warning()
@@ -123,7 +143,18 @@ def main():
             logger.warn(warning)
         finished = sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world)
         if finished and dist_util.is_main_process():
-            write_outputs(args, scaling, arrays, reader, height, width)
+            try:
+                if args.resample:
+                    rows = resampled_rows(args, scaling, arrays, reader, source)
+                else:
+                    rows = array_rows(arrays, width)
+                write_outputs(args, scaling, rows, source.height, source.width)
+            except OSError as err:
+                raise SceneError(
+                    f"cannot write {args.output} ({err.strerror or err}); the finished "
+                    f"job is saved in {args.work_dir}: free space and rerun the same "
+                    "command to write it"
+                ) from None
     finally:
         arrays.remove()
     dist_util.barrier()
@@ -173,6 +204,10 @@ def load_scene(reader, scaling, arrays, padded, sar_channels):
         last = arrays.read("sar", (height - 1, height))
         arrays.write("sar", height, last.repeat(1, padded[0] - height, 1))
     return SarStats.combined(parts)
+
+
+class SceneError(RuntimeError):
+    """A fault during the job, with what survived it."""
 
 
 # Set by SIGINT and SIGTERM: the job saves at the end of the step and stops.
@@ -262,6 +297,14 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world):
                 folder=args.work_dir if dist_util.is_main_process() else None,
                 should_stop=should_stop, on_step=on_step,
             )  # fmt: skip
+    except OSError as err:  # a full disk, a folder gone
+        saved = job.saved_step(args.work_dir)
+        kept = (
+            f"the job saved at step {saved} of {steps} in {args.work_dir} survives: "
+            "rerun the same command to continue it"
+            if saved else "nothing was saved yet"
+        )
+        raise SceneError(f"{err.strerror or err} ({err.filename or args.work_dir}); {kept}")
     finally:
         bar.close()
         for signum, handler in handlers.items():
@@ -286,6 +329,7 @@ def job_key(args, tile, overlap):
         "options": args.options, "timestep_respacing": args.timestep_respacing,
         "seed": args.seed, "tile": tile, "overlap": overlap,
         "clip_denoised": args.clip_denoised, "use_bf16": args.use_bf16,
+        "resample": args.resample,
         "inputs": {k: v for k, v in args.inputs.items() if v is not None},
     }  # fmt: skip
 
@@ -305,7 +349,7 @@ def remove_work_dir(folder):
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name == "job.json" or name.endswith((".f32", ".pt", ".tmp")):
+        if name == "job.json" or name.endswith((".f32", ".pt", ".tmp", ".tif")):
             os.remove(os.path.join(folder, name))
     try:
         os.rmdir(folder)
@@ -313,9 +357,8 @@ def remove_work_dir(folder):
         pass  # the user put something else there: keep it
 
 
-def check_pixel_size(raster, run_config, path):
+def check_pixel_size(raster, trained, path):
     """Warn when the scene's pixels differ from the training data's by > 20%."""
-    trained = ((run_config or {}).get("inputs") or {}).get("pixel_size")
     if not trained or not raster.pixel_size:
         return
     ratio = max(a / b for a, b in zip(raster.pixel_size, trained))
@@ -324,13 +367,91 @@ def check_pixel_size(raster, run_config, path):
         logger.warn(
             f"warning: {path} has {raster.pixel_size[0]:g} x {raster.pixel_size[1]:g} "
             f"pixels, the training data {trained[0]:g} x {trained[1]:g}: the model sees "
-            "objects at another scale; resample the scene to the training pixel size "
-            "(e.g. gdalwarp -tr) for results like the training data's"
+            "objects at another scale; add --resample to translate it at the training "
+            "pixel size (and bring the result back to this grid)"
         )
 
 
-def write_outputs(args, scaling, arrays, reader, height, width):
-    """The GeoTIFF and the quick-look PNG, a band of rows at a time."""
+def resample_input(args, source, trained):
+    """--resample: the scene warped to the training pixel size, in the work folder."""
+    if not trained:
+        raise ValueError(
+            "--resample: the training run recorded no pixel size (its data were not "
+            "georeferenced), so there is nothing to resample to; leave --resample out"
+        )
+    transform, width, height = grid_at_pixel_size(args.input, trained)
+    path = os.path.join(args.work_dir, "input_resampled.tif")
+    if dist_util.is_main_process():
+        os.makedirs(args.work_dir, exist_ok=True)
+        warp_to_grid(args.input, path, transform, width, height)
+    dist_util.barrier()
+    px = source.pixel_size
+    logger.log(
+        f"--resample: {source.width}x{source.height} pixels of {px[0]:g} x {px[1]:g} "
+        f"to {width}x{height} of {trained[0]:g} x {trained[1]:g} (the training data's)"
+    )
+    return RasterRows(path)
+
+
+def array_rows(arrays, width):
+    """The result's rows from the job's arrays: (x, valid, SAR) of rows [top, bottom)."""
+
+    def rows(top, bottom):
+        x = arrays.read("x", (top, bottom))[:, :, :width].clamp(-1, 1)
+        valid = arrays.read("valid", (top, bottom))[0, :, :width].numpy() > 0.5
+        return x, valid, arrays.read("sar", (top, bottom))[:, :, :width]
+
+    return rows
+
+
+def resampled_rows(args, scaling, arrays, reader, source):
+    """
+    --resample: the result written on the training grid, warped back onto the
+    input's grid; validity and the SAR from the input itself.
+    """
+    on_grid = os.path.join(args.work_dir, "result_resampled.tif")
+    back = os.path.join(args.work_dir, "result_back.tif")
+    georef = georeference(reader.path)
+    with GeoTiffWriter(
+        on_grid, 3, reader.height, reader.width, np.float32, georef, nodata=float("nan")
+    ) as out:  # fmt: skip
+        for top, bottom, x, valid, _ in _rows_of(array_rows(arrays, reader.width), reader.height):
+            image = x.numpy().copy()
+            image[:, ~valid] = np.nan
+            out.write(top, image)
+    with rasterio_open(args.input) as src:
+        transform = src.transform
+    warp_to_grid(on_grid, back, transform, source.width, source.height)
+
+    def rows(top, bottom):
+        sar, valid, _ = sar_bands_scaled(source.read(top, bottom), scaling)
+        with rasterio_open(back) as src:
+            x = src.read(window=((top, bottom), (0, source.width)))
+        valid &= np.isfinite(x).all(axis=0)
+        x = th.from_numpy(np.nan_to_num(x, nan=-1.0)).clamp(-1, 1)
+        return x, valid, th.from_numpy(sar.astype(np.float32))
+
+    return rows
+
+
+def _rows_of(rows, height):
+    for top, bottom in bands(height):
+        yield (top, bottom, *rows(top, bottom))
+
+
+def rasterio_open(path):
+    import rasterio
+
+    return rasterio.open(path)
+
+
+def write_outputs(args, scaling, rows, height, width):
+    """
+    The GeoTIFF and the quick-look PNG, a band of rows at a time.
+
+    :param rows: (top, bottom) -> the result (3, h, W) in [-1, 1], valid (h, W)
+        and the scaled SAR (C, h, W) of those rows.
+    """
     if args.output_units == "optical":
         lo, hi = scaling.opt_range
         dtype, nodata = np.float32, float("nan")
@@ -343,9 +464,7 @@ def write_outputs(args, scaling, arrays, reader, height, width):
         args.output, 3, height, width, dtype, georeference(args.input), nodata=nodata,
         names=("red", "green", "blue"),
     ) as out:  # fmt: skip
-        for top, bottom in bands(height):
-            x = arrays.read("x", (top, bottom))[:, :, :width].clamp(-1, 1)
-            valid = arrays.read("valid", (top, bottom))[0, :, :width].numpy() > 0.5
+        for top, bottom, x, valid, sar in _rows_of(rows, height):
             if args.output_units == "optical":
                 image = ((x.double().numpy() + 1) / 2 * (hi - lo) + lo).astype(np.float32)
                 image[:, ~valid] = np.nan
@@ -354,7 +473,7 @@ def write_outputs(args, scaling, arrays, reader, height, width):
                 image[:, ~valid] = 0
             out.write(top, image)
             keep = [r - top for r in range(top, bottom) if r % step == 0]
-            sar = arrays.read("sar", (top, bottom))[:, keep, :width:step]
+            sar = sar[:, keep, ::step]
             looks["sar"].append(sar_for_display(to_uint8(sar[None]))[0])
             looks["result"].append(to_uint8(x[None, :, keep, ::step])[0])
             looks["valid"].append(valid[keep, ::step])
@@ -391,6 +510,9 @@ def parse_args():
                         help="pixels shared by neighbouring tiles (-1: half a tile)")  # fmt: skip
     parser.add_argument("--output_units", choices=("uint8", "optical"), default="uint8",
                         help="8-bit RGB, or the training data's optical values (float32)")
+    parser.add_argument("--resample", action="store_true",
+                        help="translate at the training data's pixel size (from its "
+                             "config.json), and bring the result back to the input's grid")
     parser.add_argument("--save_every", type=int, default=5,
                         help="save the job every N steps (and when stopped, and at the "
                              "end); rerunning the command continues it (0: only then)")
@@ -406,7 +528,14 @@ def parse_args():
         parser, overrides={"batch_size": 8},
         skip=("data_dir", "num_samples"),
     )  # fmt: skip
+    parser.set_defaults(model_path=BUNDLED_MODEL)
     args = read_sampling_args(parser)
+    if os.path.abspath(args.model_path) == BUNDLED_MODEL:
+        print(
+            f"--model_path: the bundled demo model {os.path.relpath(BUNDLED_MODEL)}, "
+            "trained on generated scenes only: give your own for real data",
+            file=sys.stderr,
+        )
     if not os.path.isfile(args.input):
         raise ValueError(f"--input {args.input}: no such file")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
@@ -425,6 +554,6 @@ def parse_args():
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError, JobMismatch) as err:
+    except (DataError, ValueError, FileNotFoundError, JobMismatch, SceneError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

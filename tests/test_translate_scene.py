@@ -57,14 +57,14 @@ def checkpoint(tmp_path_factory):
     return run / "ema_0.9999_000001.pt"
 
 
-def write_scene(path, height, width, *, gcps=False, strip=0, seed=0):
+def write_scene(path, height, width, *, gcps=False, strip=0, seed=0, transform=TRANSFORM):
     rng = np.random.default_rng(seed)
     vv = rng.uniform(-22, -4, (height, width)).astype(np.float32)
     vh = vv - 7
     if strip:
         vv[:, :strip] = np.nan
         vh[:, :strip] = np.nan
-    geo = {"crs": "EPSG:32632", "transform": TRANSFORM} if not gcps else {}
+    geo = {"crs": "EPSG:32632", "transform": transform} if not gcps else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=2,
@@ -250,3 +250,50 @@ def test_a_stopped_job_saves_where_it_is_and_says_how_to_go_on(
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)  # fmt: skip
     assert proc.returncode == 2
     assert "with other settings (seed 0, not 3)" in proc.stderr and "delete the folder" in proc.stderr
+
+
+def test_a_scene_of_other_pixels_is_warned_of_and_resampled_on_request(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    coarse = Affine(20, 0, 600000, 0, -20, 5100000)  # the model saw 10 m pixels
+    scene = write_scene(tmp_path / "scene.tif", 30, 44, strip=4, seed=7, transform=coarse)
+    plain, *_ = translate(monkeypatch, scene, tmp_path / "plain.tif", checkpoint)
+    assert "add --resample" in capsys.readouterr().out
+    out, profile, *_ = translate(
+        monkeypatch, scene, tmp_path / "out.tif", checkpoint, "--resample"
+    )
+    log = capsys.readouterr()
+    assert "to 88x60 of 10 x 10" in log.out and "add --resample" not in log.out
+    # back on the input's grid, its nodata strip kept
+    assert out.shape == (3, 30, 44) and profile["transform"] == coarse
+    assert (out[:, :, :4] == 0).all() and (out[:, :, 5:] > 0).any()
+    assert not np.array_equal(out, plain)
+    assert not (tmp_path / "out.tif.work").exists()
+    # a scene placed by ground control points cannot be resampled here
+    gcps = write_scene(tmp_path / "gcps.tif", 30, 44, gcps=True)
+    with pytest.raises(SystemExit):
+        translate(monkeypatch, gcps, tmp_path / "g.tif", checkpoint, "--resample")
+    assert "no map transform" in capsys.readouterr().err
+
+
+def test_a_full_disk_ends_in_one_line_naming_what_survived(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    import errno
+
+    scene = write_scene(tmp_path / "scene.tif", 40, 40, seed=8)
+    real_save = SceneSampler.save
+
+    def disk_fills_at_step_4(job, folder):
+        if job.step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+        real_save(job, folder)
+
+    monkeypatch.setattr(SceneSampler, "save", disk_fills_at_step_4)
+    with pytest.raises(SystemExit) as failed:
+        translate(monkeypatch, scene, tmp_path / "out.tif", checkpoint, *RESUME)
+    assert failed.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and line.startswith("error: No space left on device")
+    assert "the job saved at step 2 of 7" in line and "rerun the same command" in line

@@ -313,3 +313,33 @@ def copy_to_assets(picture, target):
     shutil.copyfile(picture, tmp)
     os.replace(tmp, target)
     return target
+
+
+def bundle_model(checkpoint, folder):
+    """
+    Copy a trained model into the repository's assets as the bundled scene model:
+    ``folder/model.pt`` and its run's ``config.json``, with the run's absolute
+    paths (its data folders) made relative to the current folder where they lie
+    inside it, else cut to their last part, so nothing in the copy names this
+    machine.
+
+    :param checkpoint: a model or EMA file with ``config.json`` beside it.
+    :return: the path of the copied model.
+    """
+    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    here = os.path.abspath(os.curdir)
+    for key, value in config.items():
+        if isinstance(value, str) and os.path.isabs(value):
+            inside = os.path.commonpath([here, value]) == here
+            config[key] = os.path.relpath(value, here) if inside else os.path.basename(value)
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, "model.pt")
+    copy_to_assets(checkpoint, target)
+    tmp = os.path.join(folder, f".config.json.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(folder, "config.json"))
+    return target
