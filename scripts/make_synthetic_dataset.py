@@ -12,6 +12,12 @@ With --format sen12ms the same scenes are written as a SEN12MS-like tree of
 GeoTIFFs instead (SAR VV and VH in dB, 13-band 16-bit optical images, NaN
 nodata borders; see guided_diffusion/demo/sen12ms.py); the script prints the
 flags to train and sample with.
+
+With --format scene it writes one large georeferenced scene instead, for
+scripts/translate_scene.py (rivers, roads and parcels crossing any tiling):
+
+    python scripts/make_synthetic_dataset.py --format scene --width 1024 --height 768 \
+        --out data/scene
 """
 
 import argparse
@@ -19,7 +25,7 @@ import sys
 from pathlib import Path
 
 from guided_diffusion.demo.scenes import CLASSES, make_dataset
-from guided_diffusion.demo.sen12ms import make_sen12ms_dataset
+from guided_diffusion.demo.sen12ms import make_scene, make_sen12ms_dataset
 
 
 def create_argparser():
@@ -32,11 +38,14 @@ def create_argparser():
     parser.add_argument("--looks", type=float, default=4, help="speckle looks L")
     parser.add_argument(
         "--format",
-        choices=("png", "sen12ms"),
+        choices=("png", "sen12ms", "scene"),
         default="png",
         help="png: 8-bit PNGs in train|test/{sar,opt,cls}; sen12ms: a SEN12MS-like "
-        "GeoTIFF tree (float dB VV+VH, 13-band uint16 optical)",
+        "GeoTIFF tree (float dB VV+VH, 13-band uint16 optical); scene: one large "
+        "scene (scene_s1.tif, scene_s2.tif, scene_rgb.png, scene_cls.png)",
     )
+    parser.add_argument("--width", type=int, default=1024, help="scene only: columns")
+    parser.add_argument("--height", type=int, default=768, help="scene only: rows")
     parser.add_argument(
         "--nodata_share",
         type=float,
@@ -64,6 +73,9 @@ def main():
         )
     if args.format == "sen12ms":
         write_sen12ms(args, out)
+        return
+    if args.format == "scene":
+        write_scene(args, out)
         return
     try:
         info = make_dataset(
@@ -98,6 +110,25 @@ def main():
     )
     print(f"sample with: --data_dir {out / 'test'}")
     print(f"details: {out / 'dataset.json'}")
+
+
+def write_scene(args, out):
+    """Write one large scene and print its files and how to translate it."""
+    try:
+        paths = make_scene(
+            out, height=args.height, width=args.width, seed=args.seed, looks=args.looks
+        )
+    except ValueError as err:
+        sys.exit(f"make_synthetic_dataset: {err}")
+    print(
+        f"wrote a {args.width}x{args.height} scene (seed {args.seed}, {args.looks:g} "
+        f"looks, EPSG:32632, 10 m pixels): SAR {paths['sar']}, optical {paths['opt']}, "
+        f"8-bit truth {paths['rgb']}, classes {paths['cls']}"
+    )
+    print(
+        f"translate it with: python scripts/translate_scene.py --input {paths['sar']} "
+        f"--output {out / 'translated.tif'}"
+    )
 
 
 def write_sen12ms(args, out):

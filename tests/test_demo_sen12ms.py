@@ -240,7 +240,7 @@ TINY = dict(
 DEMO_SETTINGS = ("DATA_FORMAT", "DATA_DIR", "RUN_DIR", "SAMPLE_FLAGS")
 
 
-def dry_demo(tmp_path, **settings):
+def dry_demo(tmp_path, *args, **settings):
     """demo.sh with a `python` that only records its calls: (process, calls)."""
     fake = tmp_path / "bin" / "python"
     fake.parent.mkdir(exist_ok=True)
@@ -253,7 +253,8 @@ def dry_demo(tmp_path, **settings):
     env["PATH"] = str(fake.parent) + os.pathsep + os.environ["PATH"]
     env["DEMO_CALLS"] = str(calls)
     proc = subprocess.run(
-        ["bash", str(REPO / "demo.sh")], env=env, capture_output=True, text=True, timeout=60
+        ["bash", str(REPO / "demo.sh"), *args], env=env, capture_output=True, text=True,
+        timeout=60,
     )
     lines = calls.read_text().splitlines() if calls.exists() else []
     return proc, [line.split("\x1f")[:-1] for line in lines]
@@ -329,3 +330,54 @@ def test_demo_sh_format_defaults_and_refusals(tmp_path):
         f"demo.sh: {data} holds a png dataset, not DATA_FORMAT=sen12ms; use another "
         f"DATA_DIR or delete {data}\n"
     )
+
+
+@pytest.mark.parametrize("data_format", ["sen12ms", "png"])
+def test_update_assets_bundles_the_sen12ms_model_and_keeps_the_png_picture(
+    tmp_path, data_format
+):
+    data, run = tmp_path / "data", finished_run(tmp_path)
+    proc, calls = dry_demo(tmp_path, "--update_assets", DATA_DIR=str(data),
+                           RUN_DIR=str(run), DATA_FORMAT=data_format)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = [c for c in calls if c[0] == "scripts/demo_report.py"]
+    bundle = [c for c in calls if c[0] == "-c"]
+    if data_format == "sen12ms":  # the model, not the README's picture
+        assert "--update_assets" not in report[0]
+        assert "bundle_model" in bundle[0][1] and "assets/scene_model" in bundle[0][1]
+        assert bundle[0][2] == str(run / "ema_0.995_000002.pt")
+    else:
+        assert report[0][-1] == "--update_assets" and not bundle
+
+
+def test_a_bundled_model_names_no_path_of_this_machine(tmp_path, monkeypatch):
+    from guided_diffusion.demo.report import bundle_model
+
+    run = tmp_path / "repo" / "logs" / "run"
+    run.mkdir(parents=True)
+    (run / "ema_0.995_000010.pt").write_bytes(b"weights")
+    config = {"data_dir_sar": str(tmp_path / "repo" / "data" / "train"),
+              "data_dir_opt": "/elsewhere/opt", "image_size": 32, "lr": 1e-3}  # fmt: skip
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path / "repo")
+    path = bundle_model(run / "ema_0.995_000010.pt", "assets/scene_model")
+    assert open(path, "rb").read() == b"weights"
+    copied = json.loads((tmp_path / "repo" / "assets" / "scene_model" / "config.json").read_text())
+    assert copied == {**config, "data_dir_sar": os.path.join("data", "train"),
+                      "data_dir_opt": "opt"}  # fmt: skip
+
+
+def test_the_dataset_script_writes_one_scene_to_translate(tmp_path):
+    import rasterio
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_synthetic_dataset.py"), "--format",
+         "scene", "--width", "90", "--height", "70", "--seed", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with rasterio.open(tmp_path / "scene_s1.tif") as src:
+        assert (src.width, src.height, src.count) == (90, 70, 2)
+        assert src.crs.to_epsg() == 32632 and src.transform.a == 10
+    assert Image.open(tmp_path / "scene_rgb.png").size == (90, 70)
+    assert f"translate_scene.py --input {tmp_path / 'scene_s1.tif'}" in proc.stdout
