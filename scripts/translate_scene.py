@@ -7,20 +7,28 @@ Translate a whole georeferenced SAR scene of any size into an optical GeoTIFF.
 The sampler runs on one scene-sized state; the network sees overlapping tiles of
 the model's training size (--overlap pixels shared, half a tile by default), and
 their predictions are fused at every step with a smooth window
-(guided_diffusion/tiling.py), so there are no seams and no tile draws colours of
+(guided_diffusion/scene.py), so there are no seams and no tile draws colours of
 its own. The noise is drawn once per scene pixel from --seed: the result does not
-depend on --batch_size (tiles per network call).
+depend on --batch_size (tiles per network call), on the number of processes
+(mpiexec / torchrun share the tiles) or on --memory.
 
 The input is read the way the training run read its data (its config.json: SAR
 kind, bands, dB ranges); --sar_input, --sar_nodata and --sar_bands describe this
-scene's file if it comes in another form. The output has the input's CRS and
-transform (or ground control points), is tiled, compressed and has overviews,
-8-bit RGB by default (--output_units optical: the optical values of the training
-data, float32, through its --opt_range). Nodata in the input is nodata in the
-output. A quick-look PNG (SAR | result) is written beside it.
+scene's file if it comes in another form; --resample translates it at the
+training data's pixel size. The output has the input's CRS and transform (or
+ground control points), is tiled, compressed and has overviews, 8-bit RGB by
+default (--output_units optical: the optical values of the training data,
+float32, through its --opt_range). Nodata in the input is nodata in the output.
+A quick-look PNG (SAR | result) is written beside it.
 
-image_sample_realtime.py, by contrast, translates a folder of patches at the
-model's size, resizing larger inputs as training did.
+Long jobs are saved every --save_every steps (and on SIGINT or SIGTERM) in the
+work folder (OUTPUT.work); running the same command again continues from there
+to the same result. The scene's arrays live in memory or, for scenes larger
+than memory, in memory-mapped files there (--memory).
+
+Without --model_path, the small model bundled in assets/scene_model/ (trained on
+generated scenes) is used. image_sample_realtime.py, by contrast, translates a
+folder of patches at the model's size, resizing larger inputs as training did.
 """
 
 import argparse
@@ -522,13 +530,20 @@ def parse_args():
     parser.add_argument("--memory", choices=("auto", "ram", "mmap"), default="auto",
                         help="keep the scene's arrays in memory (ram) or in "
                              "memory-mapped files in the work folder (mmap); auto: "
-                             f"mmap when they would take over {MEMORY_SHARE:.0%} of "
+                             f"mmap when they would take over {MEMORY_SHARE:.0%}% of "
                              "the available memory")  # fmt: skip
     add_sampling_flags(
         parser, overrides={"batch_size": 8},
         skip=("data_dir", "num_samples"),
     )  # fmt: skip
     parser.set_defaults(model_path=BUNDLED_MODEL)
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.help = (
+                "a model or EMA file; its run's config.json gives the model and the "
+                "input scaling (default: the bundled demo model, "
+                "assets/scene_model/model.pt)"
+            )
     args = read_sampling_args(parser)
     if os.path.abspath(args.model_path) == BUNDLED_MODEL:
         print(
