@@ -47,6 +47,13 @@ def create_argparser():
     parser.add_argument("--width", type=int, default=1024, help="scene only: columns")
     parser.add_argument("--height", type=int, default=768, help="scene only: rows")
     parser.add_argument(
+        "--feature_size",
+        type=int,
+        default=32,
+        help="scene only: parcels, roads and houses as large as in generated patches "
+        "of this size (32: those the bundled model learned from)",
+    )
+    parser.add_argument(
         "--nodata_share",
         type=float,
         default=0.25,
@@ -116,13 +123,15 @@ def write_scene(args, out):
     """Write one large scene and print its files and how to translate it."""
     try:
         paths = make_scene(
-            out, height=args.height, width=args.width, seed=args.seed, looks=args.looks
-        )
+            out, height=args.height, width=args.width, seed=args.seed, looks=args.looks,
+            feature_size=args.feature_size,
+        )  # fmt: skip
     except ValueError as err:
         sys.exit(f"make_synthetic_dataset: {err}")
     print(
         f"wrote a {args.width}x{args.height} scene (seed {args.seed}, {args.looks:g} "
-        f"looks, EPSG:32632, 10 m pixels): SAR {paths['sar']}, optical {paths['opt']}, "
+        f"looks, features of {args.feature_size}-pixel patches, EPSG:32632, 10 m "
+        f"pixels): SAR {paths['sar']}, optical {paths['opt']}, "
         f"8-bit truth {paths['rgb']}, classes {paths['cls']}"
     )
     print(

@@ -519,7 +519,7 @@ def test_a_large_scene_is_the_generator_s_scene_on_one_grid(tmp_path):
 
     paths = make_scene(tmp_path, height=96, width=160, seed=4)
     rng = np.random.default_rng(np.random.SeedSequence([4, 2, 0]))
-    scene = generate_scene(rng, 160, 4, cross_pol=True)
+    scene = generate_scene(rng, 160, 4, cross_pol=True, feature_size=32)
     with rasterio.open(paths["sar"]) as src:
         sar, names, transform = src.read(), src.descriptions, src.transform
         assert src.crs.to_epsg() == 32632 and src.res == (10.0, 10.0)
@@ -538,3 +538,24 @@ def test_a_large_scene_is_the_generator_s_scene_on_one_grid(tmp_path):
     assert (np.asarray(Image.open(paths["cls"])) == scene["cls"][:96]).all()
     with pytest.raises(ValueError, match="image size must be at least"):
         make_scene(tmp_path, height=8, width=160, seed=4)
+
+
+def _boundary_share(cls_map):
+    """The share of pixels whose class differs from the pixel to their right."""
+    return float((cls_map[:, 1:] != cls_map[:, :-1]).mean())
+
+
+def test_a_large_scene_has_the_features_of_small_patches_when_asked():
+    # parcels as large as in 32-pixel patches: class boundaries as dense as there,
+    # and far denser than in one scene drawn at 256 pixels
+    patches = np.mean([
+        _boundary_share(generate_scene(np.random.default_rng(s), 32)["cls"]) for s in range(40)
+    ])  # fmt: skip
+    large = generate_scene(np.random.default_rng(1), 256, feature_size=32)["cls"]
+    plain = generate_scene(np.random.default_rng(1), 256)["cls"]
+    assert 0.6 < _boundary_share(large) / patches < 1.6
+    assert _boundary_share(plain) < 0.5 * _boundary_share(large)
+    # every kind of feature is there: fields, water, roads and houses
+    present = set(np.unique(large).tolist())
+    assert {ID["water"], ID["road"]} <= present
+    assert {ID["roof_red"], ID["roof_grey"]} & present

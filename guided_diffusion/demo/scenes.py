@@ -329,8 +329,9 @@ class _Layout:
     class and rendering parameters.
     """
 
-    def __init__(self, size):
+    def __init__(self, size, feature_size=None):
         self.size = size
+        self.feature_size = size if feature_size is None else feature_size
         self.image = Image.new("I", (size, size), 0)
         self.draw = ImageDraw.Draw(self.image)
         self.cls = [_ID["grassland"]]
@@ -350,13 +351,21 @@ class _Layout:
         self.draw.line(_points(points), fill=self.add(cls), width=width, joint="curve")
 
 
-def _layout(rng, size):
-    """Draw the land cover of one scene; the scale of features follows the size."""
+def _layout(rng, size, feature_size=None):
+    """
+    Draw the land cover of one scene. The scale of features follows the size, or
+    ``feature_size``: then the scene holds features as large as those of a scene
+    of that size, as many as its area holds (a large scene at the scale of
+    small training patches).
+    """
     # Features shrink more slowly than the scene, so a small scene shows a few
     # parcels a handful of pixels wide instead of a crowd of single pixels.
-    parcel_size = 18.0 * (size / 64) ** 0.6
-    road_width = max(1, round(size / 96))
-    layout = _Layout(size)
+    f = size if feature_size is None else feature_size
+    # how many scenes of the feature size the area holds, and along one side
+    area, side = (size / f) ** 2, size / f
+    parcel_size = 18.0 * (f / 64) ** 0.6
+    road_width = max(1, round(f / 96))
+    layout = _Layout(size, f)
     center = np.array([size / 2, size / 2])
 
     # 1. farmland: a tilted grid of parcels covering the scene
@@ -375,23 +384,28 @@ def _layout(rng, size):
         if cls in _FIELD_IDS:
             # rows run along one side of the parcel
             stripe_angle = angle + rng.integers(2) * np.pi / 2 + rng.normal(0, 0.03)
-            period = rng.uniform(2.5, 3.5) + size / 64
+            period = rng.uniform(2.5, 3.5) + f / 64
             stripes = (stripe_angle, period, rng.uniform(0, 2 * np.pi))
         layout.polygon(poly, cls, stripes=stripes)
 
     # 2. woods with ragged edges over the fields
-    for _ in range(rng.poisson(0.5 * (size / 64) ** 0.8)):
+    for _ in range(rng.poisson(0.5 * (f / 64) ** 0.8 * area)):
         radius = parcel_size * rng.uniform(0.6, 1.4)
         layout.polygon(_blob(rng, rng.uniform(0, size, 2), radius), _ID["forest"])
 
     # 3. water: lakes and a river
-    if rng.random() < 0.25:
+    lakes = int(rng.random() < 0.25) if feature_size is None else rng.poisson(0.25 * area)
+    for _ in range(lakes):
         radius = parcel_size * rng.uniform(0.4, 0.9)
         layout.polygon(
             _blob(rng, rng.uniform(0.1, 0.9, 2) * size, radius), _ID["water"]
         )
-    if rng.random() < 0.4:
-        width = max(2, round((2.0 + size / 40) * rng.uniform(0.7, 1.3)))
+    # a river crosses the scene; a large one has more, about one per 2.5 sides
+    rivers = int(rng.random() < 0.4) if feature_size is None else max(
+        1, rng.poisson(0.4 * side)
+    )
+    for _ in range(rivers):
+        width = max(2, round((2.0 + f / 40) * rng.uniform(0.7, 1.3)))
         layout.line(_river(rng, size, width), _ID["water"], width)
 
     # 4. roads along the main field boundaries (they cross rivers on bridges)
@@ -401,12 +415,12 @@ def _layout(rng, size):
 
     # 5. villages: built-up ground along a main street, houses with red or
     # grey roofs in rows aligned with the field grid, away from water
-    for _ in range(rng.poisson(0.45 * (size / 64) ** 0.75)):
+    for _ in range(rng.poisson(0.45 * (f / 64) ** 0.75 * area)):
         extent = parcel_size * rng.uniform(1.0, 2.0, 2)
         for _ in range(10):
             middle = rng.uniform(0.15, 0.85, 2) * size
             if not _covers(layout, middle, extent, rot, _ID["water"]):
-                _village(rng, layout, middle, extent, rot, 3.0 + size / 50, road_width)
+                _village(rng, layout, middle, extent, rot, 3.0 + f / 50, road_width)
                 break
     return layout
 
@@ -504,7 +518,7 @@ def _render_optical(rng, layout, regions, cls_map):
     # houses cast shadows away from the sun onto the ground
     houses = is_roof[regions]
     shadow = np.zeros_like(houses)
-    for k in range(1, 1 + max(1, round(size / 96))):
+    for k in range(1, 1 + max(1, round(layout.feature_size / 96))):
         shadow |= _shift(houses, -k, -k, edge=False)
     gain[shadow & ~houses] *= _CAST_SHADOW
 
@@ -671,7 +685,7 @@ def simulate_cross_pol(
     return (sigma0_vh * speckle).astype(np.float32), sigma0_vh.astype(np.float32)
 
 
-def generate_scene(rng, size, looks=4, *, cross_pol=False):
+def generate_scene(rng, size, looks=4, *, cross_pol=False, feature_size=None):
     """
     Draw one scene and its radar view.
 
@@ -682,6 +696,8 @@ def generate_scene(rng, size, looks=4, *, cross_pol=False):
     :param cross_pol: also simulate the VH channel (simulate_cross_pol). Its
         speckle is drawn from rng after everything else, so the other arrays
         are the same with and without it.
+    :param feature_size: draw parcels, roads, rivers and houses as large as in a
+        scene of this size (and as many as the area holds); None: of ``size``.
     :return: dict with "opt" (H, W, 3) uint8, "sar" (H, W) uint8, "cls"
         (H, W) uint8 class ids, "sar_linear" (H, W) float32 speckled linear
         intensity and "sigma0" (H, W) float32 noise-free backscatter (VV);
@@ -689,11 +705,11 @@ def generate_scene(rng, size, looks=4, *, cross_pol=False):
     """
     if size < MIN_SIZE:
         raise ValueError(f"image size must be at least {MIN_SIZE} pixels, got {size}")
-    layout = _layout(rng, size)
+    layout = _layout(rng, size, feature_size)
     regions = np.asarray(layout.image, dtype=np.int64)
     cls_map = np.array(layout.cls, dtype=np.uint8)[regions]
     opt = _render_optical(rng, layout, regions, cls_map)
-    shadow_length = max(1, round(size / 96))
+    shadow_length = max(1, round(layout.feature_size / 96))
     sar, sar_linear, sigma0 = simulate_sar(
         cls_map, rng, looks, regions=regions, shadow_length=shadow_length
     )

@@ -463,7 +463,7 @@ def make_sen12ms_dataset(
     return info
 
 
-def make_scene(out_dir, *, height, width, seed, looks=4, name="scene"):
+def make_scene(out_dir, *, height, width, seed, looks=4, name="scene", feature_size=32):
     """
     One large georeferenced scene and its truth, for translating whole scenes.
 
@@ -483,12 +483,18 @@ def make_scene(out_dir, *, height, width, seed, looks=4, name="scene"):
     :param seed: non-negative seed; the same seed gives the same files.
     :param looks: speckle looks.
     :param name: the files' common prefix.
+    :param feature_size: parcels, roads, rivers and houses as large as in the
+        generated patches of this size (32: those the bundled model learned
+        from), as many as the scene holds; None: the features of one scene of the
+        scene's size (far larger).
     :return: a dict of the four paths ("sar", "opt", "rgb", "cls").
     """
     check_dataset_arguments(1, 0, min(height, width), seed, looks)
     out_dir = Path(out_dir)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2, 0]))
-    scene = generate_scene(rng, max(height, width), looks, cross_pol=True)
+    scene = generate_scene(
+        rng, max(height, width), looks, cross_pol=True, feature_size=feature_size
+    )
     crop = (slice(0, height), slice(0, width))
     linear = np.stack([scene["sar_linear"][crop], scene["vh_linear"][crop]])
     sar = (10.0 * np.log10(linear.astype(np.float64))).astype(np.float32)
