@@ -465,8 +465,8 @@ def write_outputs(args, scaling, rows, height, width):
         dtype, nodata = np.float32, float("nan")
     else:
         dtype, nodata = np.uint8, 0
-    # the quick-look keeps every step-th row and column
-    step = max(1, math.ceil((2 * width + 4) / QUICKLOOK_WIDTH))
+    # the quick-look keeps every step-th row and column (then shrinks to its width)
+    step = max(1, (2 * width + 4) // QUICKLOOK_WIDTH)
     looks = {"sar": [], "result": [], "valid": []}
     with GeoTiffWriter(
         args.output, 3, height, width, dtype, georeference(args.input), nodata=nodata,
