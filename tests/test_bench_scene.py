@@ -73,6 +73,12 @@ def test_border_lines_of_a_tile_grid():
     assert rows == cols == [16, 32, 48]
 
 
+def test_shifted_lines():
+    # the control lines half a grid step away; those that leave the image go
+    assert seams.shifted_lines([16, 32, 48], 8, 64) == [24, 40, 56]
+    assert seams.shifted_lines([32, 64, 68, 96], 16, 100) == [48, 80, 84]
+
+
 def test_bad_lines():
     with pytest.raises(ValueError):
         seams.seam_ratio(ramp(), [], [])
