@@ -2,8 +2,8 @@
 Whole-scene translation (scripts/translate_scene.py): are the tiles' seams gone,
 and how do time and memory grow with the scene?
 
-    python benchmarks/bench_scene.py --part seams --update_assets   # see README.md for the time
-    python benchmarks/bench_scene.py --part scale
+    python benchmarks/bench_scene.py --part seams --update_assets   # about 34 min on 2 idle cores
+    python benchmarks/bench_scene.py --part scale   # 1024-4096 px: about 90 min here; --sizes 512,1024,2048 --scale_overlap 0: 7 min
     OMP_NUM_THREADS=1 python benchmarks/bench_scene.py --quick --results ''   # a smoke run
 
 Part "seams" generates one SEN12MS-like scene (guided_diffusion.demo.sen12ms.
