@@ -37,7 +37,7 @@ from .tiling import tile_grid, window_1d
 
 # Rows per band of the sampler's update (and of reading and writing the scene).
 BAND_ROWS = 64
-# The arrays of a job; "logvar" only for a model that learns its variance.
+# The arrays a saved job holds: the state and the last x_0 prediction.
 STATE_ARRAYS = ("x", "history")
 
 
@@ -435,7 +435,3 @@ class SceneSampler:
             if stop and not last:
                 return False
         return True
-
-    def result(self, rows):
-        """The finished scene's rows [top, bottom), (3, h, W) in [-1, 1]."""
-        return self.arrays.read("x", rows).clamp(-1, 1)

@@ -136,7 +136,8 @@ def write_scene(args, out):
     )
     print(
         f"translate it with: python scripts/translate_scene.py --input {paths['sar']} "
-        f"--output {out / 'translated.tif'}"
+        f"--output {out / 'translated.tif'} --sampler ddim --timestep_respacing ddim20 "
+        "--batch_size 64"
     )
 
 

@@ -121,7 +121,7 @@ def main():
         reader = source
         check_pixel_size(source, trained, args.input)
     height, width = reader.height, reader.width
-    sar_channels = 3 if scaling.sar_channels == 3 else scaling.sar_channels
+    sar_channels = scaling.sar_channels
     # a scene smaller than a tile is padded to one (edge pixels repeated)
     padded = (max(height, tile), max(width, tile))
     need = scene_bytes(*padded, sar_channels, flags["learn_sigma"])
