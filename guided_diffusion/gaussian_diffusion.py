@@ -2,6 +2,10 @@
 Gaussian diffusion for conditional image generation (DDPM, improved DDPM, DDIM).
 
 The optical image ``x_start`` is diffused; the SAR image ``condition`` never is.
+The model predicts the noise, x_0 or v (:class:`ModelMeanType`); every use of its
+output goes through :meth:`GaussianDiffusion.p_mean_variance`, which turns each
+into the prediction of x_0, except the training loss, which compares it with its
+own target (optionally Min-SNR-gamma weighted, :func:`mse_loss_weights`).
 Every call of the network goes through :meth:`GaussianDiffusion._model_output`,
 which concatenates the clean condition to the noisy image (noisy optical first,
 SAR second): training, DDPM, DDIM, the likelihood and the fast solvers all share it.
@@ -75,6 +79,17 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()  # x_{t-1}
     START_X = enum.auto()  # x_0
     EPSILON = enum.auto()  # the noise
+    # v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (Salimans and Ho 2022,
+    # "Progressive Distillation for Fast Sampling of Diffusion Models")
+    VELOCITY = enum.auto()
+
+
+# The --predict choices and the model output each names.
+PREDICTION_TARGETS = {
+    "eps": ModelMeanType.EPSILON,
+    "x_start": ModelMeanType.START_X,
+    "v": ModelMeanType.VELOCITY,
+}
 
 
 class ModelVarType(enum.Enum):
@@ -128,6 +143,9 @@ class GaussianDiffusion:
     :param loss_type: a LossType: the training loss.
     :param rescale_timesteps: feed the model floats in [0, 1000) instead of step
         indices, so that models trained with different T see the same range.
+    :param snr_gamma: Min-SNR-gamma weighting of the MSE loss (Hang et al. 2023,
+        "Efficient Diffusion Training via Min-SNR Weighting Strategy"); None or 0:
+        off, every timestep's MSE counts as it is. See :func:`mse_loss_weights`.
     """
 
     def __init__(
@@ -138,11 +156,13 @@ class GaussianDiffusion:
         model_var_type,
         loss_type,
         rescale_timesteps=False,
+        snr_gamma=None,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
+        self.snr_gamma = _check_snr_gamma(snr_gamma, model_mean_type, loss_type)
 
         # Use float64 for accuracy; tensors are made from these once per device.
         betas = np.array(betas, dtype=np.float64)
@@ -199,6 +219,13 @@ class GaussianDiffusion:
         self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
         self.posterior_mean_coef2_over_coef1 = (
             self.posterior_mean_coef2 / self.posterior_mean_coef1
+        )
+
+        # The loss weight per timestep (Min-SNR-gamma), or None when off.
+        self.mse_loss_weight = (
+            None
+            if self.snr_gamma is None
+            else mse_loss_weights(self.alphas_cumprod, self.snr_gamma, model_mean_type)
         )
 
         self._tables = {}
@@ -269,8 +296,14 @@ class GaussianDiffusion:
         :return: (variance, log_variance), float32 tensors of ``shape``.
         """
         names = {
-            ModelVarType.FIXED_LARGE: ("fixed_large_variance", "fixed_large_log_variance"),
-            ModelVarType.FIXED_SMALL: ("posterior_variance", "posterior_log_variance_clipped"),
+            ModelVarType.FIXED_LARGE: (
+                "fixed_large_variance",
+                "fixed_large_log_variance",
+            ),
+            ModelVarType.FIXED_SMALL: (
+                "posterior_variance",
+                "posterior_log_variance_clipped",
+            ),
         }[self.model_var_type]
         return self._extract(names[0], t, shape), self._extract(names[1], t, shape)
 
@@ -365,9 +398,17 @@ class GaussianDiffusion:
                 self._predict_xstart_from_xprev(x_t=x, t=t, xprev=model_output)
             )
             model_mean = model_output
-        elif self.model_mean_type in (ModelMeanType.START_X, ModelMeanType.EPSILON):
+        elif self.model_mean_type in (
+            ModelMeanType.START_X,
+            ModelMeanType.EPSILON,
+            ModelMeanType.VELOCITY,
+        ):
             if self.model_mean_type == ModelMeanType.START_X:
                 pred_xstart = process_xstart(model_output)
+            elif self.model_mean_type == ModelMeanType.VELOCITY:
+                pred_xstart = process_xstart(
+                    self._predict_xstart_from_v(x_t=x, t=t, v=model_output)
+                )
             else:
                 pred_xstart = process_xstart(
                     self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output)
@@ -393,6 +434,30 @@ class GaussianDiffusion:
         return (
             self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
             - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
+        )
+
+    def _predict_xstart_from_v(self, x_t, t, v):
+        """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v."""
+        assert x_t.shape == v.shape
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_t.shape) * x_t
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * v
+        )
+
+    def _predict_eps_from_v(self, x_t, t, v):
+        """eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+        assert x_t.shape == v.shape
+        return (
+            self._extract("sqrt_one_minus_alphas_cumprod", t, x_t.shape) * x_t
+            + self._extract("sqrt_alphas_cumprod", t, x_t.shape) * v
+        )
+
+    def _v_from_xstart_and_eps(self, x_start, t, eps):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0: what a v model is trained on."""
+        assert x_start.shape == eps.shape
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * eps
+            - self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * x_start
         )
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
@@ -735,6 +800,10 @@ class GaussianDiffusion:
         :param t: a batch of timestep indices, (N,).
         :param noise: the Gaussian noise to add; th.randn_like(x_start) if None.
         :return: a dict of (N,) tensors: "loss", and "mse" / "vb" where they apply.
+            "mse" is the plain mean squared error on the model's target (eps, x_0,
+            v or x_{t-1}); "loss" is it times the Min-SNR-gamma weight of each
+            example's timestep when ``snr_gamma`` is on (see
+            :func:`mse_loss_weights`), plus the VB term, which is never weighted.
         """
         if noise is None:
             noise = th.randn_like(x_start)
@@ -783,12 +852,19 @@ class GaussianDiffusion:
                 )[0],
                 ModelMeanType.START_X: lambda: x_start,
                 ModelMeanType.EPSILON: lambda: noise,
+                ModelMeanType.VELOCITY: lambda: self._v_from_xstart_and_eps(
+                    x_start, t, noise
+                ),
             }[self.model_mean_type]()
             assert model_output.shape == target.shape == x_start.shape
             terms["mse"] = mean_flat((target - model_output) ** 2)
-            terms["loss"] = (
-                terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
-            )
+            mse = terms["mse"]
+            if self.mse_loss_weight is not None:
+                # a weight per example, by its timestep; an importance sampler of
+                # timesteps (resample.py) then sees and balances the weighted loss,
+                # the one the gradient follows
+                mse = mse * self._table("mse_loss_weight", t.device)[t].to(mse.dtype)
+            terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         else:
             raise NotImplementedError(self.loss_type)
         return terms
@@ -907,6 +983,77 @@ class GaussianDiffusion:
             "xstart_mse": xstart_mse,
             "mse": mse,
         }
+
+
+def mse_loss_weights(alphas_cumprod, snr_gamma, model_mean_type):
+    """
+    The Min-SNR-gamma weight of each timestep's MSE (Hang et al. 2023), for the
+    model's target.
+
+    With SNR(t) = abar_t / (1 - abar_t), the weight of an MSE on x_0 is
+    min(SNR, gamma). The same x_0 error makes the eps error sqrt(SNR) times and
+    the v error sqrt(SNR + 1) times as large (x_t fixed: eps = (x_t - sqrt(abar)
+    x_0) / sqrt(1 - abar), v = (sqrt(abar) x_t - x_0) / sqrt(1 - abar)), so the
+    weights are
+
+    * eps: min(SNR, gamma) / SNR,
+    * x_0: min(SNR, gamma),
+    * v: min(SNR, gamma) / (SNR + 1),
+
+    and for the same x_0 error the three weighted losses are equal, each
+    min(SNR, gamma) |x_0 error|^2: one objective, whatever the model outputs.
+
+    gamma = inf gives back, for every target, the unweighted eps loss (Ho et al.'s
+    L_simple, SNR |x_0 error|^2): for eps that is its own unweighted loss, for x_0
+    it is its MSE times SNR, for v its MSE times SNR / (SNR + 1) = abar. Dividing
+    each target's weights by their gamma = inf limit instead would give every
+    target back its own unweighted loss at gamma = inf, but would make the three
+    objectives differ by the factors SNR and SNR + 1 at every other gamma: the
+    property that defines the weighting (one objective, three parametrisations)
+    would be lost, so it is not done. Training without the weighting (``snr_gamma`` off)
+    is each target's own unweighted loss.
+
+    :param alphas_cumprod: abar of the (respaced) schedule, float64 numpy array.
+    :param snr_gamma: gamma > 0; math.inf is allowed.
+    :param model_mean_type: ModelMeanType.EPSILON, START_X or VELOCITY.
+    :return: a float64 numpy array of weights, one per timestep.
+    """
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    snr = abar / (1.0 - abar)
+    clipped = np.minimum(snr, snr_gamma)
+    # the weight of an x_0 error, divided by what that error costs in the target
+    return clipped / MIN_SNR_TARGETS[model_mean_type](snr)
+
+
+# ModelMeanType -> SNR -> (the target's squared error) / (the x_0 squared error).
+MIN_SNR_TARGETS = {
+    ModelMeanType.EPSILON: lambda snr: snr,
+    ModelMeanType.START_X: lambda snr: np.ones_like(snr),
+    ModelMeanType.VELOCITY: lambda snr: snr + 1.0,
+}
+
+
+def _check_snr_gamma(snr_gamma, model_mean_type, loss_type):
+    """snr_gamma as the diffusion keeps it: None when off, else a float > 0."""
+    if snr_gamma is None or snr_gamma == 0:
+        return None
+    snr_gamma = float(snr_gamma)
+    if not snr_gamma > 0:  # negative or nan
+        raise ValueError(
+            f"--snr_gamma {snr_gamma}: give a positive gamma (the paper uses 5), "
+            "inf, or 0 for no weighting"
+        )
+    if loss_type.is_vb():
+        raise ValueError(
+            f"--snr_gamma {snr_gamma} weights the MSE loss, but --use_kl True trains "
+            "on the variational bound alone: give one"
+        )
+    if model_mean_type not in MIN_SNR_TARGETS:
+        raise ValueError(
+            f"Min-SNR weighting is defined for the eps, x_start and v targets, "
+            f"not {model_mean_type.name}"
+        )
+    return snr_gamma
 
 
 def resolve_device(device, model, noise, condition):

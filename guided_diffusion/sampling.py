@@ -37,14 +37,16 @@ from .script_util import (
 SAMPLING_FLAGS = ("timestep_respacing",)
 
 # Flags that change how a model trains or how fast it runs, but not what a trained
-# model samples: dropout is off in eval mode, the loss type only enters training,
-# checkpointing and the fused attention kernel compute the same function.
+# model samples: dropout is off in eval mode, the loss type and its weighting only
+# enter training, checkpointing and the fused attention kernel compute the same
+# function.
 NON_OUTPUT_FLAGS = (
     "dropout",
     "use_checkpoint",
     "use_sdpa",
     "use_kl",
     "rescale_learned_sigmas",
+    "snr_gamma",
 )
 
 # The paper's flags (README, sample.sh): the example a message asking for flags gives.
@@ -350,6 +352,10 @@ def checkpoint_model_flags(model_path, explicit):
         and k not in SAMPLING_FLAGS + NON_OUTPUT_FLAGS
         # the fixed variances are chosen between only when it is not learned
         and not (k == "sigma_small" and learn_sigma)
+        # the target is asked for as the original's --predict_xstart, which
+        # --predict (empty: as --predict_xstart says) may replace
+        and k != "predict"
+        and not (k == "predict_xstart" and explicit.get("predict"))
     ]
     if missing:
         example = " ".join(f"--{k} {PAPER_FLAGS[k]}" for k in missing)
@@ -410,17 +416,18 @@ def add_sampling_flags(
     add_model_flags(parser)
 
 
-def read_sampling_args(parser):
+def read_sampling_args(parser, argv=None):
     """
     Parse a sampling script's command line and check the flags every such script
     has: the sampler and its options, and the checkpoint.
 
+    :param argv: the arguments to parse (default: the command line's).
     :return: the namespace, with ``sampler`` resolved (--use_ddim), ``options`` (the
         sampler's), ``explicit`` (the model and diffusion flags given) and
         ``inputs`` (the "inputs" settings, None where not given).
     :raises ValueError: a one-line message naming the flag.
     """
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.explicit = explicit_model_flags(args)
     args.inputs = {k: getattr(args, k) for k in settings.names("inputs")}
     if args.use_ddim and args.sampler not in ("", "ddim"):

@@ -194,16 +194,44 @@ def create_gaussian_diffusion(*, steps=None, **kwargs):
     else:
         var_type = gd.ModelVarType.FIXED_LARGE
     timestep_respacing = args["timestep_respacing"] or [steps]
+    target = prediction_target(args["predict"], args["predict_xstart"])
     return SpacedDiffusion(
         use_timesteps=space_timesteps(steps, timestep_respacing),
         betas=betas,
-        model_mean_type=gd.ModelMeanType.START_X
-        if args["predict_xstart"]
-        else gd.ModelMeanType.EPSILON,
+        model_mean_type=gd.PREDICTION_TARGETS[target],
         model_var_type=var_type,
         loss_type=loss_type,
         rescale_timesteps=args["rescale_timesteps"],
+        snr_gamma=args["snr_gamma"],
     )
+
+
+def prediction_target(predict, predict_xstart):
+    """
+    What the model predicts, from ``--predict`` and the original's ``--predict_xstart``.
+
+    ``--predict`` empty (its default, and what a ``config.json`` written before it
+    existed reads as) leaves the choice to ``--predict_xstart``: x_start when it is
+    True, else eps, as in the original. ``--predict_xstart False`` is its default
+    too, so it never contradicts ``--predict``; ``--predict_xstart True`` does,
+    unless ``--predict`` is x_start or empty.
+
+    :param predict: "", "eps", "x_start" or "v" (None counts as "").
+    :param predict_xstart: a bool.
+    :return: "eps", "x_start" or "v" (a key of gaussian_diffusion.PREDICTION_TARGETS).
+    :raises ValueError: an unknown target, or the two flags contradict each other.
+    """
+    predict = predict or ""  # None: not given
+    if predict not in ("", *gd.PREDICTION_TARGETS):
+        raise ValueError(
+            f"--predict {predict!r}: choose eps, x_start or v (or leave it empty)"
+        )
+    if predict_xstart and predict not in ("", "x_start"):
+        raise ValueError(
+            f"--predict_xstart True contradicts --predict {predict}: give one "
+            "(--predict_xstart True is --predict x_start)"
+        )
+    return predict or ("x_start" if predict_xstart else "eps")
 
 
 def _with_defaults(kwargs, defaults, where):

@@ -189,8 +189,24 @@ declare(D, "noise_schedule", "linear", "beta schedule: linear or cosine")
 declare(D, "timestep_respacing", "", "steps to sample with: '250', 'ddim50', '10,20'")
 declare(D, "use_kl", False, "train on the variational bound")
 declare(D, "predict_xstart", False, "the model predicts x_0 instead of the noise")
+declare(
+    D,
+    "predict",
+    "",
+    "what the model predicts: eps (the noise), x_start (the clean image, the same as "
+    "--predict_xstart True) or v (sqrt(abar) eps - sqrt(1 - abar) x_0); empty: as "
+    "--predict_xstart says",
+    choices=("", "eps", "x_start", "v"),
+)
 declare(D, "rescale_timesteps", False, "feed the model t scaled to [0, 1000)")
 declare(D, "rescale_learned_sigmas", False, "scale the bound term as in improved DDPM")
+declare(
+    D,
+    "snr_gamma",
+    0.0,
+    "Min-SNR-gamma loss weighting: the MSE of timestep t weighted as an x_0 error "
+    "by min(SNR_t, gamma), e.g. 5 (Hang et al.'s; 0: off, as the SAR paper trained)",
+)
 
 # -- training data ------------------------------------------------------------------
 

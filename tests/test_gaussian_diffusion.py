@@ -687,8 +687,8 @@ def test_every_combination_trains_one_step(tiny_unets, mean_type, var_type, loss
 def test_mse_target_per_mean_type(mean_type):
     """
     The MSE is the mean of (target - output)^2 per example, with the target written
-    out here: the noise (eps), x_0, or the posterior mean of x_{t-1} given
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    out here: the noise (eps), x_0, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0, or
+    the posterior mean of x_{t-1} given x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
     """
     num_steps = T
     diffusion = linear_diffusion(num_steps, model_mean_type=mean_type)
@@ -709,6 +709,8 @@ def test_mse_target_per_mean_type(mean_type):
         gd.ModelMeanType.EPSILON: eps,
         gd.ModelMeanType.START_X: x0,
         gd.ModelMeanType.PREVIOUS_X: posterior_mean,
+        gd.ModelMeanType.VELOCITY: _bcast(np.sqrt(abar)) * eps
+        - _bcast(np.sqrt(1 - abar)) * x0,
     }[mean_type]
     expected = ((target - output) ** 2).mean(dim=(1, 2, 3))
     th.testing.assert_close(losses["mse"].double(), expected, rtol=1e-5, atol=1e-6)

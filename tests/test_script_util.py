@@ -105,6 +105,8 @@ def test_defaults_build_the_default_diffusion():
         ({}, "EPSILON", "FIXED_LARGE", "MSE"),
         (dict(learn_sigma=True), "EPSILON", "LEARNED_RANGE", "MSE"),
         (dict(predict_xstart=True), "START_X", "FIXED_LARGE", "MSE"),
+        (dict(predict="v"), "VELOCITY", "FIXED_LARGE", "MSE"),
+        (dict(predict="x_start"), "START_X", "FIXED_LARGE", "MSE"),
         (dict(use_kl=True), "EPSILON", "FIXED_LARGE", "RESCALED_KL"),
         (
             dict(learn_sigma=True, rescale_learned_sigmas=True),
