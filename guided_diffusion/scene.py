@@ -18,6 +18,11 @@ Every step has two passes.
    live in memory or on disk, and a saved job is just the state, the last
    prediction and the generators' states.
 
+With ``shift_tiles`` the inner tiles move by a few pixels at every step (by
+:func:`step_shift`, from the seed and the step), so that no line of the scene is
+a border between tiles at every step: a border's small mismatch, drawn at the same
+place step after step, would add up to a faint seam.
+
 The bands are fixed (they depend on the scene's height only), and so is each
 band's seed (the run's seed and the band's number): the result depends on the
 seed alone, never on the tile batch, the number of processes or where the arrays
@@ -33,7 +38,7 @@ import numpy as np
 import torch as th
 
 from . import samplers
-from .tiling import tile_grid, window_1d
+from .tiling import max_shift, tile_grid, window_1d
 
 # Rows per band of the sampler's update (and of reading and writing the scene).
 BAND_ROWS = 64
@@ -51,6 +56,16 @@ def band_seed(seed, band):
     the same in every process and on every machine."""
     digest = hashlib.sha256(f"{int(seed)}\0scene band {band}".encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
+
+
+def step_shift(seed, step, limit):
+    """
+    How far the inner tiles move at one step: (rows, columns), each uniform in
+    -limit..limit, from SHA-256 of (seed, step), the same in every process.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\0tile shift {int(step)}".encode()).digest()
+    span = 2 * limit + 1
+    return tuple(int.from_bytes(digest[i : i + 8], "big") % span - limit for i in (0, 8))
 
 
 class SceneArrays:
@@ -180,12 +195,26 @@ class TileFuser:
 
     def __init__(self, arrays, denoise, tile, overlap, *, batch_size=8, rank=0,
                  world=1, learned_variance=False, progress=None):  # fmt: skip
-        _, height, width = arrays.shapes["x"]
-        self.arrays, self.denoise, self.tile = arrays, denoise, tile
+        _, self.height, self.width = arrays.shapes["x"]
+        self.arrays, self.denoise, self.tile, self.overlap = arrays, denoise, tile, overlap
         self.batch_size, self.progress = batch_size, progress
-        self.grid = tile_grid(height, width, tile, overlap)
-        self.mine = self.grid[rank::world]
+        self.rank, self.world = rank, world
+        self.max_shift = max_shift(tile, overlap)
         self.keys = ("pred", "logvar") if learned_variance else ("pred",)
+        self.layout((0, 0))
+        for key in self.keys:
+            arrays.create(key, 3, self.height, self.width)
+
+    def tiles(self, shift=(0, 0)):
+        """The tiles of the grid moved by ``shift``, row by row: [(top, left)]."""
+        return tile_grid(self.height, self.width, self.tile, self.overlap, shift)
+
+    def layout(self, shift):
+        """Place the tiles for a step: this process's share and the windows' sums."""
+        tile, height, width = self.tile, self.height, self.width
+        self.shift = tuple(shift)
+        self.grid = self.tiles(shift)
+        self.mine = self.grid[self.rank :: self.world]
         tops = sorted({top for top, _ in self.grid})
         lefts = sorted({left for _, left in self.grid})
         self._wy = {top: window_1d(tile, top > 0, top + tile < height) for top in tops}
@@ -196,8 +225,6 @@ class TileFuser:
         self.col_total = np.zeros(width)
         for left in lefts:
             self.col_total[left : left + tile] += self._wx[left]
-        for key in self.keys:
-            arrays.create(key, 3, height, width)
 
     def total(self, rows):
         """The windows' sum over rows [top, bottom), (h, W) float32."""
@@ -205,8 +232,13 @@ class TileFuser:
             np.outer(self.row_total[rows[0] : rows[1]], self.col_total).astype(np.float32)
         )
 
-    def __call__(self, t):
-        """Fill the sums with step ``t``'s predictions on this process's tiles."""
+    def __call__(self, t, shift=(0, 0)):
+        """
+        Fill the sums with step ``t``'s predictions on this process's tiles, the
+        grid's inner tiles moved by ``shift``.
+        """
+        if tuple(shift) != self.shift:
+            self.layout(shift)
         for key in self.keys:
             self.arrays.zero(key)
         size, width = self.tile, self.arrays.shapes["x"][2]
@@ -283,12 +315,13 @@ class SceneSampler:
     :param sampler: a name in ``samplers.SAMPLERS``. :param options: its options.
     :param seed: the noise seed.
     :param all_reduce: sums a CPU tensor in place across processes (None for one).
+    :param shift_tiles: move the inner tiles by :func:`step_shift` at every step.
     :param key: the settings that decide the result (saved with the job and
         checked when it is continued).
     """
 
     def __init__(self, arrays, fuser_args, diffusion, sampler, options, seed, *,
-                 all_reduce=None, key=None):  # fmt: skip
+                 all_reduce=None, shift_tiles=False, key=None):  # fmt: skip
         _, height, width = arrays.shapes["sar"]
         for name in STATE_ARRAYS:
             arrays.create(name, 3, height, width)
@@ -300,6 +333,7 @@ class SceneSampler:
         self.bands = bands(height)
         self.seed = seed
         self.all_reduce = all_reduce
+        self.shift_tiles = shift_tiles
         self.key = dict(key or {})
         self.generators = []
         self.step = 0
@@ -387,10 +421,24 @@ class SceneSampler:
 
     # -- run ------------------------------------------------------------------------
 
+    def shift(self, step):
+        """Where the inner tiles lie at ``step``: (rows, columns) moved."""
+        if not self.shift_tiles:
+            return (0, 0)
+        return step_shift(self.seed, step, self.fuser.max_shift)
+
+    def tiles_left(self):
+        """How many tiles this process has yet to put through the network."""
+        fuser = self.fuser
+        return sum(
+            len(fuser.tiles(self.shift(step))[fuser.rank :: fuser.world])
+            for step in range(self.step, len(self.timesteps))
+        )
+
     def step_once(self):
         """One step of the reverse process over the whole scene."""
         t = self.timesteps[self.step]
-        self.fuser(t)
+        self.fuser(t, self.shift(self.step))
         later = self.timesteps[self.step :]
         previous = self.timesteps[self.step - 1] if self.step else None
         for b, rows in enumerate(self.bands):

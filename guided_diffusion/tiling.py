@@ -9,31 +9,51 @@ weight from some tile, and a tile's own border pixels (where the network sees th
 least context) count the least.
 """
 
-import math
-
 import numpy as np
 
 
-def tile_starts(size, tile, overlap):
+def tile_starts(size, tile, overlap, shift=0):
     """
     Where the tiles along one axis start.
 
-    Tiles advance by ``tile - overlap``; the last one is moved inwards to end at
-    the scene's edge, so every pixel is covered and no tile hangs over the edge.
+    Tiles advance by ``tile - overlap``; the first starts at 0 and the last is moved
+    inwards to end at the scene's edge, so every pixel is covered and no tile hangs
+    over the edge. ``shift`` moves the tiles in between (not the first and last) by
+    that many pixels, so that the borders between tiles fall elsewhere.
 
     :param size: the scene's length along the axis, at least ``tile``.
     :param tile: the tile's length.
     :param overlap: how many pixels neighbouring tiles share, 0 <= overlap < tile.
+    :param shift: at most ``max_shift(tile, overlap)`` pixels either way.
     :return: a list of start offsets, ascending, first 0 and last size - tile.
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"the overlap ({overlap}) must lie in 0..{tile - 1}")
     if size < tile:
         raise ValueError(f"a scene of {size} pixels is shorter than a tile ({tile})")
+    limit = max_shift(tile, overlap)
+    if abs(shift) > limit:
+        raise ValueError(f"the shift ({shift}) must lie in -{limit}..{limit}")
     stride = tile - overlap
-    count = math.ceil((size - tile) / stride) + 1
-    starts = [min(i * stride, size - tile) for i in range(count)]
+    # the inner tiles: the first one starts a stride plus the shift from 0, and the
+    # last one ends less than a stride from the scene's edge, so neighbours share
+    # at least overlap - |shift| pixels
+    starts = [0]
+    k = 1
+    while k * stride + shift < size - tile:
+        starts.append(k * stride + shift)
+        k += 1
+    starts.append(size - tile)
     return sorted(set(starts))
+
+
+def max_shift(tile, overlap):
+    """
+    How far the inner tiles may move (tile_starts' shift): half the overlap, so
+    that neighbours still share at least half of it, and at most half a stride,
+    so that they keep their order. A quarter tile when the overlap is half a tile.
+    """
+    return min(overlap // 2, (tile - overlap) // 2)
 
 
 def window_1d(tile, taper_start=True, taper_end=True):
@@ -54,16 +74,17 @@ def window_1d(tile, taper_start=True, taper_end=True):
     return w
 
 
-def tile_grid(height, width, tile, overlap):
+def tile_grid(height, width, tile, overlap, shift=(0, 0)):
     """
     The tiles of a scene, row by row.
 
+    :param shift: (rows, columns) the inner tiles move by (see tile_starts).
     :return: a list of (top, left); each covers [top, top + tile) x [left, left + tile).
     """
     return [
         (top, left)
-        for top in tile_starts(height, tile, overlap)
-        for left in tile_starts(width, tile, overlap)
+        for top in tile_starts(height, tile, overlap, shift[0])
+        for left in tile_starts(width, tile, overlap, shift[1])
     ]
 
 

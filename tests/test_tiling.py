@@ -15,8 +15,9 @@ import torch as th
 from conftest import linear_diffusion
 
 from guided_diffusion import samplers
-from guided_diffusion.scene import SceneArrays, SceneSampler, bands
+from guided_diffusion.scene import SceneArrays, SceneSampler, bands, step_shift
 from guided_diffusion.tiling import (
+    max_shift,
     tile_grid,
     tile_starts,
     tile_weights,
@@ -46,6 +47,38 @@ def test_tiles_cover_every_pixel_and_stay_inside(size, tile, overlap):
     # neighbours overlap by at least the overlap asked for, and advance
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
     assert all(b > a for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize(
+    "size, tile, overlap", [(65, 64, 32), (300, 64, 32), (257, 32, 16), (1000, 64, 16)]
+)
+def test_moved_tiles_still_cover_every_pixel_with_half_the_overlap(size, tile, overlap):
+    limit = max_shift(tile, overlap)
+    assert limit == min(overlap // 2, (tile - overlap) // 2) and limit > 0
+    for shift in range(-limit, limit + 1):
+        starts = tile_starts(size, tile, overlap, shift)
+        assert starts[0] == 0 and starts[-1] == size - tile
+        assert all(b > a for a, b in zip(starts, starts[1:]))
+        # neighbours share at least half the overlap: every pixel is covered
+        assert all(a + tile - b >= overlap - overlap // 2 for a, b in zip(starts, starts[1:]))
+        # the inner tiles lie on the grid moved by the shift
+        stride = tile - overlap
+        assert all((s - shift) % stride == 0 for s in starts[1:-1])
+        if shift == 0:  # the fixed grid: ceil((size - tile) / stride) + 1 tiles
+            assert len(starts) == -(-(size - tile) // stride) + 1
+    with pytest.raises(ValueError, match="shift"):
+        tile_starts(size, tile, overlap, limit + 1)
+
+
+def test_the_shift_of_a_step_comes_from_the_seed_and_the_step():
+    shifts = [step_shift(0, step, 8) for step in range(400)]
+    assert shifts == [step_shift(0, step, 8) for step in range(400)]
+    assert shifts != [step_shift(1, step, 8) for step in range(400)]
+    values = np.array(shifts)
+    assert values.min() == -8 and values.max() == 8  # all of -8..8, both ways
+    assert len(set(values[:, 0])) == 17 and len(set(values[:, 1])) == 17
+    assert abs(values.mean()) < 1.0
+    assert max_shift(32, 0) == 0 and step_shift(0, 3, 0) == (0, 0)
 
 
 def test_bad_layouts_are_refused():
@@ -98,8 +131,9 @@ def scene(height, width, sar_channels=2, seed=0):
     )
 
 
-def make_job(diffusion, model, sar, *, folder=None, sampler="ddim", options=None,
-             seed=0, rank=0, world=1, batch_size=4, learn_sigma=False):  # fmt: skip
+def make_scene_job(diffusion, model, sar, *, folder=None, sampler="ddim", options=None,
+             seed=0, rank=0, world=1, batch_size=4, learn_sigma=False,
+             shift_tiles=False):  # fmt: skip
     """A SceneSampler on ``sar`` (1, C, H, W) with 32-pixel tiles."""
     arrays = SceneArrays(folder)
     _, channels, height, width = sar.shape
@@ -112,7 +146,11 @@ def make_job(diffusion, model, sar, *, folder=None, sampler="ddim", options=None
 
     fuser_args = dict(denoise=denoise, tile=32, overlap=16, batch_size=batch_size,
                       rank=rank, world=world, learned_variance=learn_sigma)  # fmt: skip
-    return SceneSampler(arrays, fuser_args, diffusion, sampler, options or {}, seed)
+    return SceneSampler(arrays, fuser_args, diffusion, sampler, options or {}, seed,
+                        shift_tiles=shift_tiles)  # fmt: skip
+
+
+make_job = make_scene_job
 
 
 def whole(job, name):
@@ -120,8 +158,8 @@ def whole(job, name):
     return job.arrays.read(name, (0, height))[None]
 
 
-def fused(job, t):
-    job.fuser(t)
+def fused(job, t, shift=(0, 0)):
+    job.fuser(t, shift)
     rows = (0, job.arrays.shapes["x"][1])
     return {
         key: (job.arrays.read(key, rows) / job.fuser.total(rows))[None]
@@ -141,20 +179,23 @@ def test_a_pixelwise_network_gives_the_whole_scene_prediction(learn_sigma):
     job.start()
     x = whole(job, "x")
     direct = samplers.Denoiser(diffusion, model, sar)
-    for t in (49, 20, 0):
-        a, b = direct(x, t), fused(job, t)
+    for t, shift in ((49, (0, 0)), (20, (8, -3)), (0, (-8, 8))):
+        a, b = direct(x, t), fused(job, t, shift)
         th.testing.assert_close(b["pred"], a["pred_xstart"], rtol=1e-5, atol=1e-5)
         if learn_sigma:
             th.testing.assert_close(b["logvar"], a["log_variance"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
-def test_a_deterministic_sampler_on_the_scene_is_the_whole_scene_sampler(sampler):
-    # band by band, the sampler's update is the one it makes on the whole scene
+@pytest.mark.parametrize("sampler, shift_tiles", [("ddim", True), ("dpm++2m", False)])
+def test_a_deterministic_sampler_on_the_scene_is_the_whole_scene_sampler(
+    sampler, shift_tiles
+):
+    # band by band, the sampler's update is the one it makes on the whole scene,
+    # wherever the tiles lie at each step
     diffusion = linear_diffusion(num_steps=50)
     model = PixelModel(5, 3)
     sar, _ = scene(150, 56)  # three bands of rows, the last one short
-    job = make_job(diffusion, model, sar, sampler=sampler)
+    job = make_job(diffusion, model, sar, sampler=sampler, shift_tiles=shift_tiles)
     assert len(job.bands) == 3
     job.start()
     x_T = whole(job, "x")
@@ -178,7 +219,8 @@ def test_the_noise_is_one_draw_per_pixel_from_the_seed():
     assert not th.equal(rows[0][..., :22, :], rows[1][..., :22, :])
 
 
-def test_the_result_does_not_depend_on_the_tile_batch_or_the_share():
+@pytest.mark.parametrize("shift", [(0, 0), (-7, 5)])
+def test_the_result_does_not_depend_on_the_tile_batch_or_the_share(shift):
     diffusion = linear_diffusion(num_steps=50)
     model = NeighbourModel(5, 3)
     sar, _ = scene(64, 88)
@@ -186,14 +228,14 @@ def test_the_result_does_not_depend_on_the_tile_batch_or_the_share():
     many = make_job(diffusion, model, sar, batch_size=7)
     for job in (one, many):
         job.start()
-    a = fused(one, 30)["pred"]
-    th.testing.assert_close(fused(many, 30)["pred"], a, rtol=1e-5, atol=1e-5)
+    a = fused(one, 30, shift)["pred"]
+    th.testing.assert_close(fused(many, 30, shift)["pred"], a, rtol=1e-5, atol=1e-5)
     # two "ranks" each sum their own tiles; adding their sums gives the whole
     halves = []
     for rank in (0, 1):
         job = make_job(diffusion, model, sar, rank=rank, world=2)
         job.start()
-        job.fuser(30)
+        job.fuser(30, shift)
         halves.append(whole(job, "pred"))
         assert len(job.fuser.mine) < len(job.fuser.grid)
     total = one.fuser.total((0, 64))
@@ -214,11 +256,17 @@ def test_a_scene_of_one_tile_is_the_plain_denoiser():
     )
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
-def test_a_saved_job_continues_to_the_same_bits_on_disk_or_in_memory(sampler, tmp_path):
+@pytest.mark.parametrize("sampler, shift_tiles", [("ddpm", True), ("dpm++2m", False)])
+def test_a_saved_job_continues_to_the_same_bits_on_disk_or_in_memory(
+    sampler, shift_tiles, tmp_path
+):
     diffusion = linear_diffusion(num_steps=25)
     model = NeighbourModel(5, 3)
     sar, _ = scene(100, 72)
+
+    def make_job(*args, **kwargs):
+        return make_scene_job(*args, shift_tiles=shift_tiles, **kwargs)
+
     straight = make_job(diffusion, model, sar, sampler=sampler)
     straight.start()
     straight.run()
