@@ -44,6 +44,7 @@ from guided_diffusion.sampling import (
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     diffusion_defaults,
+    prediction_target,
     str2bool,
 )
 
@@ -184,7 +185,8 @@ def main():
         common.markdown_table(header, rows),
         [
             f"model: {shown(args.model_path)} (diffusion_steps {flags['diffusion_steps']}, "
-            f"{'x_start' if flags['predict_xstart'] else 'eps'} prediction, {size} px)",
+            f"{prediction_target(flags.get('predict'), flags['predict_xstart'])} "
+            f"prediction, {size} px)",
             f"data: {len(names)} test pairs of {shown(args.data_dir)}, batch {args.batch_size}, seed {args.seed}"
             + (", bfloat16 autocast" if args.use_bf16 else ", float32"),
             "SSIM (RGB, scikit-image defaults) and PSNR on uint8 images, means over the images; "

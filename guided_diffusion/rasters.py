@@ -583,11 +583,16 @@ def select_sar_bands(raster: Raster, scaling: Scaling):
 def _check_band_count(raster, count, sar_channels, given_bands):
     if count == sar_channels or (count == 1 and sar_channels == 3):
         return
-    hints = [f"give --sar_channels {count}"] if count in (1, 2, 3) else []
+    hints = []
     if not given_bands and count > sar_channels:
         hints.append(
             f"pick {sar_channels} band(s) with --sar_bands (e.g. --sar_bands "
             f"{','.join(str(i + 1) for i in range(sar_channels))})"
+        )
+    if count in (1, 2, 3):
+        # --sar_channels is the model's: a trained model keeps the one it has
+        hints.append(
+            f"train with --sar_channels {count} (a trained model keeps its own)"
         )
     hint = " or ".join(hints) or f"give {sar_channels} band(s) to --sar_bands"
     raise DataError(
