@@ -361,6 +361,98 @@ def format_summary(summary, fid=None):
 
 
 # ---------------------------------------------------------------------------
+# The spread of several samples per input (guided_diffusion/uncertainty.py)
+
+
+def find_spread_npz(choice, gen_dir):
+    """
+    The npz of a sampling run with several samples per input to evaluate.
+
+    :param choice: ``"auto"`` (the ``samples_*.npz`` beside ``gen_dir`` when it
+        holds a spread), ``"off"``, or the path of an npz or of the folder holding
+        one.
+    :param gen_dir: the folder of generated images being evaluated.
+    :return: the npz path, or None (``off``, or ``auto`` found no spread).
+    :raises ValueError: a path given that holds no npz with a spread.
+    """
+    if choice == "off":
+        return None
+    folder = os.path.dirname(os.path.abspath(gen_dir)) if choice == "auto" else choice
+    if os.path.isfile(folder):
+        found = [folder]
+    else:
+        found = sorted(
+            os.path.join(folder, f)
+            for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+            if f.startswith("samples_") and f.endswith(".npz")
+        )
+    with_spread = []
+    for path in found:
+        with np.load(path) as data:
+            if "spread" in data.files:
+                with_spread.append(path)
+    if len(with_spread) == 1:
+        return with_spread[0]
+    if choice == "auto" and not with_spread:
+        return None
+    raise ValueError(
+        f"--spread {choice}: "
+        + ("no samples_*.npz with a spread (sample with --samples_per_input 2 or more)"
+           if not with_spread else f"{len(with_spread)} npz files with a spread")
+        + " in it; give the npz file of the run to evaluate"
+    )  # fmt: skip
+
+
+def load_spread_inputs(npz_path, gt_dir):
+    """
+    What the spread's evaluation needs, paired by name: the mean and spread of a
+    run's npz, the ground truth of ``gt_dir`` and the SAR display images of the
+    run's ``cond_sar/`` (beside the npz).
+
+    :return: (mean, spread, truth, sar or None, K or None, note or None); ``note``
+        says why the SAR baseline is missing.
+    :raises ValueError: an input without ground truth, or of another size.
+    """
+    with np.load(npz_path) as data:
+        names = [str(n) for n in data["names"]]
+        mean, spread = data["mean"], data["spread"]
+        count = (
+            int(data["samples_per_input"])
+            if "samples_per_input" in data.files
+            else None
+        )
+    truths = list_images(gt_dir)
+    keys = [os.path.splitext(n)[0] for n in names]
+    missing = [n for n, k in zip(names, keys) if k not in truths]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} input(s) of {npz_path} have no ground truth in {gt_dir}: "
+            + _name_list(missing)
+            + " (give the run's gt_opt/ as --gt_dir, or --spread off)"
+        )
+    truth = np.stack([load_image(truths[k]) for k in keys])
+    if truth.shape != mean.shape:
+        raise ValueError(
+            f"the ground truth in {gt_dir} is {truth.shape[1:3]} per image but the "
+            f"means in {npz_path} are {mean.shape[1:3]}; evaluate the run's gt_opt/"
+        )
+    sar_dir = os.path.join(os.path.dirname(os.path.abspath(npz_path)), "cond_sar")
+    sar_paths = [os.path.join(sar_dir, k + ".png") for k in keys]
+    absent = [p for p in sar_paths if not os.path.isfile(p)]
+    if absent:
+        note = f"no SAR image {absent[0]}: the SAR-edge baseline is skipped"
+        return mean, spread, truth, None, count, note
+    return (
+        mean,
+        spread,
+        truth,
+        np.stack([load_image(p) for p in sar_paths]),
+        count,
+        None,
+    )
+
+
+# ---------------------------------------------------------------------------
 # FID
 
 

@@ -5,8 +5,20 @@ the npz of all generated images.
 
 Layout: ``gen_opt/``, ``cond_sar/`` and ``gt_opt/`` with one PNG per input under the
 input's name, ``run.json`` (the settings that made the images) and
-``samples_NxHxWx3.npz``. An image is finished when its ``gen_opt`` file exists, so
-a rerun after a kill translates only what is missing.
+``samples_NxHxWx3.npz``. With K > 1 samples per input (``samples_per_input``,
+guided_diffusion/uncertainty.py) ``gen_opt/`` holds sample 0, and beside it:
+
+* ``gen_samples/<k>/`` samples k = 1..K-1, one PNG per input, as ``gen_opt/``;
+* ``gen_mean/`` the mean of the K samples, rounded to 8 bits;
+* ``gen_spread/`` the spread (standard deviation of the K samples, the channels
+  averaged) as a colour-scale picture with its legend;
+* ``spread_arrays/<name>.npz`` the mean and spread of one input, float32
+  (H, W, 3) in grey levels, for the npz of the run;
+
+and the npz also holds ``mean`` and ``spread`` (N, H, W, 3) and
+``samples_per_input``. An image is finished when its ``gen_opt`` file exists,
+written after all of its other files, so a rerun after a kill translates only what
+is missing.
 """
 
 import glob
@@ -16,10 +28,18 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import settings
+from . import settings, uncertainty
 from .image_datasets import DataError
 from .rasters import Scaling
 from .sampling import NON_OUTPUT_FLAGS
+
+# The folders of a run with several samples per input (see the layout above).
+SAMPLES_DIR, MEAN_DIR, SPREAD_DIR, ARRAYS_DIR = (
+    "gen_samples",
+    "gen_mean",
+    "gen_spread",
+    "spread_arrays",
+)
 
 # Settings in run.json that do not change the images, so a results folder continues
 # whatever they are. use_bf16 is not one: bfloat16 keeps 8 bits of every
@@ -47,7 +67,9 @@ def output_names(names, data_dir):
 def run_defaults():
     """The value of every setting of run.json that an older run.json may lack."""
     return {
-        **settings.defaults("model", "diffusion", "sampling", "run", "speed"),
+        **settings.defaults(
+            "model", "diffusion", "sampling", "samples", "run", "speed"
+        ),
         "sampler": "ddpm",
         # a run.json from before rasters read 8-bit files, as Scaling() does
         "inputs": Scaling().record(),
@@ -126,8 +148,15 @@ def write_png(out_dir, kind, out_name, image):
     )
 
 
-def write_npz(out_dir, pairs, outputs):
-    """Rank 0, after every rank is done: all generated images in name order."""
+def write_npz(out_dir, pairs, outputs, samples_per_input=1):
+    """
+    Rank 0, after every rank is done: all generated images in name order.
+
+    :param samples_per_input: K; above 1 the file also holds ``mean`` and ``spread``
+        (N, H, W, 3) float32 in grey levels, read from ``spread_arrays/``, and
+        ``samples_per_input``.
+    :return: the file's path.
+    """
     names = [name for _, _, name in pairs]
     images = np.stack(
         [
@@ -137,12 +166,54 @@ def write_npz(out_dir, pairs, outputs):
             for n in names
         ]
     )
+    arrays = dict(arr_0=images, names=np.array(names))
+    if samples_per_input > 1:
+        stats = [read_spread_arrays(out_dir, outputs[n]) for n in names]
+        arrays["mean"] = np.stack([mean for mean, _ in stats])
+        arrays["spread"] = np.stack([spread for _, spread in stats])
+        arrays["samples_per_input"] = np.array(samples_per_input)
     path = os.path.join(out_dir, f"samples_{'x'.join(map(str, images.shape))}.npz")
     for old in glob.glob(os.path.join(glob.escape(out_dir), "samples_*.npz")):
         if old != path:
             os.remove(old)  # one file, for the latest selection of inputs
-    write_atomic(path, lambda f: np.savez(f, arr_0=images, names=np.array(names)))
+    write_atomic(path, lambda f: np.savez(f, **arrays))
     return path
+
+
+def arrays_name(out_name):
+    """The file of ``spread_arrays/`` that holds an output's mean and spread."""
+    return os.path.splitext(out_name)[0] + ".npz"
+
+
+def read_spread_arrays(out_dir, out_name):
+    """:return: (mean, spread) of one output, float32 (H, W, 3) in grey levels."""
+    with np.load(os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name))) as data:
+        return data["mean"], data["spread"]
+
+
+def write_spread_result(out_dir, out_name, samples, mean, spread, valid=None):
+    """
+    Write the files of one input's K samples but sample 0 (which
+    :func:`write_result` writes, last): samples 1..K-1, the mean, the spread
+    picture and the arrays.
+
+    :param samples: the K samples, (H, W, 3) uint8 each; the first is not written.
+    :param mean: (H, W, 3) mean of the samples in grey levels.
+    :param spread: (H, W, 3) their spread in grey levels.
+    :param valid: (H, W) bool, False where the SAR has no data, or None.
+    """
+    for k, sample in enumerate(samples[1:], 1):
+        write_png(out_dir, os.path.join(SAMPLES_DIR, str(k)), out_name, sample)
+    write_png(out_dir, MEAN_DIR, out_name, np.rint(mean).clip(0, 255).astype(np.uint8))
+    title = f"spread of {len(samples)} samples (standard deviation), grey levels"
+    picture, _ = uncertainty.spread_picture(spread, valid=valid, title=title)
+    write_png(out_dir, SPREAD_DIR, out_name, np.asarray(picture))
+    write_atomic(
+        os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name)),
+        lambda f: np.savez(
+            f, mean=mean.astype(np.float32), spread=spread.astype(np.float32)
+        ),
+    )
 
 
 def write_result(out_dir, out_name, sar, generated, ground_truth=None):

@@ -14,9 +14,11 @@ The declarations below produce
 Adding a setting is one :func:`declare` call here plus its use. The groups:
 "model" (the U-Net), "diffusion" (the process), "data" (the training data),
 "inputs" (what the SAR and optical files hold and how they are scaled),
-"training" (the loop), "sampling" (translating images), "run" (seed and batch, used by
-training and sampling alike) and "speed" (levers that compute the same function
-faster, or nearly the same in bfloat16).
+"training" (the loop), "sampling" (translating images), "samples" (several samples
+per input and their spread; apart from "sampling" so that a script offers it only
+once it writes the spread), "run" (seed and batch, used by training and sampling
+alike) and "speed" (levers that compute the same function faster, or nearly the
+same in bfloat16).
 """
 
 import argparse
@@ -331,4 +333,15 @@ declare(
     P, "lower_order_final", 2, "DPM-Solver++: first-order final updates (at least 1)"
 )
 
-del M, D, A, N, R, S, T, P
+# -- several samples per input (guided_diffusion/uncertainty.py) ---------------------
+
+K = "samples"
+declare(
+    K,
+    "samples_per_input",
+    1,
+    "samples per input: K > 1 also writes their mean and per-pixel spread (standard "
+    "deviation); sample 0 is the single sample of K = 1 (1: one sample, no more files)",
+)
+
+del M, D, A, N, R, S, T, P, K

@@ -8,6 +8,13 @@ grey), PSNR, colour error and, given the Inception network, FID.
 Images are paired by relative path without extension. Writes metrics.json
 (means; FID) and per_image.csv into --out, by default the parent folder of
 --gen_dir. The Inception file may also be given as $SAR2OPT_INCEPTION.
+
+A run sampled with --samples_per_input K > 1 keeps the mean and spread of its
+samples in its samples_*.npz; found beside --gen_dir (or given with --spread),
+they are evaluated too: how often the truth lies within mean +- 2 spread, and the
+error of the mean per spread bin, beside the same table for a naive baseline (the
+SAR image's edge magnitude). Written to metrics.json ("spread") and
+calibration.txt.
 """
 
 import argparse
@@ -17,7 +24,7 @@ import warnings
 
 import torch as th
 
-from guided_diffusion import metrics
+from guided_diffusion import metrics, uncertainty
 
 
 def fail(message):
@@ -34,6 +41,8 @@ def main():
         fail("--device cuda: no CUDA device is available; use --device cpu or auto")
     if args.batch_size < 1:
         fail(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.spread_bins < 1:
+        fail(f"--spread_bins {args.spread_bins}: must be at least 1")
 
     try:
         for flag, folder in (("--gen_dir", args.gen_dir), ("--gt_dir", args.gt_dir)):
@@ -43,8 +52,12 @@ def main():
                 extensions = ", ".join(metrics.IMAGE_EXTENSIONS)
                 fail(f"{flag} {folder}: no images ({extensions}) in it")
         metrics.pair_folders(args.gen_dir, args.gt_dir)  # fail before any long work
+        spread_npz = metrics.find_spread_npz(args.spread, args.gen_dir)
         net, fid_note = open_inception(args.inception, device)
         records = metrics.compare_folders(args.gen_dir, args.gt_dir)
+        spread = None
+        if spread_npz is not None:
+            spread = score_spread(spread_npz, args)
         fid = None
         if net is not None:
             fid, fid_note = score_fid(net, args, device)
@@ -61,9 +74,28 @@ def main():
         gt_dir=os.path.abspath(args.gt_dir),
         fid=fid,
         fid_note=fid_note,
+        **({} if spread is None else {"spread": spread}),
     )
     print(metrics.format_summary(summary, fid))
-    print(f"wrote {json_path} and per_image.csv")
+    written = [json_path, "per_image.csv"]
+    if spread is not None:
+        text = uncertainty.format_calibration(spread)
+        with open(os.path.join(out, "calibration.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"\n{text}", end="")
+        written.append("calibration.txt")
+    print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
+
+
+def score_spread(npz_path, args):
+    """The calibration report of a run's mean and spread (uncertainty.py)."""
+    mean, spread, truth, sar, count, note = metrics.load_spread_inputs(
+        npz_path, args.gt_dir
+    )
+    report = uncertainty.calibration_report(
+        mean, spread, truth, sar, samples_per_input=count, bins=args.spread_bins
+    )
+    return {"npz": os.path.abspath(npz_path), **report, "sar_edges_note": note}
 
 
 def open_inception(path, device):
@@ -112,6 +144,17 @@ def create_argparser():
         "--batch_size", type=int, default=64, help="images per FID batch"
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--spread",
+        default="auto",
+        help="the samples_*.npz of a run with --samples_per_input above 1 (or its "
+        "folder), whose mean and spread to evaluate against --gt_dir; auto: the one "
+        "beside --gen_dir, if it holds a spread; off: none (default: auto)",
+    )
+    parser.add_argument(
+        "--spread_bins", type=int, default=10,
+        help="quantile bins of the calibration tables (default: 10)",
+    )  # fmt: skip
     return parser
 
 

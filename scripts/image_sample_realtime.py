@@ -21,8 +21,15 @@ Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
 run.json and samples_NxHxWx3.npz. Running the same command again continues where
 it stopped; each image's noise depends only on --seed and its name. A folder made
 with other settings that decide the images (checkpoint, sampler, steps, eta, seed,
-clipping, bf16, model and diffusion flags, input scaling) is refused; speed levers
-may differ.
+clipping, bf16, samples per input, model and diffusion flags, input scaling) is
+refused; speed levers may differ.
+
+Several samples per input, and how sure the model is: --samples_per_input 8 draws
+8 samples of every input (sample 0, in gen_opt/, is the one sample of a run without
+the flag) and adds gen_samples/<k>/ (samples 1..7), gen_mean/ (their mean),
+gen_spread/ (their per-pixel standard deviation as a colour scale with its legend)
+and spread_arrays/ (both as float arrays), and mean and spread to the npz. It takes
+8 times as long; --batch_size stays the images per network call.
 
 The files are read the way the training run read its own (config.json: SAR kind,
 bands and dB ranges, optical bands and range); --sar_input, --sar_nodata and
@@ -52,18 +59,23 @@ from guided_diffusion.results import (  # noqa: E402
     output_names,
     write_npz,
     write_result,
+    write_spread_result,
 )
 from guided_diffusion.sampling import (  # noqa: E402
     add_sampling_flags,
     checkpoint_settings,
     load_model,
-    make_generators,
     prepare_model,
     read_sampling_args,
     sar_for_display,
     to_uint8,
-    translate,
     write_log,
+)
+from guided_diffusion.uncertainty import (  # noqa: E402
+    SpreadAccumulator,
+    check_samples_per_input,
+    grey_levels,
+    translate_samples,
 )
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
@@ -100,6 +112,7 @@ def main():
         "model_path": os.path.abspath(args.model_path),
         "data_dir": os.path.abspath(args.data_dir),
         **{k: getattr(args, k) for k in ("seed", "sampler", "clip_denoised")},
+        "samples_per_input": args.samples_per_input,
         **args.options,
         **{k: getattr(args, k) for k in ("use_bf16", "channels_last", "compile")},
         **flags,
@@ -109,10 +122,12 @@ def main():
     problem, todo = dist_util.broadcast_object(claim)
     if problem:
         raise UsageError(problem)
+    count = args.samples_per_input
+    each = f"{count} samples each, " if count > 1 else ""
     logger.log(
         f"{len(pairs) - len(todo)} of {len(pairs)} images already in {out_dir}; "
         f"translating {len(todo)} with {args.sampler}, {diffusion.num_timesteps} steps, "
-        f"on {world} process(es)"
+        f"{each}on {world} process(es)"
     )
 
     # -- translate this rank's share ----------------------------------------------
@@ -122,32 +137,45 @@ def main():
     warned, nodata_images = False, 0
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start : start + args.batch_size]
+        names = [name for _, _, name in batch]
         loaded = [load_sar_patch(p, size, scaling) for p, _, _ in batch]
+        valid = np.stack([mask for _, mask, _ in loaded])[..., None]  # (N, H, W, 1)
         sar = th.from_numpy(np.stack([arr for arr, _, _ in loaded]))
         sar = sar.to(dist_util.dev())
-        generated = translate(
-            model, diffusion, sar, sampler=args.sampler,
-            generators=make_generators(args.seed, [name for _, _, name in batch]),
-            clip_denoised=args.clip_denoised, progress=rank == 0, use_bf16=args.use_bf16,
-            **args.options,
-        )  # fmt: skip
-        for (_, opt_path, name), (_, valid, stats), sar_img, gen_img in zip(
-            batch, loaded, sar_for_display(to_uint8(sar)), to_uint8(generated)
+        # samples[k][i]: sample k of input i, uint8, nodata (no SAR, so no
+        # translation) black; sample 0 is the run's single sample when K = 1
+        samples, spread = [], [SpreadAccumulator() for _ in batch]
+        for _, generated in translate_samples(
+            model, diffusion, sar, names, seed=args.seed, samples_per_input=count,
+            sampler=args.sampler, clip_denoised=args.clip_denoised,
+            progress=rank == 0, use_bf16=args.use_bf16, **args.options,
+        ):  # fmt: skip
+            samples.append(np.where(valid, to_uint8(generated), 0).astype(np.uint8))
+            if count > 1:
+                for acc, image in zip(
+                    spread, np.where(valid, grey_levels(generated), 0)
+                ):
+                    acc.add(image)
+        for i, ((_, opt_path, name), (_, mask, stats), sar_img) in enumerate(
+            zip(batch, loaded, sar_for_display(to_uint8(sar)))
         ):
             warning = None if warned else stats.clipping_warning()
             if warning:
                 warned = True
                 logger.warn(warning)
-            if not valid.all():
-                # no SAR there, so no translation: nodata (black) in the output
+            if not mask.all():
                 nodata_images += 1
-                gen_img = np.where(valid[..., None], gen_img, 0).astype(np.uint8)
                 if stats.all_nodata:
                     logger.log(f"{name}: every SAR pixel is nodata; its output is too")
             truth = None
             if opt_path is not None:
                 truth = to_uint8(load_opt(opt_path, size, scaling=scaling)[None])[0]
-            write_result(out_dir, outputs[name], sar_img, gen_img, truth)
+            if count > 1:
+                write_spread_result(
+                    out_dir, outputs[name], [s[i] for s in samples],
+                    *spread[i].result(), valid=mask,
+                )  # fmt: skip
+            write_result(out_dir, outputs[name], sar_img, samples[0][i], truth)
         bar.update(len(batch))
     bar.close()
 
@@ -162,7 +190,8 @@ def main():
                 "gen_opt/"
             )
         logger.log(
-            f"results in {out_dir}; arrays in {write_npz(out_dir, pairs, outputs)}"
+            f"results in {out_dir}; arrays in "
+            f"{write_npz(out_dir, pairs, outputs, count)}"
         )
     dist_util.cleanup()
 
@@ -183,11 +212,12 @@ def parse_args():
         raise UsageError(
             "--num_samples must be -1 (all) or positive, --batch_size positive"
         )
+    check_samples_per_input(args.samples_per_input)
     return args
 
 
 # The settings of a sampling run (settings.py), and this script's own defaults.
-SAMPLING_GROUPS = ("sampling", "run", "speed")
+SAMPLING_GROUPS = ("sampling", "samples", "run", "speed")
 SAMPLING_OVERRIDES = {"data_dir": DEFAULT_DATA_DIR, "batch_size": 8}
 
 
