@@ -24,5 +24,8 @@ setup(
         # an MPI library for mpiexec when the machine has none (clusters usually do)
         "mpi": ["mpich"],
         "test": ["pytest", "mpich", "ruff"],
+        # the web page (scripts/app.py) and its tests: gradio_client drives it over
+        # HTTP, playwright drives a real Chromium (the system's: apt-get install chromium)
+        "app": ["gradio", "gradio_client", "playwright"],
     },
 )

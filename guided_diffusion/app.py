@@ -1,0 +1,672 @@
+"""
+The web page that translates SAR images (scripts/app.py starts it).
+
+Upload a SAR image or click an example, choose the model, the sampler, the steps
+and the seed, and see the SAR and the optical result side by side, with a
+progress bar over the sampling steps, the time it took and the downloads (PNG,
+and GeoTIFF with the input's georeference when it had one).
+
+The same numbers as the scripts, by construction: :class:`Translator` writes the
+command line of the script that would translate the upload, parses it with that
+script's own parser and calls the same library functions.
+
+* An image at the model's size (``image_size`` x ``image_size``) is translated as
+  ``scripts/image_sample_realtime.py`` translates a file of the same base name in
+  ``DATA/sar/``: :func:`~guided_diffusion.rasters.load_sar_patch`, the noise of
+  :func:`~guided_diffusion.sampling.make_generators` (seeded by --seed and the
+  file's name), :func:`~guided_diffusion.sampling.translate`,
+  :func:`~guided_diffusion.sampling.to_uint8`, nodata black.
+* Any other size goes through the whole-scene translator,
+  :func:`~guided_diffusion.scene_translation.translate_scene_file`, the core of
+  ``scripts/translate_scene.py``, with the flags that script would get.
+
+Gradio is imported only by :func:`build_page`; the rest runs without it.
+"""
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch as th
+from PIL import Image
+
+from . import dist_util, scene_translation
+from .rasters import (
+    PILLOW_EXTENSIONS,
+    DataError,
+    RasterRows,
+    georeference,
+    load_sar_patch,
+    write_geotiff,
+)
+from .sampling import (
+    add_sampling_flags,
+    checkpoint_settings,
+    load_model,
+    prepare_model,
+    read_sampling_args,
+    sar_for_display,
+    to_uint8,
+)
+from .scene import JobMismatch, SceneArrays
+from .uncertainty import translate_samples
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The generated SAR scenes for the bundled model, offered as examples.
+EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
+# The files an upload may be (as the scripts read them: rasters.py).
+INPUT_EXTENSIONS = (".tif", ".tiff", *PILLOW_EXTENSIONS)
+# The setting groups of scripts/image_sample_realtime.py's flags (its SAMPLING_GROUPS).
+SAMPLING_SCRIPT_GROUPS = ("sampling", "samples", "run", "speed")
+# Shown name -> the sampler's name in samplers.SAMPLERS.
+SAMPLERS = {"DPM-Solver++": "dpm++2m", "DDIM": "ddim", "DDPM": "ddpm"}
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SEED = "DPM-Solver++", 20, 0
+# Loaded models kept at once (the last used).
+CACHE_SIZE = 2
+# Finished requests whose files are kept for download (the newest).
+KEEP_REQUESTS = 16
+# The images' height on the page, in CSS pixels.
+IMAGE_HEIGHT = 360
+# Small images are shown enlarged: with their pixels square, not blurred.
+PAGE_CSS = (
+    "#sar-view img, #result-view img { width: 100%; height: 100%; object-fit: contain;"
+    " image-rendering: pixelated; }"
+)
+
+_EMA = re.compile(r"^ema_(?P<rate>[0-9.eE+-]+)_(?P<step>\d{6,})\.pt$")
+_MODEL = re.compile(r"^model(?P<step>\d{6,})\.pt$")
+
+
+class PageError(ValueError):
+    """A problem with a request that the page shows as a message."""
+
+
+# -- models -----------------------------------------------------------------------------
+
+
+def newest_checkpoint(folder):
+    """
+    The checkpoint to sample in a run folder: the EMA file of its newest step (the
+    slowest rate when there are several), else its newest model file.
+
+    :return: a path, or None when the folder holds neither.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    emas = [(int(m["step"]), float(m["rate"]), n) for n in names if (m := _EMA.match(n))]
+    models = [(int(m["step"]), n) for n in names if (m := _MODEL.match(n))]
+    if emas:
+        return os.path.join(folder, max(emas)[2])
+    if models:
+        return os.path.join(folder, max(models)[1])
+    return None
+
+
+def find_models(model_paths=(), runs_dir=None, *, bundled=True):
+    """
+    The models the page offers, by run name (the checkpoint's folder).
+
+    :param model_paths: model or EMA files (--model_path).
+    :param runs_dir: a folder of training runs (--runs_dir): each run folder in it
+        (or the folder itself) that holds checkpoints gives its newest one
+        (:func:`newest_checkpoint`).
+    :param bundled: offer the bundled demo model too, last.
+    :return: an ordered dict, name shown -> checkpoint path.
+    :raises PageError: a --model_path that is no file, or a --runs_dir with no run.
+    """
+    paths = []
+    for path in model_paths:
+        if not os.path.isfile(path):
+            raise PageError(f"--model_path {path}: no such file")
+        paths.append(os.path.abspath(path))
+    if runs_dir:
+        if not os.path.isdir(runs_dir):
+            raise PageError(f"--runs_dir {runs_dir}: no such folder")
+        folders = [runs_dir] + sorted(
+            os.path.join(runs_dir, n)
+            for n in os.listdir(runs_dir)
+            if os.path.isdir(os.path.join(runs_dir, n))
+        )
+        found = [p for p in map(newest_checkpoint, folders) if p]
+        if not found:
+            raise PageError(
+                f"--runs_dir {runs_dir}: no run folder in it holds a checkpoint "
+                "(ema_RATE_STEP.pt or modelSTEP.pt); give the folder that holds the "
+                "runs, or the files with --model_path"
+            )
+        paths += [os.path.abspath(p) for p in found]
+    if bundled:
+        paths.append(scene_translation.BUNDLED_MODEL)
+    models = OrderedDict()
+    for path in dict.fromkeys(paths):  # each file once, in order
+        run = os.path.basename(os.path.dirname(path))
+        name = run + (" (bundled demo)" if path == scene_translation.BUNDLED_MODEL else "")
+        if name in models:
+            name = f"{run} ({os.path.basename(path)})"
+        models[name] = path
+    return models
+
+
+class ModelCache:
+    """
+    The last few models used, loaded: at most ``size`` at once, the least
+    recently used dropped first. Thread-safe.
+
+    :param size: how many to keep.
+    """
+
+    def __init__(self, size=CACHE_SIZE):
+        self.size = size
+        self._models = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, args, flags):
+        """
+        The model of ``args.model_path`` loaded as the sampling scripts load it
+        (:func:`~guided_diffusion.sampling.load_model`, then
+        :func:`~guided_diffusion.sampling.prepare_model` with the speed flags).
+
+        :param args: the parsed flags of a sampling script.
+        :param flags: the model flags of :func:`checkpoint_settings`.
+        """
+        path = os.path.abspath(args.model_path)
+        key = (path, os.path.getmtime(path), repr(sorted(flags.items())),
+               args.use_bf16, args.channels_last, args.compile)  # fmt: skip
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = load_model(path, flags, dist_util.dev(), use_bf16=args.use_bf16)
+            model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+            self._models[key] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+    def loaded(self):
+        """The checkpoints held now, least recently used first."""
+        with self._lock:
+            return [key[0] for key in self._models]
+
+
+class StepCounter(th.nn.Module):
+    """
+    The model, counting its calls: each sampler here calls the network once per
+    step, so the count is the steps done. It computes what the model computes.
+
+    :param model: the network. :param on_call: called with the calls so far.
+    """
+
+    def __init__(self, model, on_call):
+        super().__init__()
+        self.model = model
+        self.on_call = on_call
+        self.calls = 0
+
+    def forward(self, x, t, **kwargs):
+        out = self.model(x, t, **kwargs)
+        self.calls += 1
+        self.on_call(self.calls)
+        return out
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """
+    One translated upload.
+
+    :param sar: the SAR as shown, (H, W, 3) uint8.
+    :param image: the optical result, (H, W, 3) uint8 (nodata black).
+    :param png: the result as a PNG file. :param geotiff: the result as a GeoTIFF
+        with the input's georeference, or None when the input had none.
+    :param seconds: from the request to the result.
+    :param route: "patch" (at the model's size) or "scene" (tiles).
+    :param command: the script's command line that gives the same pixels.
+    :param notes: lines worth showing (clipping, nodata).
+    """
+
+    sar: np.ndarray
+    image: np.ndarray
+    png: str
+    geotiff: str | None
+    seconds: float
+    route: str
+    command: str
+    notes: list = field(default_factory=list)
+
+    def summary(self):
+        """The lines the page shows under the images."""
+        how = (
+            "at the model's size, as scripts/image_sample_realtime.py translates it"
+            if self.route == "patch"
+            else "as a whole scene in overlapping tiles, as scripts/translate_scene.py "
+            "translates it"
+        )
+        height, width = self.image.shape[:2]
+        lines = [
+            f"Translated {width} x {height} pixels in {self.seconds:.1f} s, {how}.",
+            *self.notes,
+            f"The same pixels from the command line: `{self.command}`",
+        ]
+        return "\n\n".join(lines)
+
+
+def check_upload(path):
+    """
+    Refuse what cannot be a SAR image before it is read.
+
+    :raises PageError: no file, an empty one, or another kind of file, each
+        named with what to upload instead.
+    """
+    if not path:
+        raise PageError("No SAR image: upload a PNG, TIFF or GeoTIFF, or click an example")
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise PageError(f"{name}: the upload is gone; upload it again")
+    if not name.lower().endswith(INPUT_EXTENSIONS):
+        raise PageError(
+            f"{name}: not a SAR image file; upload a PNG, TIFF or GeoTIFF "
+            f"({', '.join(INPUT_EXTENSIONS)})"
+        )
+    if os.path.getsize(path) == 0:
+        raise PageError(f"{name} is empty (0 bytes); upload the SAR image again")
+
+
+def sar_preview(path, scaling, sar_channels):
+    """
+    The SAR of a file as the model sees it, for display: scaled as the scene
+    translator scales it (:func:`~guided_diffusion.scene_translation.load_scene`),
+    two polarisations as the usual composite.
+
+    :return: ((H, W, 3) uint8, the file's SarStats).
+    :raises DataError: the file cannot be read, or its bands do not fit the model.
+    """
+    reader = RasterRows(path)
+    arrays = SceneArrays()
+    stats = scene_translation.load_scene(
+        reader, scaling, arrays, (reader.height, reader.width), sar_channels
+    )
+    sar = arrays.read("sar", (0, reader.height))
+    shown = sar_for_display(to_uint8(sar[None]))[0]
+    return np.ascontiguousarray(np.broadcast_to(shown, (*shown.shape[:2], 3))), stats
+
+
+class Translator:
+    """
+    Translate uploads with the models offered, as the scripts would.
+
+    :param models: name shown -> checkpoint path (:func:`find_models`).
+    :param work_dir: where each request's files go (a new temporary folder by
+        default); the newest :data:`KEEP_REQUESTS` requests' files are kept.
+    :param cache_size: loaded models kept at once.
+    """
+
+    def __init__(self, models, work_dir=None, cache_size=CACHE_SIZE):
+        if not models:
+            raise PageError("no model to offer: give --model_path or --runs_dir")
+        self.models = OrderedDict(models)
+        self.work_dir = work_dir or tempfile.mkdtemp(prefix="sar2opt-page-")
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.cache = ModelCache(cache_size)
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def model_path(self, name):
+        """
+        :param name: a model's name as the page shows it.
+        :return: its checkpoint. :raises PageError: no model of that name.
+        """
+        if name not in self.models:
+            raise PageError(f"no model {name!r}: choose one of {', '.join(self.models)}")
+        return self.models[name]
+
+    def _message(self, err, path, model_name):
+        """An error of the scripts' code as the page shows it: the upload by its
+        name, and for a file that does not fit, what the model reads."""
+        text = str(err).replace(path, os.path.basename(path))
+        if isinstance(err, DataError) and "cannot read" not in text:
+            try:
+                _, scaling, _, _ = checkpoint_settings(self.models[model_name], {}, {})
+                text += f". The model {model_name} reads {scaling.describe()}"
+            except (ValueError, OSError):
+                pass
+        return text
+
+    def _request_dir(self):
+        with self._lock:
+            self._count += 1
+            folder = os.path.join(self.work_dir, f"request-{self._count:06d}")
+            os.makedirs(folder)
+            done = sorted(glob.glob(os.path.join(self.work_dir, "request-*")))
+            for old in done[:-KEEP_REQUESTS]:
+                shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def command(self, route, path, model_path, sampler, steps, seed):
+        """
+        The flags of the script that translates ``path`` this way.
+
+        :return: (the script, its arguments).
+        """
+        common = ["--model_path", model_path, "--sampler", sampler,
+                  "--timestep_respacing", str(steps), "--seed", str(seed)]  # fmt: skip
+        if route == "patch":
+            return "scripts/image_sample_realtime.py", common
+        return "scripts/translate_scene.py", ["--input", path, *common]
+
+    def describe(self, path, model_name):
+        """
+        What an upload is and how it will be translated, before it is.
+
+        :return: (the SAR as shown, a line of text).
+        :raises PageError: as :meth:`translate` would for a bad file.
+        """
+        check_upload(path)
+        model_path = self.model_path(model_name)
+        try:
+            flags, scaling, _, _ = checkpoint_settings(model_path, {}, {})
+            sar, _ = sar_preview(path, scaling, flags["sar_channels"])
+        except (DataError, ValueError) as err:
+            raise PageError(self._message(err, path, model_name)) from None
+        height, width = sar.shape[:2]
+        size = flags["image_size"]
+        how = (
+            "at the model's size" if (height, width) == (size, size)
+            else f"as a whole scene, in tiles of {size} px"
+        )  # fmt: skip
+        return sar, f"{os.path.basename(path)}: {width} x {height} pixels, translated {how}"
+
+    def translate(self, path, model_name, sampler, steps, seed, progress=None):
+        """
+        Translate one upload.
+
+        :param path: the uploaded file (its base name seeds the noise, as a file
+            of that name in the sampling script's folder).
+        :param model_name: a key of ``models``.
+        :param sampler: a name in samplers.SAMPLERS ("dpm++2m").
+        :param steps: the respaced steps (--timestep_respacing).
+        :param seed: --seed.
+        :param progress: called as progress(steps done, steps) while sampling.
+        :return: a :class:`Result`.
+        :raises PageError: with the message to show.
+        """
+        began = time.perf_counter()
+        check_upload(path)
+        model_path = self.model_path(model_name)
+        if steps is None or int(steps) != steps or steps < 1:
+            raise PageError(f"steps {steps}: give a whole number of 1 or more")
+        if seed is None or int(seed) != seed or seed < 0:
+            raise PageError(f"seed {seed}: give a whole number of 0 or more")
+        steps, seed = int(steps), int(seed)
+        try:
+            probe = RasterRows(path)
+            flags, _, _, _ = checkpoint_settings(model_path, {}, {})
+            size = flags["image_size"]
+            route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
+            script, argv = self.command(route, path, model_path, sampler, steps, seed)
+            folder = self._request_dir()
+            if route == "patch":
+                result = self._patch(path, argv, folder, progress)
+            else:
+                result = self._scene(path, argv, folder, progress)
+        except (DataError, ValueError, FileNotFoundError, JobMismatch,
+                scene_translation.SceneError) as err:  # fmt: skip
+            raise PageError(self._message(err, path, model_name)) from None
+        shown = [script, *(_shown_path(a) if a in (path, model_path) else a for a in argv)]
+        if route == "patch":
+            name = os.path.basename(path)
+            shown += ["--data_dir", "DATA", f"  # with {name} in DATA/sar/"]
+        else:
+            shown += ["--output", "OUT.tif"]
+        result.command = "python " + " ".join(
+            a if a.startswith("  #") else shlex.quote(a) for a in shown
+        )
+        result.seconds = time.perf_counter() - began
+        return result
+
+    def _patch(self, path, argv, folder, progress):
+        """An image at the model's size, as scripts/image_sample_realtime.py does it."""
+        parser = _sampling_parser()
+        args = read_sampling_args(parser, [*argv, "--data_dir", os.path.dirname(path)])
+        flags, scaling, diffusion, _ = checkpoint_settings(
+            args.model_path, args.explicit, args.inputs
+        )
+        model = self.cache.get(args, flags)
+        name = os.path.basename(path)
+        arr, valid, stats = load_sar_patch(path, flags["image_size"], scaling)
+        sar = th.from_numpy(np.stack([arr])).to(dist_util.dev())
+        steps = diffusion.num_timesteps
+        counter = StepCounter(model, lambda done: progress and progress(done, steps))
+        # the sampling script's one sample of each input (sample 0: the seed and the
+        # file's name seed the noise)
+        [(_, generated)] = translate_samples(
+            counter, diffusion, sar, [name], seed=args.seed,
+            samples_per_input=args.samples_per_input, sampler=args.sampler,
+            clip_denoised=args.clip_denoised, progress=False, use_bf16=args.use_bf16,
+            **args.options,
+        )  # fmt: skip
+        # no SAR there, so no translation: nodata (black), as the script writes it
+        image = np.where(valid[..., None], to_uint8(generated)[0], 0).astype(np.uint8)
+        notes = []
+        if not valid.all():
+            notes.append(f"{int((~valid).sum())} nodata SAR pixels are black.")
+        warning = stats.clipping_warning()
+        if warning:
+            notes.append(warning.replace(path, name))
+        shown = sar_for_display(to_uint8(sar))[0]
+        shown = np.ascontiguousarray(np.broadcast_to(shown, (*shown.shape[:2], 3)))
+        png, geotiff = _write_result(folder, name, image, path)
+        return Result(shown, image, png, geotiff, 0.0, "patch", "", notes)
+
+    def _scene(self, path, argv, folder, progress):
+        """Any other size, as scripts/translate_scene.py does it."""
+        name = os.path.basename(path)
+        output = os.path.join(folder, os.path.splitext(name)[0] + "_optical.tif")
+        args = scene_translation.parse_args([*argv, "--output", output], announce=False)
+        flags, scaling, diffusion, _ = scene_translation.scene_settings(args)
+        sar, stats = sar_preview(path, scaling, scaling.sar_channels)
+        model = self.cache.get(args, flags)
+
+        def tiles(done, total, step, steps):
+            if progress is not None:
+                progress(min(steps * done / max(total, 1), steps), steps)
+
+        scene_translation.translate_scene_file(
+            args, flags, scaling, diffusion, model=model, progress=tiles
+        )
+        from rasterio.errors import NotGeoreferencedWarning
+
+        with warnings.catch_warnings():  # an input without a place gives one too
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with scene_translation.rasterio_open(output) as src:
+                image = np.ascontiguousarray(src.read().transpose(1, 2, 0))
+        notes = []
+        if stats.nodata:
+            notes.append(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata (black).")
+        warning = stats.clipping_warning()
+        if warning:
+            notes.append(warning.replace(path, name))
+        png = os.path.join(folder, os.path.splitext(name)[0] + "_optical.png")
+        Image.fromarray(image).save(png)
+        geotiff = output if georeference(path) else None
+        os.remove(scene_translation.quicklook_path(output))
+        if geotiff is None:
+            os.remove(output)
+        return Result(sar, image, png, geotiff, 0.0, "scene", "", notes)
+
+
+def _shown_path(path):
+    """A path as a command line shows it: relative to here when under here, and an
+    upload (in a temporary folder) by its name."""
+    rel = os.path.relpath(path)
+    if not rel.startswith(".."):
+        return rel
+    return path if not path.startswith(tempfile.gettempdir()) else os.path.basename(path)
+
+
+def _sampling_parser():
+    """The flags of scripts/image_sample_realtime.py (tests/test_app.py checks that
+    they are its flags, with its defaults)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_sampling_flags(parser, SAMPLING_SCRIPT_GROUPS, {"batch_size": 8})
+    return parser
+
+
+def _write_result(folder, name, image, source):
+    """
+    The result as a PNG, and as a GeoTIFF with the input's georeference when it
+    has one (nodata 0, the bands named, as translate_scene.py writes them).
+
+    :return: (png path, GeoTIFF path or None).
+    """
+    stem = os.path.join(folder, os.path.splitext(name)[0] + "_optical")
+    Image.fromarray(image).save(stem + ".png")
+    georef = georeference(source)
+    if not georef:
+        return stem + ".png", None
+    write_geotiff(stem + ".tif", np.ascontiguousarray(image.transpose(2, 0, 1)), georef,
+                  nodata=0, names=("red", "green", "blue"))  # fmt: skip
+    return stem + ".png", stem + ".tif"
+
+
+def find_examples(folders):
+    """The example SAR files in ``folders`` (not in subfolders), sorted by name."""
+    found = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise PageError(f"--examples {folder}: no such folder")
+        found += sorted(
+            os.path.join(folder, n)
+            for n in os.listdir(folder)
+            if n.lower().endswith(INPUT_EXTENSIONS)
+        )
+    return found
+
+
+# -- the page ---------------------------------------------------------------------------
+
+
+def build_page(translator, examples=()):
+    """
+    The Gradio page; requests queue, one at a time.
+
+    :param translator: a :class:`Translator`.
+    :param examples: SAR files offered as examples.
+    :return: a gradio.Blocks, not launched.
+    """
+    import gradio as gr
+
+    names = list(translator.models)
+
+    def preview(path, model_name):
+        if not path:
+            return None, ""
+        try:
+            sar, text = translator.describe(path, model_name)
+        except PageError as err:
+            return None, f"**Cannot use this file.** {err}"
+        return sar, text
+
+    # Gradio finds its progress bar as a default argument
+    def run(path, model_name, sampler_name, steps, seed, progress=gr.Progress()):  # noqa: B008
+        progress(0, desc="starting")
+
+        def report(done, total):
+            progress(done / total, desc=f"step {min(int(done) + 1, total)}/{total}")
+
+        try:
+            if sampler_name not in SAMPLERS:
+                raise PageError(
+                    f"sampler {sampler_name}: choose one of {', '.join(SAMPLERS)}"
+                )
+            result = translator.translate(
+                path, model_name, SAMPLERS[sampler_name], steps, seed, progress=report
+            )
+        except PageError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        files = [result.png] + ([result.geotiff] if result.geotiff else [])
+        return result.sar, result.png, result.summary(), files
+
+    with gr.Blocks(title="SAR to optical", analytics_enabled=False) as page:
+        gr.Markdown(
+            "# SAR to optical\n"
+            "Upload a SAR image (PNG, TIFF or GeoTIFF, scaled as the model's training "
+            "run read its data) or click an example, then **Translate**. An image at "
+            "the model's size is translated as `scripts/image_sample_realtime.py` "
+            "does; a larger one as a whole scene in tiles, as "
+            "`scripts/translate_scene.py` does: the same pixels for the same "
+            "settings and file name."
+        )
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(
+                    label="SAR image", file_types=list(INPUT_EXTENSIONS),
+                    elem_id="sar-upload",
+                )  # fmt: skip
+                model = gr.Dropdown(names, value=names[0], label="Model")
+                sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                steps = gr.Slider(1, 1000, value=DEFAULT_STEPS, step=1, label="Steps")
+                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                go = gr.Button("Translate", variant="primary", elem_id="translate")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    sar_view = gr.Image(label="SAR", type="numpy", format="png",
+                                        height=IMAGE_HEIGHT, interactive=False,
+                                        elem_id="sar-view")  # fmt: skip
+                    result_view = gr.Image(label="Optical (generated)", type="filepath",
+                                           format="png", height=IMAGE_HEIGHT,
+                                           interactive=False, elem_id="result-view")  # fmt: skip
+                info = gr.Markdown(elem_id="info")
+                downloads = gr.File(label="Downloads", file_count="multiple",
+                                    interactive=False, elem_id="downloads")  # fmt: skip
+        if examples:
+            gr.Examples(
+                examples=[[p] for p in examples], inputs=[upload], label="Examples",
+                example_labels=[os.path.basename(p) for p in examples],
+            )  # fmt: skip
+        upload.change(preview, [upload, model], [sar_view, info], api_name=False)
+        go.click(
+            run, [upload, model, sampler, steps, seed],
+            [sar_view, result_view, info, downloads], api_name="translate",
+        )  # fmt: skip
+    page.queue(default_concurrency_limit=1)
+    return page
+
+
+def launch(page, translator, examples=(), *, host="127.0.0.1", port=7860, quiet=True):
+    """
+    Serve the page in the background (no public share link).
+
+    :param page: :func:`build_page`'s. :param translator: the page's :class:`Translator`.
+    :param examples: the example files (their folders are served).
+    :return: the page's address.
+    :raises PageError: the port cannot be served on.
+    """
+    folders = sorted({os.path.dirname(os.path.abspath(p)) for p in examples})
+    try:
+        page.launch(
+            server_name=host, server_port=port, share=False, prevent_thread_lock=True,
+            quiet=quiet, show_error=True, css=PAGE_CSS,
+            allowed_paths=[*folders, translator.work_dir],
+        )  # fmt: skip
+    except OSError as err:
+        raise PageError(
+            f"--port {port}: cannot serve there ({err}); give a free port with --port"
+        ) from None
+    return page.local_url

@@ -1,0 +1,237 @@
+"""
+The web page (guided_diffusion/app.py, scripts/app.py) through gradio_client, with
+the bundled model: an example and an upload at the model's size get the pixels
+scripts/image_sample_realtime.py writes for a file of the same name, a larger
+upload the pixels scripts/translate_scene.py writes, a bad upload a message and
+the page keeps working; and the models offered and kept loaded.
+
+The page runs in this process; the scripts run as subprocesses, as a user runs them.
+"""
+
+import argparse
+import os
+import runpy
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
+pytest.importorskip("gradio_client", reason="pip install -e '.[app]'")
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from guided_diffusion import app  # noqa: E402
+from guided_diffusion.scene_translation import BUNDLED_MODEL  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "assets" / "examples" / "fields_32.tif"
+SCENE_EXAMPLE = ROOT / "assets" / "examples" / "scene_64x96.tif"
+MODEL = "scene_model (bundled demo)"
+# few steps: the facts do not depend on how many
+FAST = ("DPM-Solver++", 4, 3)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # Gradio's queue calls pandas in ways pandas 3 deprecates: not ours to fix
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing"),
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The page with the bundled model and examples, served on a free port."""
+    translator = app.Translator(app.find_models(), work_dir=str(tmp_path_factory.mktemp("page")))
+    examples = app.find_examples([app.EXAMPLES_DIR])
+    blocks = app.build_page(translator, examples)
+    url = app.launch(blocks, translator, examples, port=free_port())
+    yield url, translator, examples
+    blocks.close()
+
+
+@pytest.fixture(scope="module")
+def client(page):
+    return Client(page[0], verbose=False)
+
+
+def ask(client, path, sampler="DPM-Solver++", steps=4, seed=3, model=MODEL):
+    """One request, as the Translate button sends it: (SAR, result, text, files)."""
+    return client.predict(handle_file(str(path)), model, sampler, steps, seed,
+                          api_name="/translate")  # fmt: skip
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def run_script(script, *args, logdir=None):
+    env = {**ENV, **({"OPENAI_LOGDIR": str(logdir)} if logdir else {})}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def test_an_example_and_an_upload_get_the_sampling_scripts_pixels(client, page, tmp_path):
+    _, _, examples = page
+    assert str(EXAMPLE) in examples and str(SCENE_EXAMPLE) in examples
+    upload = tmp_path / "upload" / "my_patch.tif"  # a user's file: another name
+    upload.parent.mkdir()
+    shutil.copy(ROOT / "assets" / "examples" / "river_32.tif", upload)
+    got = {}
+    for path in (EXAMPLE, upload):
+        sar, result, text, files = ask(client, path)
+        assert "image_sample_realtime.py" in text and "--seed 3" in text
+        assert np.asarray(Image.open(sar)).shape == (32, 32, 3)
+        assert [Path(f).suffix for f in files] == [".png", ".tif"]
+        assert np.array_equal(pixels(result), pixels(files[0]))
+        with rasterio.open(files[1]) as src:  # the input's place kept
+            assert src.crs.to_epsg() == 32632 and src.transform.e == -10
+            assert np.array_equal(src.read().transpose(1, 2, 0), pixels(files[0]))
+        got[path.name] = pixels(files[0])
+    # the sampling script on a folder holding files of the same names
+    data = tmp_path / "data"
+    (data / "sar").mkdir(parents=True)
+    for path in (EXAMPLE, upload):
+        shutil.copy(path, data / "sar" / path.name)
+    run_script("image_sample_realtime.py", "--data_dir", data, "--model_path", BUNDLED_MODEL,
+               "--sampler", "dpm++2m", "--timestep_respacing", 4, "--seed", 3,
+               "--batch_size", 1, logdir=tmp_path / "log")  # fmt: skip
+    out = tmp_path / "log" / "sample_results" / "dpm++2m4" / "gen_opt"
+    for name, image in got.items():
+        expected = pixels(out / (Path(name).stem + ".png"))
+        assert image.shape == (32, 32, 3) and image.std() > 0
+        assert np.array_equal(image, expected), name
+
+
+def test_the_page_parses_the_sampling_scripts_flags(tmp_path):
+    """The page's patch route reads its flags as image_sample_realtime.py does: the
+    same flags, the same defaults (every one but those the page sets)."""
+    script = runpy.run_path(str(ROOT / "scripts" / "image_sample_realtime.py"),
+                            run_name="the_sampling_script")  # fmt: skip
+    parser = argparse.ArgumentParser()
+    script["add_sampling_flags"](parser, script["SAMPLING_GROUPS"], script["SAMPLING_OVERRIDES"])
+    argv = ["--model_path", BUNDLED_MODEL, "--data_dir", str(tmp_path)]
+    theirs = vars(script["read_sampling_args"](parser, argv))
+    ours = vars(script["read_sampling_args"](app._sampling_parser(), argv))
+    assert set(ours) == set(theirs)
+    assert {k: v for k, v in ours.items() if k != "data_dir"} == {
+        k: v for k, v in theirs.items() if k != "data_dir"
+    }
+
+
+def test_the_noise_follows_the_files_name_and_the_seed(client, tmp_path):
+    renamed = tmp_path / "renamed.tif"
+    shutil.copy(EXAMPLE, renamed)
+    first = pixels(ask(client, EXAMPLE)[1])
+    assert np.array_equal(first, pixels(ask(client, EXAMPLE)[1]))  # the same request again
+    assert not np.array_equal(first, pixels(ask(client, renamed)[1]))
+    assert not np.array_equal(first, pixels(ask(client, EXAMPLE, seed=4)[1]))
+
+
+def write_crop(path, source, height, width):
+    """The top-left height x width pixels of a GeoTIFF, with its place."""
+    with rasterio.open(source) as src:
+        profile, data = src.profile, src.read()[:, :height, :width]
+        names = src.descriptions
+    profile.update(height=height, width=width)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        for band, name in enumerate(names, start=1):
+            dst.set_band_description(band, name)
+    return path
+
+
+def test_a_larger_upload_gets_the_scene_translators_pixels(client, tmp_path):
+    scene = write_crop(tmp_path / "small_scene.tif", SCENE_EXAMPLE, 40, 48)  # 2 x 2 tiles
+    sar, result, text, files = ask(client, scene, "DDIM", 3, 5)
+    assert "translate_scene.py" in text and "--input small_scene.tif" in text
+    image = pixels(result)
+    assert image.shape == (40, 48, 3) and np.array_equal(image, pixels(files[0]))
+    run_script("translate_scene.py", "--input", scene, "--output", tmp_path / "out.tif",
+               "--sampler", "ddim", "--timestep_respacing", 3, "--seed", 5)  # fmt: skip
+    with rasterio.open(tmp_path / "out.tif") as src:
+        expected, transform = src.read().transpose(1, 2, 0), src.transform
+    assert np.array_equal(image, expected)
+    with rasterio.open(files[1]) as src:
+        assert np.array_equal(src.read().transpose(1, 2, 0), expected)
+        assert src.transform == transform and src.crs.to_epsg() == 32632
+
+
+def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(tmp_path / "four.tif", "w", driver="GTiff", width=32, height=32,
+                           count=4, dtype="float32") as dst:  # fmt: skip
+            dst.write(np.full((4, 32, 32), -12.0, np.float32))
+    expected = {
+        "empty.png": "empty.png is empty (0 bytes)",
+        "text.png": "cannot read image text.png",
+        "four.tif": "four.tif has 4 bands but the model takes --sar_channels 2",
+        "notes.txt": "Invalid file type",  # refused by the upload box itself
+    }
+    for name, message in expected.items():
+        with pytest.raises(AppError) as refused:
+            ask(client, tmp_path / name)
+        assert message in str(refused.value), (name, str(refused.value))
+    assert "reads SAR db -> dB" in str(_last_message(client, tmp_path / "four.tif"))
+    _, result, _, _ = ask(client, EXAMPLE)
+    assert pixels(result).std() > 0
+
+
+def _last_message(client, path):
+    try:
+        ask(client, path)
+    except AppError as err:
+        return err
+    raise AssertionError(f"{path} was translated")
+
+
+def test_the_models_offered_and_the_two_kept_loaded(tmp_path):
+    runs = tmp_path / "logs"
+    for run, files in {"run_a": ["model000100.pt", "ema_0.9999_000200.pt", "model000200.pt"],
+                       "run_b": ["model000050.pt"], "empty": []}.items():  # fmt: skip
+        (runs / run).mkdir(parents=True)
+        for name in files:
+            shutil.copy(BUNDLED_MODEL, runs / run / name)
+        shutil.copy(Path(BUNDLED_MODEL).parent / "config.json", runs / run)
+    models = app.find_models(runs_dir=str(runs))
+    assert models == {
+        "run_a": str(runs / "run_a" / "ema_0.9999_000200.pt"),
+        "run_b": str(runs / "run_b" / "model000050.pt"),
+        MODEL: BUNDLED_MODEL,
+    }
+    with pytest.raises(app.PageError, match="--model_path nowhere.pt: no such file"):
+        app.find_models(["nowhere.pt"])
+    with pytest.raises(app.PageError, match="no run folder in it holds a checkpoint"):
+        app.find_models(runs_dir=str(runs / "empty"))
+    translator = app.Translator(models, work_dir=str(tmp_path / "work"))
+    for name in ("run_a", "run_b", MODEL, "run_b"):
+        translator.translate(str(EXAMPLE), name, "ddim", 2, 0)
+    # the last two used, the least recent first
+    assert translator.cache.loaded() == [BUNDLED_MODEL, models["run_b"]]
+
+
+def test_a_port_in_use_is_refused_naming_the_flag(page):
+    url, translator, _ = page
+    port = int(url.rstrip("/").rsplit(":", 1)[1])  # the page's own
+    with pytest.raises(app.PageError, match=f"--port {port}: cannot serve there"):
+        app.launch(app.build_page(translator), translator, port=port)

@@ -1,0 +1,121 @@
+"""
+The page in a real headless Chromium driven by Playwright: ``python
+scripts/app.py`` starts and prints its address; a user uploads a SAR file,
+clicks Translate, sees the result (its size right, not blank) and downloads it.
+The screenshot the README shows is taken here: written to assets/app.png when
+UPDATE_ASSETS=1, else to a temporary folder.
+
+Playwright cannot download its own browser here, so the test drives the system's
+Chromium (Debian: apt-get install -y chromium), or the one $CHROMIUM names.
+"""
+
+import io
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[app]'")
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium: install it with 'apt-get install -y chromium' (Debian, Ubuntu), "
+    "or set CHROMIUM to a Chromium or Chrome binary",
+)
+SCREENSHOT = ROOT / "assets" / "app.png"
+# the README's picture: the page as it opens, at a laptop's width
+VIEWPORT = {"width": 1280, "height": 860}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """``python scripts/app.py`` on a free port: (its address, its output so far)."""
+    work = tmp_path_factory.mktemp("page")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "app.py"), "--port", str(free_port()),
+         "--work_dir", str(work)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    seen = []
+    try:
+        while True:
+            line = lines.get(timeout=180)
+            seen.append(line)
+            if line.startswith("The page is at "):
+                yield line.split()[4], seen
+                break
+    except queue.Empty:
+        pytest.fail("scripts/app.py printed no address in 180 s:\n" + "".join(seen))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_upload_translate_see_and_download(served, tmp_path):
+    url, printed = served
+    assert url.startswith("http://127.0.0.1:")
+    assert any("scene_model (bundled demo)" in line for line in printed)
+    upload = tmp_path / "my_sar.tif"
+    shutil.copy(ROOT / "assets" / "examples" / "river_32.tif", upload)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url)
+            page.locator("#sar-upload input[type=file]").set_input_files(str(upload))
+            page.locator("#sar-view img").wait_for(timeout=60_000)  # the SAR, previewed
+            page.click("#translate")
+            result = page.locator("#result-view img")
+            result.wait_for(timeout=120_000)
+            page.wait_for_function(
+                "() => document.querySelector('#result-view img').complete"
+            )
+            size = result.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+            assert size == [32, 32]
+            shown = result.evaluate(
+                """img => {
+                    const c = document.createElement('canvas');
+                    c.width = img.naturalWidth; c.height = img.naturalHeight;
+                    const g = c.getContext('2d');
+                    g.drawImage(img, 0, 0);
+                    return Array.from(g.getImageData(0, 0, c.width, c.height).data);
+                }"""
+            )
+            rgba = np.array(shown, np.uint8).reshape(32, 32, 4)
+            assert rgba[..., :3].std() > 5 and len(np.unique(rgba[..., :3])) > 20
+            assert "Translated 32 x 32 pixels" in page.locator("#info").inner_text()
+            link = page.locator("#downloads a[href$='my_sar_optical.png']")
+            with page.expect_download() as download:
+                link.click()
+            saved = tmp_path / "downloaded.png"
+            download.value.save_as(saved)
+            got = np.asarray(Image.open(saved).convert("RGB"))
+            assert np.array_equal(got, rgba[..., :3])  # the file is the image shown
+            page.mouse.move(0, 0)
+            shot = page.screenshot(full_page=False)
+        finally:
+            browser.close()
+    picture = Image.open(io.BytesIO(shot))
+    assert picture.size == (VIEWPORT["width"], VIEWPORT["height"])
+    target = SCREENSHOT if os.environ.get("UPDATE_ASSETS") == "1" else tmp_path / "app.png"
+    picture.save(target, optimize=True)
