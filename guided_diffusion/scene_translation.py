@@ -183,8 +183,33 @@ def scene_settings(args):
 # -- the job --------------------------------------------------------------------------
 
 
-def translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
-                         model=None, catch_signals=False, progress=None):  # fmt: skip
+def translate_scene_file(args, flags, scaling, diffusion, **options):
+    """
+    Translate ``args.input`` into ``args.output`` (see :func:`_translate_scene_file`
+    for the arguments), with GDAL's block cache held to :func:`gdal_cache_bytes`:
+    its default (5% of the machine's memory) would otherwise fill up while a
+    large scene is read and written, and memory-mapped scenes would no longer run
+    in a flat amount of memory.
+    """
+    import rasterio
+
+    width = RasterRows(args.input).width
+    with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(width)):
+        return _translate_scene_file(args, flags, scaling, diffusion, **options)
+
+
+def gdal_cache_bytes(width):
+    """
+    GDAL's block cache for a scene ``width`` pixels wide, in bytes (GDAL reads a
+    value under 100000 as megabytes): room for two rows of 256-pixel blocks of
+    four float32 bands, the widest the output or the input are written or read
+    in, and at least 64 MiB. The rows go through once, so more would not help.
+    """
+    return max(64 * 2**20, 2 * width * 256 * 4 * 4)
+
+
+def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
+                          model=None, catch_signals=False, progress=None):  # fmt: skip
     """
     Translate ``args.input`` into ``args.output`` (and its quick-look PNG), saving
     the job in ``args.work_dir`` as it goes and removing it when done.
