@@ -12,7 +12,12 @@ model, sampler, steps and tile size (the model's image_size):
 
 * joint: scripts/translate_scene.py, one scene-sized state; at every step the
   network sees overlapping tiles (half a tile of overlap) whose x_0 predictions
-  are fused with Hann windows (guided_diffusion/tiling.py);
+  are fused with Hann windows (guided_diffusion/tiling.py); the inner tiles move
+  by up to a quarter tile at every step (the script's default, --shift_tiles);
+  with --fixed_grid also "joint, fixed grid" (--shift_tiles False), and with
+  --joint_samples K also "joint, mean of K": the mean of K joint translations
+  with seeds --seed .. --seed + K - 1 (8-bit images averaged and rounded), which
+  takes K times the network calls;
 * blended: the same tile grid, every tile sampled on its own from its own noise,
   the final tiles blended with the same windows (tiling.tile_weights), divided by
   the windows' sum: what general tiling tools do;
@@ -24,8 +29,10 @@ corner, so a tile that belongs to both grids is the same sample in "blended" and
 "alone" (it is sampled once). Scores against the generated truth, on 8-bit RGB:
 SSIM and PSNR (guided_diffusion/metrics.py), class accuracy (the share of pixels
 whose colour is nearest their true class's training mean colour,
-guided_diffusion/demo/report.py), and the seam ratio (benchmarks/seams.py): for
-the method's tile grid, the vertical border lines are the columns c, 0 < c < W,
+guided_diffusion/demo/report.py), sharpness (the image's mean absolute
+neighbour difference over the truth's: an average of samples has less detail
+than the truth) and the seam ratio (benchmarks/seams.py): for
+the method's tile grid (for joint, the grid before any move), the vertical border lines are the columns c, 0 < c < W,
 where a tile starts or ends; the horizontal difference there is |I[y, c] -
 I[y, c - 1]| averaged over R, G and B (I in 0..255), for every row y; likewise
 the vertical differences |I[r, x] - I[r - 1, x]| on the horizontal lines r. The
@@ -42,6 +49,9 @@ process's wall time, the time of its sampler steps (from its log line before the
 first step to the end of its progress bar) and its peak resident set size
 (getrusage(RUSAGE_CHILDREN).ru_maxrss of the wrapper: the translation is its only
 child).
+
+--reuse keeps the outputs of an earlier run of the same settings (joint*.tif,
+alone.png, blended.png in the output folder) and scores them again.
 
 Scenes are cached in --work_dir (logs/bench_scene/scene_HxW_seedS/, without the
 13-band optical file, which nothing here reads), and made again when the
@@ -73,7 +83,7 @@ ALONE_EXCESS = 0.15  # tiles alone at least 15% above the truth's
 # The picture: a crop of CROP x CROP scene pixels, each shown ZOOM x ZOOM.
 CROP, ZOOM = 128, 2
 GAP, LABEL_HEIGHT = 4, 14
-SEAMS_HEADER = ("method", "overlap", "tiles", "SSIM", "PSNR dB", "class accuracy",
+SEAMS_HEADER = ("method", "overlap", "tiles", "SSIM", "PSNR dB", "class accuracy", "sharpness",
                 "seam ratio", "truth", "vs truth", "off-border vs truth")  # fmt: skip
 SCALE_HEADER = ("scene px", "memory", "tiles per step", "process s", "steps s",
                 "s per MP-step", "peak RSS MiB")  # fmt: skip
@@ -132,14 +142,16 @@ def scene_files(work_dir, height, width, seed):
     return paths
 
 
-def translate_command(args, sar, output, respacing, memory, overlap=-1):
+def translate_command(args, sar, output, respacing, memory, overlap=-1, seed=None,
+                      shift_tiles=True):  # fmt: skip
     """The command line of scripts/translate_scene.py for one run."""
     return [
         sys.executable, TRANSLATE, "--input", sar, "--output", output,
         "--model_path", args.model_path, "--sampler", args.sampler,
-        "--timestep_respacing", respacing, "--seed", str(args.seed),
+        "--timestep_respacing", respacing,
+        "--seed", str(args.seed if seed is None else seed),
         "--batch_size", str(args.batch_size), "--memory", memory,
-        "--overlap", str(overlap),
+        "--overlap", str(overlap), "--shift_tiles", str(shift_tiles),
     ]  # fmt: skip
 
 
@@ -285,47 +297,72 @@ def part_seams(args):
     out_dir = os.path.join(args.work_dir, f"seams_{height}x{width}")
     os.makedirs(out_dir, exist_ok=True)
 
-    # joint: the script, in a process of its own
-    joint_path = os.path.join(out_dir, "joint.tif")
-    command = translate_command(
-        args, scene["sar"], joint_path, args.timestep_respacing, "auto"
-    )
-    print("$ " + " ".join(shown(a) for a in command), flush=True)
-    began = time.perf_counter()
-    if args.reuse_joint and os.path.exists(joint_path):
-        print(f"reusing {shown(joint_path)} (--reuse_joint)", flush=True)
-        seconds = {"joint": math.nan}
-    else:
+    # joint: the script, in a process of its own, once per variant
+    runs = {"joint": ("joint.tif", args.seed, True)}
+    if args.fixed_grid:
+        runs["joint, fixed grid"] = ("joint_fixed.tif", args.seed, False)
+    for k in range(1, args.joint_samples):
+        runs[f"joint seed {args.seed + k}"] = (f"joint_seed{args.seed + k}.tif", args.seed + k, True)
+    seconds, outputs = {}, {}
+    for name, (file, seed, shift_tiles) in runs.items():
+        outputs[name] = path = os.path.join(out_dir, file)
+        if args.reuse and os.path.exists(path):
+            print(f"reusing {shown(path)} (--reuse)", flush=True)
+            seconds[name] = math.nan
+            continue
+        command = translate_command(
+            args, scene["sar"], path, args.timestep_respacing, "auto", seed=seed,
+            shift_tiles=shift_tiles,
+        )  # fmt: skip
+        print("$ " + " ".join(shown(a) for a in command), flush=True)
+        began = time.perf_counter()
         subprocess.run(command, cwd=REPO, check=True)
-        seconds = {"joint": time.perf_counter() - began}
+        seconds[name] = time.perf_counter() - began
 
     # blended and alone: tiles on their own, in this process
     sar = model.read_sar(scene["sar"])
     grids = {
-        "joint": tile_grid(height, width, size, size // 2),
         "blended": tile_grid(height, width, size, size // 2),
         "alone": tile_grid(height, width, size, 0),
     }
-    began = time.perf_counter()
-    tiles = sample_tiles(model, sar, grids["blended"], args)
-    seconds["blended"] = time.perf_counter() - began
-    began = time.perf_counter()
-    tiles = sample_tiles(model, sar, grids["alone"], args, done=tiles)
-    seconds["alone"] = time.perf_counter() - began
-    images = {
-        "alone": paste(tiles, grids["alone"], height, width, size, blend=False),
-        "blended": paste(tiles, grids["blended"], height, width, size, blend=True),
-        "joint": read_rgb(joint_path),
-    }
+    images = {}
+    for name in ("blended", "alone"):
+        path = os.path.join(out_dir, f"{name}.png")
+        if args.reuse and os.path.exists(path):
+            print(f"reusing {shown(path)} (--reuse)", flush=True)
+            images[name] = np.asarray(Image.open(path).convert("RGB"))
+            seconds[name] = math.nan
+    todo = [name for name in ("blended", "alone") if name not in images]
+    tiles = {}
+    for name in todo:
+        began = time.perf_counter()
+        tiles = sample_tiles(model, sar, grids[name], args, done=tiles)
+        seconds[name] = time.perf_counter() - began
+        images[name] = paste(tiles, grids[name], height, width, size, blend=name == "blended")
+        Image.fromarray(images[name]).save(os.path.join(out_dir, f"{name}.png"))
+    for name in runs:
+        images[name] = read_rgb(outputs[name])
+        grids[name] = grids["blended"]
+    if args.joint_samples > 1:
+        name = f"joint, mean of {args.joint_samples}"
+        members = ["joint"] + [n for n in runs if n.startswith("joint seed")]
+        stack = np.stack([images[n].astype(np.float64) for n in members])
+        images[name] = np.round(stack.mean(axis=0)).astype(np.uint8)
+        grids[name] = grids["blended"]
+        seconds[name] = sum(seconds[n] for n in members)
+        for n in members[1:]:
+            del images[n]
+    methods = ["alone", "blended", *[n for n in images if n.startswith("joint")]]
     truth = metrics.load_image(scene["rgb"])
     cls_map = metrics.load_image(scene["cls"])[..., 0]
     colours, colours_from = class_colours(args, args.model_path)
 
     rows, scores = [], {}
-    for name in ("alone", "blended", "joint"):
+    for name in methods:
         s = report.score(images[name][None], truth[None], cls_map[None], colours)
         overlap = size // 2 if name != "alone" else 0
         lines = seams.grid_lines(grids[name], size, height, width)
+        s["sharpness"] = seams.sharpness(images[name], truth)
         s["seam"] = seams.seam_ratio(images[name], *lines)[0]
         s["truth_seam"] = seams.seam_ratio(truth, *lines)[0]
         # the same measure half a grid step away from the borders
@@ -337,12 +374,11 @@ def part_seams(args):
         scores[name] = s
         rows.append([
             name, f"{overlap} px", len(grids[name]), f"{s['ssim']:.4f}",
-            f"{s['psnr']:.2f}", f"{s['class_acc']:.4f}", f"{s['seam']:.3f}",
+            f"{s['psnr']:.2f}", f"{s['class_acc']:.4f}", f"{s['sharpness']:.3f}",
+            f"{s['seam']:.3f}",
             f"{s['truth_seam']:.3f}", f"{s['seam'] / s['truth_seam']:.3f}",
             f"{s['control'] / s['truth_control']:.3f}",
         ])  # fmt: skip
-    for name in ("alone", "blended"):  # joint.tif is there already
-        Image.fromarray(images[name]).save(os.path.join(out_dir, f"{name}.png"))
     if args.update_assets:
         write_picture(ASSET, sar, images, truth, grids["alone"], size, height, width)
 
@@ -375,6 +411,8 @@ def part_seams(args):
         f"{shown(scene['sar'])}; model {shown(args.model_path)} ({size}-px tiles); "
         f"{args.sampler}, --timestep_respacing {args.timestep_respacing} ({steps} "
         f"steps), seed {args.seed}",
+        "sharpness: the mean |neighbour difference| of the image over the truth's "
+        "(benchmarks/seams.py): below 1 an image has less detail than the truth",
         "seam ratio: mean |neighbour difference| across the method's tile-border "
         "lines over the mean elsewhere (benchmarks/seams.py); 'truth' is the truth's "
         "ratio on the same lines, 'vs truth' the quotient; 'off-border vs truth' the "
@@ -383,14 +421,12 @@ def part_seams(args):
         "from every border: a control for what the method does on any line of that "
         "parity, seams or not",
         f"class colours: {colours_from}",
-        "time: joint "
-        + (
-            f"{seconds['joint']:.0f} s (the whole translate_scene.py process)"
-            if math.isfinite(seconds["joint"])
-            else "not measured (an earlier joint.tif, --reuse_joint)"
-        )
-        + f", blended {seconds['blended']:.0f} s, alone {seconds['alone']:.0f} s "
-        "more (its tiles that are not blended's tiles)",
+        "time (s; each joint one a whole translate_scene.py process, alone only "
+        "its tiles that are not blended's; n/a: reused with --reuse): "
+        + ", ".join(
+            f"{name} {seconds[name]:.0f}" if math.isfinite(seconds[name])
+            else f"{name} n/a" for name in methods
+        ),
         *[f"acceptance, {text}: {'holds' if ok else 'does NOT hold'}"
           for text, ok in checks],
     ]  # fmt: skip
@@ -597,11 +633,16 @@ def parse_args():
         "script's default; 0 takes a quarter of the tiles)",
     )
     parser.add_argument(
-        "--reuse_joint",
+        "--reuse",
         action="store_true",
-        help="part seams: keep an existing joint.tif (of the same "
-        "settings) instead of translating the scene again",
+        help="part seams: keep the outputs of an earlier run of the same settings "
+        "(joint*.tif, alone.png, blended.png) instead of making them again",
     )
+    parser.add_argument("--fixed_grid", action="store_true",
+                        help="part seams: also joint denoising with --shift_tiles False")
+    parser.add_argument("--joint_samples", type=int, default=1,
+                        help="part seams: also the mean of this many joint "
+                             "translations (seeds --seed and up)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=7200,
                         help="part scale: seconds per translation")  # fmt: skip
     parser.add_argument("--results", default=common.DEFAULT_RESULTS,
@@ -623,6 +664,8 @@ def parse_args():
         parser.error(f"--model_path {shown(args.model_path)}: no such file")
     if args.batch_size < 1:
         parser.error("--batch_size must be positive")
+    if args.joint_samples < 1:
+        parser.error("--joint_samples must be at least 1")
     return args
 
 

@@ -86,3 +86,14 @@ def test_bad_lines():
         seams.seam_ratio(ramp(), [0], [])
     with pytest.raises(ValueError):
         seams.seam_ratio(ramp(), [], [W])
+
+
+def test_sharpness_is_the_ratio_of_mean_gradients():
+    # a ramp of slope 2K against one of slope K: every difference twice as large
+    assert seams.mean_gradient(ramp()) == pytest.approx(K)
+    assert seams.sharpness(2 * ramp(), ramp()) == pytest.approx(2.0)
+    # a checkerboard of +-1 has every difference 2; a flat image none
+    y, x = np.mgrid[0:H, 0:W]
+    board = np.where((x + y) % 2, 1.0, -1.0)
+    assert seams.mean_gradient(board) == pytest.approx(2.0)
+    assert seams.sharpness(np.zeros((H, W)), board) == 0.0
