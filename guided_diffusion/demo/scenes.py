@@ -430,8 +430,10 @@ def _covers(layout, middle, extent, rot, cls):
     grid = np.stack(np.meshgrid(*[np.linspace(-0.5, 0.5, 5)] * 2), -1).reshape(-1, 2)
     probes = np.round((grid * extent) @ rot.T + middle).astype(int)
     probes = probes[np.all((probes >= 0) & (probes < layout.size), axis=1)]
-    regions = np.asarray(layout.image)[probes[:, 1], probes[:, 0]]
-    return bool(np.any(np.array(layout.cls)[regions] == cls))
+    # 25 pixels read one by one: converting the whole layout image for each probe
+    # made large scenes (4096 px) take hours
+    regions = [layout.image.getpixel((int(x), int(y))) for x, y in probes]
+    return bool(np.any(np.array(layout.cls)[np.array(regions, int)] == cls))
 
 
 def _village(rng, layout, middle, extent, rot, house, road_width):
