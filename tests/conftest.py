@@ -168,6 +168,24 @@ class GaussianEpsModel(th.nn.Module):
         return eps.to(x.dtype)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model with every weight random, saved as a training run saves it
+    (model000010.pt and the run's config.json)."""
+    import json
+
+    from guided_diffusion.script_util import model_and_diffusion_defaults
+    from guided_diffusion.train_util import train_defaults
+
+    run = tmp_path_factory.mktemp("train_run")
+    model, _ = tiny_model_and_diffusion()
+    randomize_(model, seed=1)
+    th.save(model.state_dict(), run / "model000010.pt")
+    config = {**train_defaults(), **model_and_diffusion_defaults(), **TINY_FLAGS}
+    (run / "config.json").write_text(json.dumps({**config, "world_size": 1}))
+    return run / "model000010.pt"
+
+
 @pytest.fixture
 def one_thread():
     """

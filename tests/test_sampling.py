@@ -35,8 +35,6 @@ from guided_diffusion.sampling import (
     to_uint8,
     translate,
 )
-from guided_diffusion.script_util import model_and_diffusion_defaults
-from guided_diffusion.train_util import train_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,15 +55,9 @@ def input_names(data_dir):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tiny_checkpoint):
     """A tiny model with every weight random, saved as a training run saves it."""
-    run = tmp_path_factory.mktemp("train_run")
-    model, _ = tiny_model_and_diffusion()
-    randomize_(model, seed=1)
-    th.save(model.state_dict(), run / "model000010.pt")
-    config = {**train_defaults(), **model_and_diffusion_defaults(), **TINY_FLAGS}
-    (run / "config.json").write_text(json.dumps({**config, "world_size": 1}))
-    return run / "model000010.pt"
+    return tiny_checkpoint
 
 
 def run_sample(args, logdir, *, launcher=(), expect_rc=0, timeout=120):

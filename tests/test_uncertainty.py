@@ -22,7 +22,6 @@ import pytest
 import torch as th
 from conftest import (
     REAL_PAIRS,
-    TINY_FLAGS,
     GaussianEpsModel,
     randomize_,
     tiny_model_and_diffusion,
@@ -32,9 +31,7 @@ from PIL import Image
 from guided_diffusion import metrics, sampling, uncertainty
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
-    model_and_diffusion_defaults,
 )
-from guided_diffusion.train_util import train_defaults
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "scripts" / "image_sample_realtime.py"
@@ -351,15 +348,9 @@ def test_the_legend_reads_back_its_values():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(tiny_checkpoint):
     """A tiny model with every weight random, saved as a training run saves it."""
-    run = tmp_path_factory.mktemp("train_run")
-    model, _ = tiny_model_and_diffusion()
-    randomize_(model, seed=1)
-    th.save(model.state_dict(), run / "model000010.pt")
-    config = {**train_defaults(), **model_and_diffusion_defaults(), **TINY_FLAGS}
-    (run / "config.json").write_text(json.dumps({**config, "world_size": 1}))
-    return run / "model000010.pt"
+    return tiny_checkpoint
 
 
 def files_under(folder):
