@@ -152,7 +152,8 @@ def main():
             "model: the bundled assets/scene_model/model.pt (32 px); DPM-Solver++ "
             "(dpm++2m), 20 steps, seed 0 (but the second row); the upload is make_scene(seed=0) of "
             "guided_diffusion/demo/sen12ms.py, translated with translate_scene.py's "
-            "defaults (overlap 16, tiles moved every step, batch 8)",
+            "defaults (overlap 16, tiles moved every step) and the page's 64 tiles per "
+            "network call",
             "click to image: Playwright clicks Translate in headless Chromium and waits "
             "until the new result image has loaded; the page's own time is the one it "
             "prints, from the request's start in the worker to the result",

@@ -56,8 +56,8 @@ def rel_err(a, b):
     """||a - b|| / ||b|| over tensors or lists of tensors, in float64."""
     if isinstance(a, th.Tensor):
         a, b = [a], [b]
-    num = sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b))
-    den = sum((y.double() ** 2).sum() for y in b)
+    num = sum(((x.detach().double() - y.detach().double()) ** 2).sum() for x, y in zip(a, b))
+    den = sum((y.detach().double() ** 2).sum() for y in b)
     return float((num / den) ** 0.5)
 
 
