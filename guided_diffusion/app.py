@@ -25,7 +25,6 @@ Gradio is imported only by :func:`build_page`; the rest runs without it.
 
 import glob
 import os
-import re
 import shlex
 import shutil
 import tempfile
@@ -58,6 +57,7 @@ from .sampling import (
     to_uint8,
 )
 from .scene import JobMismatch, SceneArrays
+from .train_util import newest_sampling_checkpoint
 from .uncertainty import translate_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,11 +81,6 @@ PAGE_CSS = (
     "#sar-view img, #result-view img { width: 100%; height: 100%; object-fit: contain;"
     " image-rendering: pixelated; }"
 )
-
-_EMA = re.compile(r"^ema_(?P<rate>[0-9.eE+-]+)_(?P<step>\d{6,})\.pt$")
-_MODEL = re.compile(r"^model(?P<step>\d{6,})\.pt$")
-
-
 # Tiles per network call on the scene route: larger batches run faster on a CPU
 # than translate_scene.py's default of 8, and the result does not depend on it.
 SCENE_BATCH = 64
@@ -98,26 +93,6 @@ class PageError(ValueError):
 # -- models -----------------------------------------------------------------------------
 
 
-def newest_checkpoint(folder):
-    """
-    The checkpoint to sample in a run folder: the EMA file of its newest step (the
-    slowest rate when there are several), else its newest model file.
-
-    :return: a path, or None when the folder holds neither.
-    """
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return None
-    emas = [(int(m["step"]), float(m["rate"]), n) for n in names if (m := _EMA.match(n))]
-    models = [(int(m["step"]), n) for n in names if (m := _MODEL.match(n))]
-    if emas:
-        return os.path.join(folder, max(emas)[2])
-    if models:
-        return os.path.join(folder, max(models)[1])
-    return None
-
-
 def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     """
     The models the page offers, by run name (the checkpoint's folder).
@@ -125,7 +100,7 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     :param model_paths: model or EMA files (--model_path).
     :param runs_dir: a folder of training runs (--runs_dir): each run folder in it
         (or the folder itself) that holds checkpoints gives its newest one
-        (:func:`newest_checkpoint`).
+        (:func:`~guided_diffusion.train_util.newest_sampling_checkpoint`).
     :param bundled: offer the bundled demo model too, last.
     :return: an ordered dict, name shown -> checkpoint path.
     :raises PageError: a --model_path that is no file, or a --runs_dir with no run.
@@ -143,7 +118,7 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
             for n in os.listdir(runs_dir)
             if os.path.isdir(os.path.join(runs_dir, n))
         )
-        found = [p for p in map(newest_checkpoint, folders) if p]
+        found = [p for p in map(newest_sampling_checkpoint, folders) if p]
         if not found:
             raise PageError(
                 f"--runs_dir {runs_dir}: no run folder in it holds a checkpoint "
@@ -672,8 +647,10 @@ def launch(page, translator, examples=(), *, host="127.0.0.1", port=7860, quiet=
             quiet=quiet, show_error=True, css=PAGE_CSS,
             allowed_paths=[*folders, translator.work_dir],
         )  # fmt: skip
-    except OSError as err:
+    except OSError:
+        # Gradio's own text speaks of its environment variables and launch()
         raise PageError(
-            f"--port {port}: cannot serve there ({err}); give a free port with --port"
+            f"--port {port}: cannot serve there on {host} (another program, or "
+            "another page, uses the port); give a free port with --port"
         ) from None
     return page.local_url

@@ -667,6 +667,30 @@ def find_resume_checkpoint(folder):
     return None
 
 
+def newest_sampling_checkpoint(folder):
+    """
+    The checkpoint to sample in a run folder: the EMA file of its newest step (the
+    slowest rate when there are several), else its newest model file; None when
+    the folder holds neither (or is no folder).
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    emas, models = [], []
+    for name in names:
+        match = _CHECKPOINT_RE.match(name)
+        if match and match.group("rate"):
+            emas.append((int(match.group("step")), float(match.group("rate")), name))
+        elif match and match.group("kind") == "model":
+            models.append((int(match.group("step")), name))
+    if emas:
+        return os.path.join(folder, max(emas)[2])
+    if models:
+        return os.path.join(folder, max(models)[1])
+    return None
+
+
 def latest_run_dir(root="logs"):
     """The newest run folder under ``root`` that holds a checkpoint, or None."""
     if not os.path.isdir(root):

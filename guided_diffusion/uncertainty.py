@@ -117,8 +117,6 @@ def sample_generators(seed, names, k, device="cpu"):
     :param device: where the generators live (CPU: the same numbers on any device).
     :return: a list of th.Generator, one per name.
     """
-    if k == 0:
-        return sampling.make_generators(seed, names, device)
     return [
         th.Generator(device=device).manual_seed(seed_of_sample(seed, name, k))
         for name in names

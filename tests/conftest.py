@@ -168,6 +168,15 @@ class GaussianEpsModel(th.nn.Module):
         return eps.to(x.dtype)
 
 
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny model with every weight random, saved as a training run saves it

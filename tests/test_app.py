@@ -12,7 +12,6 @@ import argparse
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import free_port
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
@@ -45,12 +45,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword).*"),
 ]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

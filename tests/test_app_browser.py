@@ -13,7 +13,6 @@ import io
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
@@ -36,12 +36,6 @@ pytestmark = pytest.mark.skipif(
 SCREENSHOT = ROOT / "assets" / "app.png"
 # the README's picture: the page as it opens, at a laptop's width
 VIEWPORT = {"width": 1280, "height": 860}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
