@@ -409,8 +409,10 @@ def load_spread_inputs(npz_path, gt_dir):
     run's npz, the ground truth of ``gt_dir`` and the SAR display images of the
     run's ``cond_sar/`` (beside the npz).
 
-    :return: (mean, spread, truth, sar or None, K or None, note or None); ``note``
-        says why the SAR baseline is missing.
+    :return: (mean, spread, truth, sar or None, K or None, valid or None, note or
+        None); ``valid`` (N, H, W) bool is False where the SAR had no data (None in
+        npz files written before it was kept); ``note`` says why the SAR baseline
+        is missing.
     :raises ValueError: an input without ground truth, or of another size.
     """
     with np.load(npz_path) as data:
@@ -421,6 +423,7 @@ def load_spread_inputs(npz_path, gt_dir):
             if "samples_per_input" in data.files
             else None
         )
+        valid = data["valid"] if "valid" in data.files else None
     truths = list_images(gt_dir)
     keys = [os.path.splitext(n)[0] for n in names]
     missing = [n for n, k in zip(names, keys) if k not in truths]
@@ -441,13 +444,14 @@ def load_spread_inputs(npz_path, gt_dir):
     absent = [p for p in sar_paths if not os.path.isfile(p)]
     if absent:
         note = f"no SAR image {absent[0]}: the SAR-edge baseline is skipped"
-        return mean, spread, truth, None, count, note
+        return mean, spread, truth, None, count, valid, note
     return (
         mean,
         spread,
         truth,
         np.stack([load_image(p) for p in sar_paths]),
         count,
+        valid,
         None,
     )
 

@@ -153,8 +153,8 @@ def write_npz(out_dir, pairs, outputs, samples_per_input=1):
     Rank 0, after every rank is done: all generated images in name order.
 
     :param samples_per_input: K; above 1 the file also holds ``mean`` and ``spread``
-        (N, H, W, 3) float32 in grey levels, read from ``spread_arrays/``, and
-        ``samples_per_input``.
+        (N, H, W, 3) float32 in grey levels, read from ``spread_arrays/``, ``valid``
+        (N, H, W) bool (False where the SAR has no data) and ``samples_per_input``.
     :return: the file's path.
     """
     names = [name for _, _, name in pairs]
@@ -169,8 +169,9 @@ def write_npz(out_dir, pairs, outputs, samples_per_input=1):
     arrays = dict(arr_0=images, names=np.array(names))
     if samples_per_input > 1:
         stats = [read_spread_arrays(out_dir, outputs[n]) for n in names]
-        arrays["mean"] = np.stack([mean for mean, _ in stats])
-        arrays["spread"] = np.stack([spread for _, spread in stats])
+        arrays["mean"] = np.stack([mean for mean, _, _ in stats])
+        arrays["spread"] = np.stack([spread for _, spread, _ in stats])
+        arrays["valid"] = np.stack([valid for _, _, valid in stats])
         arrays["samples_per_input"] = np.array(samples_per_input)
     path = os.path.join(out_dir, f"samples_{'x'.join(map(str, images.shape))}.npz")
     for old in glob.glob(os.path.join(glob.escape(out_dir), "samples_*.npz")):
@@ -186,9 +187,15 @@ def arrays_name(out_name):
 
 
 def read_spread_arrays(out_dir, out_name):
-    """:return: (mean, spread) of one output, float32 (H, W, 3) in grey levels."""
+    """
+    :return: (mean, spread, valid) of one output: float32 (H, W, 3) in grey levels,
+        and (H, W) bool, False where the SAR has no data (all True in files written
+        before the mask was kept).
+    """
     with np.load(os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name))) as data:
-        return data["mean"], data["spread"]
+        mean = data["mean"]
+        valid = data["valid"] if "valid" in data.files else np.ones(mean.shape[:2], bool)
+        return mean, data["spread"], valid
 
 
 def write_spread_result(out_dir, out_name, samples, mean, spread, valid=None):
@@ -208,11 +215,12 @@ def write_spread_result(out_dir, out_name, samples, mean, spread, valid=None):
     title = f"spread of {len(samples)} samples (standard deviation), grey levels"
     picture, _ = uncertainty.spread_picture(spread, valid=valid, title=title)
     write_png(out_dir, SPREAD_DIR, out_name, np.asarray(picture))
+    arrays = dict(mean=mean.astype(np.float32), spread=spread.astype(np.float32))
+    if valid is not None:
+        arrays["valid"] = np.asarray(valid, bool)
     write_atomic(
         os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name)),
-        lambda f: np.savez(
-            f, mean=mean.astype(np.float32), spread=spread.astype(np.float32)
-        ),
+        lambda f: np.savez(f, **arrays),
     )
 
 

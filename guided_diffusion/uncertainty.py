@@ -545,7 +545,7 @@ def method_summary(uncertainty, error, bins=10):
 
 
 def calibration_report(
-    mean, spread, truth, sar=None, *, samples_per_input=None, bins=10
+    mean, spread, truth, sar=None, *, samples_per_input=None, bins=10, valid=None
 ):
     """
     Whether the spread says where the mean is wrong, and more than the SAR's edges do.
@@ -561,8 +561,11 @@ def calibration_report(
     :param sar: (N, H, W, C) the SAR display images, or None (no baseline).
     :param samples_per_input: K, for the coverage a calibrated model would score.
     :param bins: the number of quantile bins.
-    :return: a JSON-ready dict: ``num_images``, ``num_pixels``,
-        ``samples_per_input``, ``coverage_2sd``, ``coverage_2sd_calibrated``,
+    :param valid: (N, H, W) bool, False where the SAR has no data (sampling writes
+        black there, so the error is the truth's), or None: every pixel counts.
+    :return: a JSON-ready dict: ``num_images``, ``num_pixels`` (the pixels that
+        count), ``nodata_pixels`` (those left out), ``samples_per_input``,
+        ``coverage_2sd``, ``coverage_2sd_calibrated``,
         ``mean_spread``, ``mean_abs_error``, ``spread`` and ``sar_edges``
         (:func:`method_summary`; ``sar_edges`` is None without SAR).
     """
@@ -573,10 +576,20 @@ def calibration_report(
             f"mean, spread and truth must be alike (N, H, W, C) arrays, got "
             f"{mean.shape}, {spread.shape} and {truth.shape}"
         )
-    error = np.abs(truth - mean).mean(axis=3)
+    if valid is None:
+        valid = np.ones(mean.shape[:3], bool)
+    valid = np.asarray(valid, bool)
+    if valid.shape != mean.shape[:3]:
+        raise ValueError(f"a nodata mask of shape {valid.shape} for means of {mean.shape}")
+    if not valid.any():
+        raise ValueError("every pixel is nodata: nothing to evaluate the spread on")
+    # (pixels, channels) of the pixels with data
+    mean, spread, truth = mean[valid], spread[valid], truth[valid]
+    error = np.abs(truth - mean).mean(axis=1)
     report = dict(
-        num_images=int(mean.shape[0]),
+        num_images=int(valid.shape[0]),
         num_pixels=int(error.size),
+        nodata_pixels=int(valid.size - error.size),
         samples_per_input=None if samples_per_input is None else int(samples_per_input),
         coverage_2sd=coverage(mean, spread, truth),
         coverage_2sd_calibrated=(
@@ -584,17 +597,17 @@ def calibration_report(
         ),
         mean_spread=float(spread.mean()),
         mean_abs_error=float(error.mean()),
-        spread=method_summary(spread.mean(axis=3), error, bins),
+        spread=method_summary(spread.mean(axis=1), error, bins),
         sar_edges=None,
     )
     if sar is not None:
         sar = np.asarray(sar)
-        if sar.shape[:3] != mean.shape[:3]:
+        if sar.shape[:3] != valid.shape:
             raise ValueError(
-                f"SAR images of shape {sar.shape[1:3]} for means of {mean.shape[1:3]}"
+                f"SAR images of shape {sar.shape[1:3]} for means of {valid.shape[1:3]}"
             )
         edges = np.stack([sar_edge_magnitude(image) for image in sar])
-        report["sar_edges"] = method_summary(edges, error, bins)
+        report["sar_edges"] = method_summary(edges[valid], error, bins)
     return report
 
 
@@ -611,7 +624,8 @@ def format_calibration(report):
     calibrated = r["coverage_2sd_calibrated"]
     lines = [
         f"spread of {r['samples_per_input'] or '?'} samples per input, "
-        f"{r['num_images']} images, {r['num_pixels']} pixels",
+        f"{r['num_images']} images, {r['num_pixels']} pixels"
+        + (f" ({r['nodata_pixels']} nodata pixels left out)" if r.get("nodata_pixels") else ""),
         f"truth within mean +- 2 spread   {100 * r['coverage_2sd']:.1f}% of pixels and "
         "channels"
         + (f" (a calibrated model: {100 * calibrated:.1f}% with this many samples)"

@@ -89,11 +89,12 @@ def main():
 
 def score_spread(npz_path, args):
     """The calibration report of a run's mean and spread (uncertainty.py)."""
-    mean, spread, truth, sar, count, note = metrics.load_spread_inputs(
+    mean, spread, truth, sar, count, valid, note = metrics.load_spread_inputs(
         npz_path, args.gt_dir
     )
     report = uncertainty.calibration_report(
-        mean, spread, truth, sar, samples_per_input=count, bins=args.spread_bins
+        mean, spread, truth, sar, samples_per_input=count, bins=args.spread_bins,
+        valid=valid,
     )
     return {"npz": os.path.abspath(npz_path), **report, "sar_edges_note": note}
 

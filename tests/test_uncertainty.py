@@ -211,6 +211,34 @@ def test_a_calibrated_spread_covers_95_percent_and_its_error_grows():
     assert report["sar_edges"] is None and report["coverage_2sd_calibrated"] is None
 
 
+def test_nodata_pixels_are_left_out_of_the_calibration():
+    # Three images; the third is nodata throughout (black mean, no spread, a
+    # truth that is not black). Masked out, the report is the first two images'
+    # report; counted, it would put a whole image of large errors in the
+    # lowest-spread bin and pull the coverage down.
+    rng = np.random.default_rng(3)
+    mean = rng.uniform(40, 200, (3, 16, 16, 3))
+    spread = rng.uniform(1, 30, mean.shape)
+    truth = np.clip(mean + spread * rng.standard_normal(mean.shape), 0, 255)
+    sar = rng.uniform(0, 255, (3, 16, 16, 3))
+    mean[2], spread[2] = 0, 0
+    valid = np.ones((3, 16, 16), bool)
+    valid[2] = False
+    masked = uncertainty.calibration_report(mean, spread, truth, sar, bins=4, valid=valid)
+    alone = uncertainty.calibration_report(mean[:2], spread[:2], truth[:2], sar[:2], bins=4)
+    assert masked["num_pixels"] == alone["num_pixels"] == 2 * 16 * 16
+    assert masked["nodata_pixels"] == 16 * 16 and alone["nodata_pixels"] == 0
+    for key in ("coverage_2sd", "mean_spread", "mean_abs_error"):
+        assert masked[key] == pytest.approx(alone[key])
+    for method in ("spread", "sar_edges"):
+        assert masked[method]["table"] == pytest.approx(alone[method]["table"])
+    counted = uncertainty.calibration_report(mean, spread, truth, sar, bins=4)
+    assert counted["coverage_2sd"] < masked["coverage_2sd"] - 0.2
+    assert "256 nodata pixels left out" in uncertainty.format_calibration(masked)
+    with pytest.raises(ValueError, match="every pixel is nodata"):
+        uncertainty.calibration_report(mean, spread, truth, valid=np.zeros((3, 16, 16), bool))
+
+
 def test_expected_coverage_with_k_samples_matches_a_simulation():
     rng = np.random.default_rng(1)
     count, pixels = 4, 40_000
@@ -408,6 +436,7 @@ def test_the_script_writes_k_samples_their_mean_and_spread(
     names = [str(n) for n in npz["names"]]  # the npz's order
     assert int(npz["samples_per_input"]) == 3
     assert npz["mean"].shape == npz["spread"].shape == (2, 32, 32, 3)
+    assert npz["valid"].shape == (2, 32, 32) and npz["valid"].all()  # PNGs: no nodata
     for i, n in enumerate(names):
         stack = np.stack(
             [read_png(three_dir / "gen_opt" / n)]
