@@ -1,10 +1,12 @@
 """
 The web page that translates SAR images (scripts/app.py starts it).
 
-Upload a SAR image or click an example, choose the model, the sampler, the steps
-and the seed, and see the SAR and the optical result side by side, with a
-progress bar over the sampling steps, the time it took and the downloads (PNG,
-and GeoTIFF with the input's georeference when it had one).
+Upload a SAR image or click an example, choose the model, the sampler, the steps,
+the seed and the samples, and see the SAR and the optical result side by side,
+with a progress bar over the sampling steps, the time it took and the downloads
+(PNG, and GeoTIFF with the input's georeference when it had one). With K > 1
+samples (the scripts' --samples_per_input K) the page shows sample 0 (the result
+of K = 1), the samples' mean and a picture of their spread, and offers their files.
 
 The same numbers as the scripts, by construction: :class:`Translator` writes the
 command line of the script that would translate the upload, parses it with that
@@ -15,7 +17,9 @@ script's own parser and calls the same library functions.
   ``DATA/sar/``: :func:`~guided_diffusion.rasters.load_sar_patch`, the noise of
   :func:`~guided_diffusion.sampling.make_generators` (seeded by --seed and the
   file's name), :func:`~guided_diffusion.sampling.translate`,
-  :func:`~guided_diffusion.sampling.to_uint8`, nodata black.
+  :func:`~guided_diffusion.sampling.to_uint8`, nodata black; with K samples
+  :func:`~guided_diffusion.uncertainty.translate_samples` and the script's mean,
+  spread picture and arrays (:func:`~guided_diffusion.results.write_spread_result`).
 * Any other size goes through the whole-scene translator,
   :func:`~guided_diffusion.scene_translation.translate_scene_file`, the core of
   ``scripts/translate_scene.py``, with the flags that script would get.
@@ -47,6 +51,14 @@ from .rasters import (
     load_sar_patch,
     write_geotiff,
 )
+from .results import (
+    ARRAYS_DIR,
+    MEAN_DIR,
+    SAMPLES_DIR,
+    SPREAD_DIR,
+    arrays_name,
+    write_spread_result,
+)
 from .sampling import (
     add_sampling_flags,
     checkpoint_settings,
@@ -58,7 +70,7 @@ from .sampling import (
 )
 from .scene import JobMismatch, SceneArrays
 from .train_util import newest_sampling_checkpoint
-from .uncertainty import translate_samples
+from .uncertainty import SpreadAccumulator, grey_levels, translate_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The generated SAR scenes for the bundled model, offered as examples.
@@ -70,6 +82,8 @@ SAMPLING_SCRIPT_GROUPS = ("sampling", "samples", "run", "speed")
 # Shown name -> the sampler's name in samplers.SAMPLERS.
 SAMPLERS = {"DPM-Solver++": "dpm++2m", "DDIM": "ddim", "DDPM": "ddpm"}
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SEED = "DPM-Solver++", 20, 0
+# Samples per request (--samples_per_input): the most the page takes, and its default.
+MAX_SAMPLES, DEFAULT_SAMPLES = 8, 1
 # Loaded models kept at once (the last used).
 CACHE_SIZE = 2
 # Finished requests whose files are kept for download (the newest).
@@ -78,8 +92,8 @@ KEEP_REQUESTS = 16
 IMAGE_HEIGHT = 360
 # Small images are shown enlarged: with their pixels square, not blurred.
 PAGE_CSS = (
-    "#sar-view img, #result-view img { width: 100%; height: 100%; object-fit: contain;"
-    " image-rendering: pixelated; }"
+    "#sar-view img, #result-view img, #mean-view img { width: 100%; height: 100%;"
+    " object-fit: contain; image-rendering: pixelated; }"
 )
 # Tiles per network call on the scene route: larger batches run faster on a CPU
 # than translate_scene.py's default of 8, and the result does not depend on it.
@@ -217,6 +231,11 @@ class Result:
     :param route: "patch" (at the model's size) or "scene" (tiles).
     :param command: the script's command line that gives the same pixels.
     :param notes: lines worth showing (clipping, nodata).
+    :param samples: K, the samples drawn; the image and its files are sample 0.
+    :param mean: with K > 1, the samples' mean as a PNG (8-bit values).
+    :param spread: with K > 1, the picture of their spread (PNG, with its legend).
+    :param files: with K > 1, the downloads beside the result's: the mean, the
+        spread picture and the spread's values.
     """
 
     sar: np.ndarray
@@ -227,6 +246,14 @@ class Result:
     route: str
     command: str
     notes: list = field(default_factory=list)
+    samples: int = 1
+    mean: str | None = None
+    spread: str | None = None
+    files: list = field(default_factory=list)
+
+    def downloads(self):
+        """The files offered: the result (PNG, GeoTIFF), then the samples' ones."""
+        return [self.png] + ([self.geotiff] if self.geotiff else []) + self.files
 
     def summary(self):
         """The lines the page shows under the images."""
@@ -237,8 +264,16 @@ class Result:
             "translates it"
         )
         height, width = self.image.shape[:2]
+        samples = []
+        if self.samples > 1:
+            samples.append(
+                f"{self.samples} samples: the result is sample 0, the same as with one "
+                "sample; beside it their mean and their spread (per pixel, the "
+                "standard deviation of the samples, divisor K - 1, in grey levels)."
+            )
         lines = [
             f"Translated {width} x {height} pixels in {self.seconds:.1f} s, {how}.",
+            *samples,
             *self.notes,
             f"The same pixels from the command line: `{self.command}`",
         ]
@@ -336,14 +371,17 @@ class Translator:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
-    def command(self, route, path, model_path, sampler, steps, seed):
+    def command(self, route, path, model_path, sampler, steps, seed, samples=1):
         """
         The flags of the script that translates ``path`` this way.
 
+        :param samples: K; above 1 adds --samples_per_input K.
         :return: (the script, its arguments).
         """
         common = ["--model_path", model_path, "--sampler", sampler,
                   "--timestep_respacing", str(steps), "--seed", str(seed)]  # fmt: skip
+        if samples > 1:
+            common += ["--samples_per_input", str(samples)]
         if route == "patch":
             return "scripts/image_sample_realtime.py", common
         # tiles per network call change the speed, never the pixels
@@ -372,9 +410,9 @@ class Translator:
         )  # fmt: skip
         return sar, f"{os.path.basename(path)}: {width} x {height} pixels, translated {how}"
 
-    def translate(self, path, model_name, sampler, steps, seed, progress=None):
+    def translate(self, path, model_name, sampler, steps, seed, progress=None, samples=1):
         """
-        Translate one upload.
+        Translate one upload, once or ``samples`` times.
 
         :param path: the uploaded file (its base name seeds the noise, as a file
             of that name in the sampling script's folder).
@@ -382,7 +420,9 @@ class Translator:
         :param sampler: a name in samplers.SAMPLERS ("dpm++2m").
         :param steps: the respaced steps (--timestep_respacing).
         :param seed: --seed.
-        :param progress: called as progress(steps done, steps) while sampling.
+        :param progress: called as progress(steps done, steps) while sampling, the
+            steps of every sample counted (K times --timestep_respacing).
+        :param samples: K (--samples_per_input), 1 to :data:`MAX_SAMPLES`.
         :return: a :class:`Result`.
         :raises PageError: with the message to show.
         """
@@ -393,13 +433,17 @@ class Translator:
             raise PageError(f"steps {steps}: give a whole number of 1 or more")
         if seed is None or int(seed) != seed or seed < 0:
             raise PageError(f"seed {seed}: give a whole number of 0 or more")
-        steps, seed = int(steps), int(seed)
+        if samples is None or int(samples) != samples or not 1 <= samples <= MAX_SAMPLES:
+            raise PageError(f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}")
+        steps, seed, samples = int(steps), int(seed), int(samples)
         try:
             probe = RasterRows(path)
             flags, _, _, _ = checkpoint_settings(model_path, {}, {})
             size = flags["image_size"]
             route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
-            script, argv = self.command(route, path, model_path, sampler, steps, seed)
+            script, argv = self.command(
+                route, path, model_path, sampler, steps, seed, samples
+            )
             folder = self._request_dir()
             if route == "patch":
                 result = self._patch(path, argv, folder, progress)
@@ -431,18 +475,22 @@ class Translator:
         name = os.path.basename(path)
         arr, valid, stats = load_sar_patch(path, flags["image_size"], scaling)
         sar = th.from_numpy(np.stack([arr])).to(dist_util.dev())
-        steps = diffusion.num_timesteps
+        count = args.samples_per_input
+        steps = diffusion.num_timesteps * count  # the calls of every sample
         counter = StepCounter(model, lambda done: progress and progress(done, steps))
-        # the sampling script's one sample of each input (sample 0: the seed and the
-        # file's name seed the noise)
-        [(_, generated)] = translate_samples(
-            counter, diffusion, sar, [name], seed=args.seed,
-            samples_per_input=args.samples_per_input, sampler=args.sampler,
-            clip_denoised=args.clip_denoised, progress=False, use_bf16=args.use_bf16,
-            **args.options,
-        )  # fmt: skip
-        # no SAR there, so no translation: nodata (black), as the script writes it
-        image = np.where(valid[..., None], to_uint8(generated)[0], 0).astype(np.uint8)
+        # the sampling script's samples of each input (sample 0: the seed and the
+        # file's name seed the noise; the others: those and k)
+        images, spread = [], SpreadAccumulator()
+        for _, generated in translate_samples(
+            counter, diffusion, sar, [name], seed=args.seed, samples_per_input=count,
+            sampler=args.sampler, clip_denoised=args.clip_denoised, progress=False,
+            use_bf16=args.use_bf16, **args.options,
+        ):  # fmt: skip
+            # no SAR there, so no translation: nodata (black), as the script writes it
+            images.append(np.where(valid[..., None], to_uint8(generated)[0], 0).astype(np.uint8))
+            if count > 1:
+                spread.add(np.where(valid[..., None], grey_levels(generated)[0], 0))
+        image = images[0]
         notes = []
         if not valid.all():
             notes.append(f"{int((~valid).sum())} nodata SAR pixels are black.")
@@ -452,7 +500,10 @@ class Translator:
         shown = sar_for_display(to_uint8(sar))[0]
         shown = np.ascontiguousarray(np.broadcast_to(shown, (*shown.shape[:2], 3)))
         png, geotiff = _write_result(folder, name, image, path)
-        return Result(shown, image, png, geotiff, 0.0, "patch", "", notes)
+        result = Result(shown, image, png, geotiff, 0.0, "patch", "", notes, samples=count)
+        if count > 1:
+            _patch_spread_files(result, folder, name, images, *spread.result(), valid)
+        return result
 
     def _scene(self, path, argv, folder, progress):
         """Any other size, as scripts/translate_scene.py does it."""
@@ -462,14 +513,21 @@ class Translator:
         flags, scaling, diffusion, _ = scene_translation.scene_settings(args)
         sar, stats = sar_preview(path, scaling, scaling.sar_channels)
         model = self.cache.get(args, flags)
+        count = args.samples_per_input
+        current = {"sample": 0}
 
         def tiles(done, total, step, steps):
             if progress is not None:
-                progress(min(steps * done / max(total, 1), steps), steps)
+                within = min(steps * done / max(total, 1), steps)
+                progress(current["sample"] * steps + within, count * steps)
+
+        def starts(k, samples):
+            current["sample"] = k
 
         scene_translation.translate_scene_file(
-            args, flags, scaling, diffusion, model=model, progress=tiles
-        )
+            args, flags, scaling, diffusion, model=model, progress=tiles,
+            on_sample=starts,
+        )  # fmt: skip
         from rasterio.errors import NotGeoreferencedWarning
 
         with warnings.catch_warnings():  # an input without a place gives one too
@@ -488,7 +546,63 @@ class Translator:
         os.remove(scene_translation.quicklook_path(output))
         if geotiff is None:
             os.remove(output)
-        return Result(sar, image, png, geotiff, 0.0, "scene", "", notes)
+        result = Result(sar, image, png, geotiff, 0.0, "scene", "", notes, samples=count)
+        if count > 1:
+            _scene_spread_files(result, output, count, georeferenced=geotiff is not None)
+        return result
+
+
+def _patch_spread_files(result, folder, name, images, mean, spread, valid):
+    """
+    The files of K samples of a patch, made by the sampling script's own writer
+    (:func:`~guided_diffusion.results.write_spread_result`) and named after the
+    result: the mean rounded to 8 bits (NAME_optical_mean.png), the spread picture
+    (NAME_optical_spread.png) and the arrays of its ``spread_arrays/`` file, mean
+    and spread in grey levels (NAME_optical_spread.npz); set on ``result``.
+
+    :param images: the K samples, (H, W, 3) uint8 each.
+    """
+    stem = os.path.splitext(name)[0]
+    out_name = stem + ".png"
+    write_spread_result(folder, out_name, images, mean, spread, valid=valid)
+    made = {
+        "_mean.png": os.path.join(folder, MEAN_DIR, out_name),
+        "_spread.png": os.path.join(folder, SPREAD_DIR, out_name),
+        "_spread.npz": os.path.join(folder, ARRAYS_DIR, arrays_name(out_name)),
+    }
+    result.files = []
+    for suffix, path in made.items():
+        target = os.path.join(folder, stem + "_optical" + suffix)
+        os.replace(path, target)
+        result.files.append(target)
+    for sub in (SAMPLES_DIR, MEAN_DIR, SPREAD_DIR, ARRAYS_DIR):
+        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
+    result.mean, result.spread = result.files[:2]
+
+
+def _scene_spread_files(result, output, count, *, georeferenced):
+    """
+    The files of K translations of a scene, as scripts/translate_scene.py writes
+    them (:func:`~guided_diffusion.scene_translation.spread_paths`): the mean
+    (GeoTIFF when the input has a place, and a PNG to show), the spread picture and
+    the spread GeoTIFF (its values); samples 1..K-1 are not kept. Set on ``result``.
+    """
+    from rasterio.errors import NotGeoreferencedWarning
+
+    paths = scene_translation.spread_paths(output)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with scene_translation.rasterio_open(paths["mean"]) as src:
+            mean = np.ascontiguousarray(src.read().transpose(1, 2, 0))
+    result.mean = os.path.splitext(paths["mean"])[0] + ".png"
+    Image.fromarray(mean).save(result.mean)
+    result.spread = paths["picture"]
+    result.files = [result.mean, *([paths["mean"]] if georeferenced else []),
+                    result.spread, paths["spread"]]  # fmt: skip
+    if not georeferenced:
+        os.remove(paths["mean"])
+    for k in range(1, count):
+        os.remove(scene_translation.sample_path(output, k))
 
 
 def _shown_path(path):
@@ -566,11 +680,17 @@ def build_page(translator, examples=()):
         return sar, text
 
     # Gradio finds its progress bar as a default argument
-    def run(path, model_name, sampler_name, steps, seed, progress=gr.Progress()):  # noqa: B008
+    def run(path, model_name, sampler_name, steps, seed, samples=DEFAULT_SAMPLES,
+            progress=gr.Progress()):  # noqa: B008  # fmt: skip
         progress(0, desc="starting")
+        count = samples if samples and samples == int(samples) and samples >= 1 else 1
 
         def report(done, total):
-            progress(done / total, desc=f"step {min(int(done) + 1, total)}/{total}")
+            each = total / count  # the steps of one sample
+            k = min(int(done // each), int(count) - 1)
+            step = min(int(done - k * each) + 1, int(each))
+            which = f"sample {k + 1}/{int(count)}, " if count > 1 else ""
+            progress(done / total, desc=f"{which}step {step}/{int(each)}")
 
         try:
             if sampler_name not in SAMPLERS:
@@ -578,12 +698,13 @@ def build_page(translator, examples=()):
                     f"sampler {sampler_name}: choose one of {', '.join(SAMPLERS)}"
                 )
             result = translator.translate(
-                path, model_name, SAMPLERS[sampler_name], steps, seed, progress=report
-            )
+                path, model_name, SAMPLERS[sampler_name], steps, seed, progress=report,
+                samples=samples,
+            )  # fmt: skip
         except PageError as err:
             raise gr.Error(str(err), print_exception=False) from None
-        files = [result.png] + ([result.geotiff] if result.geotiff else [])
-        return result.sar, result.png, result.summary(), files
+        return (result.sar, result.png, result.mean, result.spread, result.summary(),
+                result.downloads())  # fmt: skip
 
     with gr.Blocks(title="SAR to optical", analytics_enabled=False) as page:
         gr.Markdown(
@@ -593,7 +714,8 @@ def build_page(translator, examples=()):
             "the model's size is translated as `scripts/image_sample_realtime.py` "
             "does; a larger one as a whole scene in tiles, as "
             "`scripts/translate_scene.py` does: the same pixels for the same "
-            "settings and file name."
+            "settings and file name. With **Samples** above 1 the page also shows "
+            "the samples' mean and where they disagree (their spread)."
         )
         with gr.Row():
             with gr.Column(scale=1):
@@ -605,6 +727,11 @@ def build_page(translator, examples=()):
                 sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
                 steps = gr.Slider(1, 1000, value=DEFAULT_STEPS, step=1, label="Steps")
                 seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                samples = gr.Slider(
+                    1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1, label="Samples",
+                    info="above 1: their mean and spread too, in that many times the time",
+                    elem_id="samples",
+                )  # fmt: skip
                 go = gr.Button("Translate", variant="primary", elem_id="translate")
             with gr.Column(scale=2):
                 with gr.Row():
@@ -614,6 +741,15 @@ def build_page(translator, examples=()):
                     result_view = gr.Image(label="Optical (generated)", type="filepath",
                                            format="png", height=IMAGE_HEIGHT,
                                            interactive=False, elem_id="result-view")  # fmt: skip
+                with gr.Row():
+                    mean_view = gr.Image(label="Mean of the samples", type="filepath",
+                                         format="png", height=IMAGE_HEIGHT,
+                                         interactive=False, visible=False,
+                                         elem_id="mean-view")  # fmt: skip
+                    spread_view = gr.Image(label="Spread of the samples", type="filepath",
+                                           format="png", height=IMAGE_HEIGHT,
+                                           interactive=False, visible=False,
+                                           elem_id="spread-view")  # fmt: skip
                 info = gr.Markdown(elem_id="info")
                 downloads = gr.File(label="Downloads", file_count="multiple",
                                     interactive=False, elem_id="downloads")  # fmt: skip
@@ -623,9 +759,14 @@ def build_page(translator, examples=()):
                 example_labels=[os.path.basename(p) for p in examples],
             )  # fmt: skip
         upload.change(preview, [upload, model], [sar_view, info], api_name=False)
+        samples.change(
+            lambda k: [gr.update(visible=k > 1)] * 2, [samples], [mean_view, spread_view],
+            api_name=False,
+        )  # fmt: skip
         go.click(
-            run, [upload, model, sampler, steps, seed],
-            [sar_view, result_view, info, downloads], api_name="translate",
+            run, [upload, model, sampler, steps, seed, samples],
+            [sar_view, result_view, mean_view, spread_view, info, downloads],
+            api_name="translate",
         )  # fmt: skip
     page.queue(default_concurrency_limit=1)
     return page

@@ -58,6 +58,23 @@ def band_seed(seed, band):
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def scene_sample_seed(seed, k):
+    """
+    The seed of translation k of a scene (translate_scene.py --samples_per_input).
+
+    :param seed: the run's seed (--seed).
+    :param k: the sample's index, 0 <= k < K.
+    :return: for k = 0 ``seed`` itself, so sample 0 is the translation of a run
+        with one sample, to the bit; otherwise 63 bits of SHA-256 of (seed, k), the
+        same in every process and on every machine. Every band's noise and every
+        step's tile shift of sample k come from it.
+    """
+    if int(k) == 0:
+        return int(seed)
+    digest = hashlib.sha256(f"{int(seed)}\0scene sample {int(k)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def step_shift(seed, step, limit):
     """
     How far the inner tiles move at one step: (rows, columns), each uniform in
@@ -303,6 +320,20 @@ class JobMismatch(ValueError):
     """A work folder holds a job saved with other settings."""
 
 
+def key_differences(saved, key):
+    """
+    How a job's settings differ from those it was saved with.
+
+    :param saved: the settings as read back from a saved JSON file.
+    :param key: the settings of this run (compared as JSON would save them).
+    :return: "name saved, not this, ..." for each setting that differs, sorted by
+        name; "" when none does.
+    """
+    mine = json.loads(json.dumps(key))
+    differ = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+    return ", ".join(f"{k} {saved.get(k)!r}, not {mine.get(k)!r}" for k in differ)
+
+
 class SceneSampler:
     """
     The reverse process on a scene: fusion over tiles, then the sampler's update
@@ -362,14 +393,8 @@ class SceneSampler:
             return None
         with open(path) as f:
             job = json.load(f)
-        mine = json.loads(json.dumps(self.key))  # as it would be saved
-        if job["key"] != mine:
-            differ = sorted(
-                k for k in set(job["key"]) | set(mine) if job["key"].get(k) != mine.get(k)
-            )
-            shown = ", ".join(
-                f"{k} {job['key'].get(k)!r}, not {mine.get(k)!r}" for k in differ
-            )
+        shown = key_differences(job["key"], self.key)
+        if shown:
             raise JobMismatch(
                 f"{folder} holds a job saved at step {job['step']} of "
                 f"{len(self.timesteps)} with other settings ({shown}); "

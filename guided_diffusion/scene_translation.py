@@ -11,15 +11,24 @@ two give the same pixels for the same flags by construction.
 :func:`translate_scene_file` reads the scene into scene-sized arrays
 (:func:`load_scene`), runs the job (:class:`~guided_diffusion.scene.SceneSampler`,
 :func:`sample_scene`) and writes the GeoTIFF and the quick-look PNG
-(:func:`write_outputs`).
+(:func:`write_outputs`). With ``--samples_per_input K`` above 1
+(:func:`translate_scene_samples`) it translates the scene K times, each a whole
+job of its own seeded by :func:`~guided_diffusion.scene.scene_sample_seed` (sample
+0 is the translation of K = 1, written to ``--output`` as always; sample k > 0
+goes to :func:`sample_path`), then reads the K GeoTIFFs a band of rows at a time
+into their mean, their spread and a picture of the spread
+(:func:`write_spread_outputs`, files named by :func:`spread_paths`).
 """
 
 import argparse
+import json
 import math
 import os
 import signal
 import sys
 import time
+import warnings
+from contextlib import ExitStack
 
 import numpy as np
 import torch as th
@@ -47,8 +56,23 @@ from .sampling import (
     sar_for_display,
     to_uint8,
 )
-from .scene import SceneArrays, SceneSampler, bands, scene_bytes
+from .scene import (
+    BAND_ROWS,
+    JobMismatch,
+    SceneArrays,
+    SceneSampler,
+    bands,
+    key_differences,
+    scene_bytes,
+    scene_sample_seed,
+)
 from .settings import str2bool
+from .uncertainty import (
+    SPREAD_MAX,
+    check_samples_per_input,
+    mean_and_spread,
+    spread_picture,
+)
 
 # Pixel sizes that differ by more than this share from the training data's are warned of.
 PIXEL_SIZE_TOLERANCE = 0.2
@@ -62,6 +86,12 @@ BUNDLED_MODEL = os.path.join(
 # --memory auto keeps the arrays in memory while they take at most this share of
 # the memory available when the job starts.
 MEMORY_SHARE = 0.5
+# The pass over the K samples of a scene holds at most this many bytes of them at
+# once (float64), in bands of BAND_ROWS rows or fewer.
+SPREAD_PASS_BYTES = 64 * 2**20
+# The file in the work folder that lists the finished samples of a run with
+# --samples_per_input above 1 (and the settings they were made with).
+SAMPLES_FILE = "samples.json"
 
 
 class SceneError(RuntimeError):
@@ -114,17 +144,22 @@ def build_parser(description=None):
                              f"mmap when they would take over {MEMORY_SHARE:.0%}% of "
                              "the available memory")  # fmt: skip
     add_sampling_flags(
-        parser, overrides={"batch_size": 8},
+        parser, ("sampling", "samples", "run", "speed"), overrides={"batch_size": 8},
         skip=("data_dir", "num_samples"),
     )  # fmt: skip
     parser.set_defaults(model_path=BUNDLED_MODEL)
+    helps = {
+        "model_path": "a model or EMA file; its run's config.json gives the model and "
+        "the input scaling (default: the bundled demo model, "
+        "assets/scene_model/model.pt)",
+        "samples_per_input": "translate the scene K times: OUTPUT is sample 0 (the "
+        "translation of K = 1), OUTPUT_sample1.tif ... the others (seeds from --seed "
+        "and k), then OUTPUT_mean.tif, OUTPUT_spread.tif (per-pixel standard "
+        "deviation, divisor K - 1) and OUTPUT_spread.png; K times the time",
+    }  # fmt: skip
     for action in parser._actions:
-        if action.dest == "model_path":
-            action.help = (
-                "a model or EMA file; its run's config.json gives the model and the "
-                "input scaling (default: the bundled demo model, "
-                "assets/scene_model/model.pt)"
-            )
+        if action.dest in helps:
+            action.help = helps[action.dest]
     return parser
 
 
@@ -154,6 +189,7 @@ def parse_args(argv=None, description=None, *, announce=True):
         raise ValueError("--batch_size (tiles per network call) must be positive")
     if args.save_every < 0:
         raise ValueError("--save_every must be 0 (save only when stopped and at the end) or more")
+    args.samples_per_input = check_samples_per_input(args.samples_per_input)
     # the folder is made now: a missing one must not fail the job at its end
     args.output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
@@ -183,19 +219,218 @@ def scene_settings(args):
 # -- the job --------------------------------------------------------------------------
 
 
-def translate_scene_file(args, flags, scaling, diffusion, **options):
+def translate_scene_file(args, flags, scaling, diffusion, *, on_sample=None, **options):
     """
     Translate ``args.input`` into ``args.output`` (see :func:`_translate_scene_file`
     for the arguments), with GDAL's block cache held to :func:`gdal_cache_bytes`:
     its default (5% of the machine's memory) would otherwise fill up while a
     large scene is read and written, and memory-mapped scenes would no longer run
-    in a flat amount of memory.
+    in a flat amount of memory. With ``args.samples_per_input`` above 1, the K
+    samples and their mean and spread (:func:`translate_scene_samples`).
+
+    :param on_sample: called as on_sample(k, K) when sample k starts to be
+        translated (K above 1 only), on every process; None for nothing.
+    :return: True when the job finished, False when a signal stopped it (saved).
     """
     import rasterio
 
     width = RasterRows(args.input).width
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(width)):
+        if getattr(args, "samples_per_input", 1) > 1:
+            return translate_scene_samples(
+                args, flags, scaling, diffusion, on_sample=on_sample, **options
+            )
         return _translate_scene_file(args, flags, scaling, diffusion, **options)
+
+
+def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
+                            model=None, catch_signals=False, progress=None,
+                            on_sample=None):  # fmt: skip
+    """
+    --samples_per_input K: translate the scene K times, then write the samples'
+    mean, spread and spread picture (:func:`write_spread_outputs`).
+
+    Sample k is a whole job of :func:`_translate_scene_file` with the seed
+    :func:`~guided_diffusion.scene.scene_sample_seed` (``args.seed`` for k = 0, so
+    ``args.output`` is the translation of K = 1), written to :func:`sample_path`,
+    saved in a work folder of its own (``args.work_dir`` for sample 0, its
+    subfolder ``sample<k>`` for the others). ``args.work_dir`` lists the finished
+    samples in :data:`SAMPLES_FILE` with the settings that made them: a rerun of
+    the same command skips those, continues the sample that was stopped and
+    translates the rest; a rerun with other settings is refused. The model is
+    loaded once for every sample; a signal that stops a sample stops the run.
+
+    :param args, flags, scaling, diffusion, rank, world, model, catch_signals,
+        progress: as :func:`_translate_scene_file` (progress counts the tiles of
+        the sample being translated).
+    :param on_sample: see :func:`translate_scene_file`.
+    :return: True when every file is written, False when a signal stopped it.
+    :raises JobMismatch: the work folder lists samples made with other settings.
+    :raises SceneError: as :func:`_translate_scene_file`, or the mean and spread
+        could not be written.
+    """
+    count = args.samples_per_input
+    tile, overlap = tile_overlap(args, flags)
+    key = job_key(args, tile, overlap)
+    problem, done = None, []
+    if dist_util.is_main_process():
+        try:
+            done = samples_done(args, key)
+        except JobMismatch as err:
+            problem = str(err)
+    problem, done = dist_util.broadcast_object((problem, done))
+    if problem:
+        raise JobMismatch(problem)
+    todo = [k for k in range(count) if k not in done]
+    if done:
+        logger.log(
+            f"{len(done)} of {count} samples already translated ("
+            + ", ".join(os.path.basename(sample_path(args.output, k)) for k in done)
+            + ")"
+        )
+    for i, k in enumerate(todo):
+        part = sample_args(args, k, later=len(todo) - i - 1, warned=i > 0)
+        logger.log(f"sample {k} of {count} (seed {part.seed}): {part.output}")
+        if model is None:  # once, for every sample
+            model = load_scene_model(args, flags)
+        if on_sample is not None:
+            on_sample(k, count)
+        finished = _translate_scene_file(
+            part, flags, scaling, diffusion, rank=rank, world=world, model=model,
+            catch_signals=catch_signals, progress=progress,
+        )  # fmt: skip
+        if not finished:
+            return False
+        if dist_util.is_main_process():
+            record_sample_done(args, key, k)
+    if dist_util.is_main_process():
+        try:
+            written = write_spread_outputs(args, scaling, count)
+        except OSError as err:
+            raise SceneError(
+                f"cannot write the mean and spread of {args.output} "
+                f"({err.strerror or err}); the {count} samples are kept: free space "
+                "and rerun the same command to write them"
+            ) from None
+        os.remove(os.path.join(args.work_dir, SAMPLES_FILE))
+        remove_work_dir(args.work_dir)
+        others = ", ".join(sample_path(args.output, k) for k in range(1, count))
+        logger.log(
+            f"{count} samples: {args.output} (sample 0), {others}; their mean "
+            f"{written['mean']}, spread {written['spread']} and its picture "
+            f"{written['picture']}"
+        )
+    dist_util.barrier()
+    return True
+
+
+def sample_path(output, k):
+    """
+    The GeoTIFF of sample k of a run with --samples_per_input: ``output`` itself
+    for k = 0, ``OUTPUT_sample<k>.tif`` beside it (the output's extension) otherwise.
+    """
+    if k == 0:
+        return output
+    stem, ext = os.path.splitext(output)
+    return f"{stem}_sample{k}{ext}"
+
+
+def spread_paths(output):
+    """
+    The files of the samples' statistics beside ``output``: a dict with "mean"
+    (OUTPUT_mean.tif), "spread" (OUTPUT_spread.tif) and "picture" (OUTPUT_spread.png).
+    """
+    stem, ext = os.path.splitext(output)
+    return {
+        "mean": f"{stem}_mean{ext}",
+        "spread": f"{stem}_spread{ext}",
+        "picture": f"{stem}_spread.png",
+    }
+
+
+def sample_args(args, k, later=0, warned=False):
+    """
+    The flags of sample k's job: its output (:func:`sample_path`), work folder
+    (``args.work_dir``, or its subfolder ``sample<k>``) and seed
+    (:func:`~guided_diffusion.scene.scene_sample_seed`), and ``sample`` (k),
+    ``run_seed`` (``args.seed``), ``samples_after`` (``later``: the samples
+    still to translate after this one, for the time estimate) and ``warned``
+    (True: the input's warnings were given for an earlier sample, not again).
+    """
+    part = argparse.Namespace(**vars(args))
+    part.sample, part.run_seed, part.samples_after = k, args.seed, later
+    part.warned = warned
+    if k:
+        part.output = sample_path(args.output, k)
+        part.work_dir = os.path.join(args.work_dir, f"sample{k}")
+        part.seed = scene_sample_seed(args.seed, k)
+    return part
+
+
+def samples_done(args, key):
+    """
+    The samples a stopped run of these settings finished (their GeoTIFFs there),
+    from ``args.work_dir``'s :data:`SAMPLES_FILE` (written when the first sample
+    is done).
+
+    :param key: :func:`job_key` of the run (sample 0's).
+    :return: a sorted list of sample indices.
+    :raises JobMismatch: the file lists samples made with other settings.
+    """
+    path = os.path.join(args.work_dir, SAMPLES_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        saved = json.load(f)
+    shown = key_differences(saved["key"], key)
+    if shown:
+        raise JobMismatch(
+            f"{args.work_dir} holds {len(saved['done'])} finished sample(s) of a run "
+            f"with other settings ({shown}); rerun with those to continue it, or "
+            "delete the folder to start over"
+        )
+    return sorted(k for k in saved["done"] if os.path.exists(sample_path(args.output, k)))
+
+
+def record_sample_done(args, key, k):
+    """Add sample k to the finished samples in ``args.work_dir``'s :data:`SAMPLES_FILE`."""
+    path = os.path.join(args.work_dir, SAMPLES_FILE)
+    done = []
+    if os.path.exists(path):
+        with open(path) as f:
+            done = json.load(f)["done"]
+    _write_json(path, {"key": key, "done": sorted({*done, k})})
+
+
+def _write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_scene_model(args, flags):
+    """The model of ``args.model_path``, loaded and prepared as the flags say."""
+    model = load_model(args.model_path, flags, dist_util.dev(), use_bf16=args.use_bf16)
+    return prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+
+
+def tile_overlap(args, flags):
+    """
+    (tile, overlap) in pixels: the model's size and --overlap (-1: half a tile).
+
+    :raises ValueError: an overlap of a tile or more, naming the flag.
+    """
+    tile = flags["image_size"]
+    overlap = tile // 2 if args.overlap < 0 else args.overlap
+    if not 0 <= overlap < tile:
+        raise ValueError(
+            f"--overlap {args.overlap}: give 0..{tile - 1} pixels (-1: half a tile)"
+        )
+    return tile, overlap
 
 
 def gdal_cache_bytes(width):
@@ -228,12 +463,7 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
     :raises SceneError: the arrays or the output could not be written, saying
         what survived.
     """
-    tile = flags["image_size"]
-    overlap = tile // 2 if args.overlap < 0 else args.overlap
-    if not 0 <= overlap < tile:
-        raise ValueError(
-            f"--overlap {args.overlap}: give 0..{tile - 1} pixels (-1: half a tile)"
-        )
+    tile, overlap = tile_overlap(args, flags)
 
     # -- the scene, into scene-sized arrays ----------------------------------------------
     source = RasterRows(args.input)
@@ -242,7 +472,8 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
         reader = resample_input(args, source, trained)
     else:
         reader = source
-        check_pixel_size(source, trained, args.input)
+        if not getattr(args, "warned", False):
+            check_pixel_size(source, trained, args.input)
     height, width = reader.height, reader.width
     sar_channels = scaling.sar_channels
     # a scene smaller than a tile is padded to one (edge pixels repeated)
@@ -267,11 +498,12 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
                 f"({err.strerror or err}): free space there, or give --work_dir on "
                 "a larger disk"
             ) from None
-        if stats.nodata:
-            logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
-        warning = stats.clipping_warning()
-        if warning:
-            logger.warn(warning)
+        if not getattr(args, "warned", False):  # once for K samples
+            if stats.nodata:
+                logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
+            warning = stats.clipping_warning()
+            if warning:
+                logger.warn(warning)
         finished = sample_scene(
             args, flags, diffusion, arrays, tile, overlap, rank, world, model=model,
             catch_signals=catch_signals, progress=progress,
@@ -282,7 +514,10 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
                     rows = resampled_rows(args, scaling, arrays, reader, source)
                 else:
                     rows = array_rows(arrays, width)
-                write_outputs(args, scaling, rows, source.height, source.width)
+                write_outputs(
+                    args, scaling, rows, source.height, source.width,
+                    quicklook=not getattr(args, "sample", 0),
+                )  # fmt: skip
             except OSError as err:
                 raise SceneError(
                     f"cannot write {args.output} ({err.strerror or err}); the finished "
@@ -350,8 +585,7 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     """
     device = dist_util.dev()
     if model is None:
-        model = load_model(args.model_path, flags, device, use_bf16=args.use_bf16)
-        model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+        model = load_scene_model(args, flags)
     net = Bfloat16Model(model) if args.use_bf16 else model
     keep = ("pred_xstart", "log_variance") if flags["learn_sigma"] else ("pred_xstart",)
 
@@ -372,10 +606,17 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
         if "first" not in timing:  # the estimate, from the first batch of tiles
             timing["first"] = time.perf_counter() - timing["began"]
             total = timing["first"] * calls * (steps - job.step)
-            about = f"{total:.0f} s" if total < 90 else f"{total / 60:.1f} min"
+            later = getattr(args, "samples_after", 0)
+            if later:  # the samples after this one, from their first step
+                whole = total + later * timing["first"] * calls * steps
+                scene = f"this sample, {_duration(whole)} for it and {later} more"
+            elif getattr(args, "samples_per_input", 1) > 1:
+                scene = "this sample, the last"
+            else:
+                scene = "the scene"
             logger.log(
                 f"the first {count} tile(s) took {timing['first']:.1f} s: about "
-                f"{about} for the scene"
+                f"{_duration(total)} for {scene}"
             )
 
     fuser_args = dict(
@@ -407,9 +648,12 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
         f"{args.work_dir}"
     )
     timing["total"] = job.tiles_left()
+    which = ""
+    if getattr(args, "samples_per_input", 1) > 1:
+        which = f"sample {args.sample} of {args.samples_per_input}, "
     bar = tqdm(
         total=timing["total"], unit="tile",
-        desc=f"step {job.step + 1}/{steps}", disable=not dist_util.is_main_process(),
+        desc=f"{which}step {job.step + 1}/{steps}", disable=not dist_util.is_main_process(),
     )  # fmt: skip
 
     def should_stop():
@@ -420,7 +664,7 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
         return STOP["signal"] is not None
 
     def on_step(done):
-        bar.set_description(f"step {min(done + 1, steps)}/{steps}")
+        bar.set_description(f"{which}step {min(done + 1, steps)}/{steps}")
 
     handlers = {}
     if catch_signals:
@@ -460,20 +704,31 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
 
 
 def job_key(args, tile, overlap):
-    """The settings that decide the result: a saved job continues only under them."""
+    """
+    The settings that decide the result: a saved job continues only under them.
+    Sample k > 0 of --samples_per_input (``args.sample``, :func:`sample_args`) adds
+    "sample": k to the run's seed; sample 0's are those of a run with one sample.
+    """
     stat = os.stat(args.input)
     model = os.stat(args.model_path)
-    return {
+    key = {
         "input": os.path.abspath(args.input), "input_bytes": stat.st_size,
         "input_mtime": stat.st_mtime, "model": os.path.abspath(args.model_path),
         "model_mtime": model.st_mtime, "sampler": args.sampler,
         "options": args.options, "timestep_respacing": args.timestep_respacing,
-        "seed": args.seed, "tile": tile, "overlap": overlap,
+        "seed": getattr(args, "run_seed", args.seed), "tile": tile, "overlap": overlap,
         "shift_tiles": args.shift_tiles,
         "clip_denoised": args.clip_denoised, "use_bf16": args.use_bf16,
         "resample": args.resample,
         "inputs": {k: v for k, v in args.inputs.items() if v is not None},
     }  # fmt: skip
+    if getattr(args, "sample", 0):
+        key["sample"] = args.sample
+    return key
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def all_reduce(tensor, op=None):
@@ -595,12 +850,14 @@ def quicklook_path(output):
     return os.path.splitext(output)[0] + "_quicklook.png"
 
 
-def write_outputs(args, scaling, rows, height, width):
+def write_outputs(args, scaling, rows, height, width, *, quicklook=True):
     """
     The GeoTIFF and the quick-look PNG, a band of rows at a time.
 
     :param rows: (top, bottom) -> the result (3, h, W) in [-1, 1], valid (h, W)
         and the scaled SAR (C, h, W) of those rows.
+    :param quicklook: write the quick-look PNG too (not for samples k > 0 of
+        --samples_per_input).
     """
     if args.output_units == "optical":
         lo, hi = scaling.opt_range
@@ -622,17 +879,19 @@ def write_outputs(args, scaling, rows, height, width):
                 image = to_uint8(x[None])[0].transpose(2, 0, 1).copy()
                 image[:, ~valid] = 0
             out.write(top, image)
+            if not quicklook:
+                continue
             keep = [r - top for r in range(top, bottom) if r % step == 0]
             sar = sar[:, keep, ::step]
             looks["sar"].append(sar_for_display(to_uint8(sar[None]))[0])
             looks["result"].append(to_uint8(x[None, :, keep, ::step])[0])
             looks["valid"].append(valid[keep, ::step])
     logger.log(f"wrote {args.output} ({width}x{height}, {np.dtype(dtype).name})")
-    quicklook = quicklook_path(args.output)
-    write_quicklook(
-        quicklook, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid"))
-    )
-    logger.log(f"wrote {quicklook}")
+    if not quicklook:
+        return
+    path = quicklook_path(args.output)
+    write_quicklook(path, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid")))
+    logger.log(f"wrote {path}")
 
 
 def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
@@ -649,3 +908,104 @@ def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
     both.save(tmp)
     os.replace(tmp, path)
 
+
+
+def write_spread_outputs(args, scaling, count):
+    """
+    The mean and spread of the K sample GeoTIFFs of a run with --samples_per_input,
+    read a band of rows at a time (the memory does not grow with the scene's
+    height), into the files of :func:`spread_paths`, each written under a temporary
+    name and renamed when complete:
+
+    * the mean, in the output's units and type (8-bit values rounded to the
+      nearest, or float32 optical values), nodata as the output's;
+    * the spread, float32: per channel the standard deviation of the K samples
+      (divisor K - 1, :func:`~guided_diffusion.uncertainty.mean_and_spread`), in
+      the output's units (grey levels for 8-bit output), NaN where the input has
+      no data;
+    * its picture: the spread averaged over the channels and over blocks of pixels
+      down to at most :data:`QUICKLOOK_WIDTH` columns, drawn by
+      :func:`~guided_diffusion.uncertainty.spread_picture` (nodata black) with its
+      colour bar; the top colour is 64 grey levels (for optical units, their
+      equivalent through --opt_range, which the title says).
+
+    Both GeoTIFFs have the input's georeference and the output's band names.
+
+    :param count: K, the samples written by :func:`sample_path`.
+    :return: the dict of :func:`spread_paths`.
+    """
+    from rasterio.errors import NotGeoreferencedWarning
+
+    paths = spread_paths(args.output)
+    source = RasterRows(args.input)
+    height, width = source.height, source.width
+    optical = args.output_units == "optical"
+    georef = georeference(args.input)
+    names = ("red", "green", "blue")
+    rows = max(1, min(BAND_ROWS, SPREAD_PASS_BYTES // (8 * 3 * count * width)))
+    step = max(1, math.ceil(width / QUICKLOOK_WIDTH))
+    shape = (math.ceil(height / step), math.ceil(width / step))
+    sums, pixels = np.zeros(shape), np.zeros(shape)
+    with ExitStack() as stack:
+        with warnings.catch_warnings():  # an input without a place gives one too
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            samples = [
+                stack.enter_context(rasterio_open(sample_path(args.output, k)))
+                for k in range(count)
+            ]
+        for k, src in enumerate(samples):
+            if (src.count, src.height, src.width) != (3, height, width):
+                raise ValueError(
+                    f"{src.name} holds {src.count} bands of {src.width}x{src.height}, "
+                    f"not sample {k} of {args.input}: delete it and rerun"
+                )
+        mean_out = stack.enter_context(GeoTiffWriter(
+            paths["mean"], 3, height, width, np.float32 if optical else np.uint8, georef,
+            nodata=float("nan") if optical else 0, names=names,
+        ))  # fmt: skip
+        spread_out = stack.enter_context(GeoTiffWriter(
+            paths["spread"], 3, height, width, np.float32, georef,
+            nodata=float("nan"), names=names,
+        ))  # fmt: skip
+        for top, bottom in bands(height, rows):
+            window = ((top, bottom), (0, width))
+            stacked = np.stack([src.read(window=window) for src in samples])
+            _, valid, _ = sar_bands_scaled(source.read(top, bottom), scaling)
+            mean, spread = mean_and_spread(stacked, axis=0)
+            spread[:, ~valid] = np.nan
+            if optical:
+                mean = mean.astype(np.float32)
+                mean[:, ~valid] = np.nan
+            else:
+                mean = np.rint(mean).astype(np.uint8)
+                mean[:, ~valid] = 0
+            mean_out.write(top, mean)
+            spread_out.write(top, spread.astype(np.float32))
+            # the picture's blocks of step x step pixels: their sums and counts
+            shown = spread.mean(axis=0)
+            finite = np.isfinite(shown)
+            extra = ((0, 0), (0, shape[1] * step - width))
+            block = (bottom - top, shape[1], step)
+            part_sum = np.pad(np.where(finite, shown, 0), extra).reshape(block).sum(2)
+            part_count = np.pad(finite, extra).reshape(block).sum(2)
+            np.add.at(sums, np.arange(top, bottom) // step, part_sum)
+            np.add.at(pixels, np.arange(top, bottom) // step, part_count)
+    for name in ("mean", "spread"):
+        logger.log(f"wrote {paths[name]}")
+    title = f"spread of {count} samples (standard deviation), grey levels"
+    vmax = SPREAD_MAX
+    if optical:
+        lo, hi = scaling.opt_range
+        vmax = SPREAD_MAX * (hi - lo) / 255
+        title = (
+            f"spread of {count} samples (standard deviation), optical units; "
+            f"top colour {vmax:.4g} = {SPREAD_MAX:g} grey levels"
+        )
+    picture, _ = spread_picture(
+        sums / np.maximum(pixels, 1), vmax=vmax, valid=pixels > 0, title=title
+    )
+    tmp = f"{paths['picture']}.tmp-{os.getpid()}.png"
+    picture.save(tmp)
+    os.replace(tmp, paths["picture"])
+    logger.log(f"wrote {paths['picture']}")
+    return paths

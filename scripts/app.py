@@ -5,11 +5,13 @@ A web page that translates SAR images into optical images.
 
 starts it on http://127.0.0.1:7860 and prints the address. Upload a SAR image
 (PNG, TIFF or GeoTIFF) or click an example; choose the model, the sampler, the
-steps and the seed. An image at the model's size is translated exactly as
-scripts/image_sample_realtime.py translates a file of the same name, any other
-size exactly as scripts/translate_scene.py translates it (in overlapping tiles);
-the page shows the equivalent command. Downloads: PNG, and GeoTIFF with the
-input's georeference when it had one.
+steps, the seed and the samples. An image at the model's size is translated
+exactly as scripts/image_sample_realtime.py translates a file of the same name,
+any other size exactly as scripts/translate_scene.py translates it (in
+overlapping tiles); the page shows the equivalent command. Downloads: PNG, and
+GeoTIFF with the input's georeference when it had one. With Samples K above 1
+(--samples_per_input K) the page also shows the K samples' mean and a picture of
+their spread, and offers their files.
 
 Without --model_path or --runs_dir the page offers the small model bundled in
 assets/scene_model/ (trained on generated scenes; VV and VH in dB) and the

@@ -21,10 +21,17 @@ default (--output_units optical: the optical values of the training data,
 float32, through its --opt_range). Nodata in the input is nodata in the output.
 A quick-look PNG (SAR | result) is written beside it.
 
+--samples_per_input K translates the scene K times: OUTPUT is sample 0 (the
+translation without the flag, to the bit), OUTPUT_sample1.tif ... the others
+(seeds from --seed and k), and from them OUTPUT_mean.tif (their mean),
+OUTPUT_spread.tif (per pixel and channel their standard deviation, divisor
+K - 1) and OUTPUT_spread.png (the spread as a colour scale with its legend).
+
 Long jobs are saved every --save_every steps (and on SIGINT or SIGTERM) in the
 work folder (OUTPUT.work); running the same command again continues from there
-to the same result. The scene's arrays live in memory or, for scenes larger
-than memory, in memory-mapped files there (--memory).
+to the same result (with K samples: the finished ones are kept, the stopped one
+continues). The scene's arrays live in memory or, for scenes larger than memory,
+in memory-mapped files there (--memory).
 
 Without --model_path, the small model bundled in assets/scene_model/ (trained on
 generated scenes) is used. image_sample_realtime.py, by contrast, translates a

@@ -3,7 +3,8 @@ The web page (guided_diffusion/app.py, scripts/app.py) through gradio_client, wi
 the bundled model: an example and an upload at the model's size get the pixels
 scripts/image_sample_realtime.py writes for a file of the same name, a larger
 upload the pixels scripts/translate_scene.py writes, a bad upload a message and
-the page keeps working; and the models offered and kept loaded.
+the page keeps working; several samples give the scripts' mean and spread; and the
+models offered and kept loaded.
 
 The page runs in this process; the scripts run as subprocesses, as a user runs them.
 """
@@ -65,7 +66,14 @@ def client(page):
 
 def ask(client, path, sampler="DPM-Solver++", steps=4, seed=3, model=MODEL):
     """One request, as the Translate button sends it: (SAR, result, text, files)."""
-    return client.predict(handle_file(str(path)), model, sampler, steps, seed,
+    sar, result, _, _, text, files = ask_samples(client, path, sampler, steps, seed, 1, model)
+    return sar, result, text, files
+
+
+def ask_samples(client, path, sampler="DPM-Solver++", steps=4, seed=3, samples=2,
+                model=MODEL):  # fmt: skip
+    """A request for several samples: (SAR, result, mean, spread, text, files)."""
+    return client.predict(handle_file(str(path)), model, sampler, steps, seed, samples,
                           api_name="/translate")  # fmt: skip
 
 
@@ -98,6 +106,16 @@ def test_an_example_and_an_upload_get_the_sampling_scripts_pixels(client, page, 
             assert src.crs.to_epsg() == 32632 and src.transform.e == -10
             assert np.array_equal(src.read().transpose(1, 2, 0), pixels(files[0]))
         got[path.name] = pixels(files[0])
+    # two samples of the example: sample 0 is the result of one
+    _, result, mean, spread, text, files = ask_samples(client, EXAMPLE, samples=2)
+    assert "--samples_per_input 2" in text and "2 samples" in text
+    assert np.array_equal(pixels(result), got[EXAMPLE.name])
+    assert [Path(f).name for f in files] == [
+        "fields_32_optical.png", "fields_32_optical.tif", "fields_32_optical_mean.png",
+        "fields_32_optical_spread.png", "fields_32_optical_spread.npz",
+    ]  # fmt: skip
+    assert np.array_equal(pixels(mean), pixels(files[2]))
+    assert np.array_equal(pixels(spread), pixels(files[3]))
     # the sampling script on a folder holding files of the same names
     data = tmp_path / "data"
     (data / "sar").mkdir(parents=True)
@@ -105,12 +123,20 @@ def test_an_example_and_an_upload_get_the_sampling_scripts_pixels(client, page, 
         shutil.copy(path, data / "sar" / path.name)
     run_script("image_sample_realtime.py", "--data_dir", data, "--model_path", BUNDLED_MODEL,
                "--sampler", "dpm++2m", "--timestep_respacing", 4, "--seed", 3,
-               "--batch_size", 1, logdir=tmp_path / "log")  # fmt: skip
-    out = tmp_path / "log" / "sample_results" / "dpm++2m4" / "gen_opt"
+               "--batch_size", 1, "--samples_per_input", 2,
+               logdir=tmp_path / "log")  # fmt: skip
+    out = tmp_path / "log" / "sample_results" / "dpm++2m4"
     for name, image in got.items():
-        expected = pixels(out / (Path(name).stem + ".png"))
+        expected = pixels(out / "gen_opt" / (Path(name).stem + ".png"))
         assert image.shape == (32, 32, 3) and image.std() > 0
         assert np.array_equal(image, expected), name
+    # the page's mean, spread picture and arrays are the script's
+    assert np.array_equal(pixels(mean), pixels(out / "gen_mean" / "fields_32.png"))
+    assert np.array_equal(pixels(spread), pixels(out / "gen_spread" / "fields_32.png"))
+    with np.load(files[4]) as ours, np.load(out / "spread_arrays" / "fields_32.npz") as theirs:
+        assert sorted(ours.files) == sorted(theirs.files)
+        for key in ours.files:
+            assert np.array_equal(ours[key], theirs[key]), key
 
 
 def test_the_page_parses_the_sampling_scripts_flags(tmp_path):
@@ -155,19 +181,38 @@ def test_a_larger_upload_gets_the_scene_translators_pixels(client, tmp_path):
     scene = write_crop(tmp_path / "small_scene.tif", SCENE_EXAMPLE, 40, 48)  # 2 x 2 tiles
     sar, result, text, files = ask(client, scene, "DDIM", 3, 5)
     assert "translate_scene.py" in text and "--input small_scene.tif" in text
+    assert "--samples_per_input" not in text
     image = pixels(result)
     assert image.shape == (40, 48, 3) and np.array_equal(image, pixels(files[0]))
+    # two samples: sample 0 is the result of one, and their mean and spread files
+    _, twice, mean, spread, text, more = ask_samples(client, scene, "DDIM", 3, 5, 2)
+    assert "--samples_per_input 2" in text and np.array_equal(pixels(twice), image)
+    assert [Path(f).name for f in more] == [
+        "small_scene_optical.png", "small_scene_optical.tif",
+        "small_scene_optical_mean.png", "small_scene_optical_mean.tif",
+        "small_scene_optical_spread.png", "small_scene_optical_spread.tif",
+    ]  # fmt: skip
+    assert np.array_equal(pixels(mean), pixels(more[2]))
+    assert np.array_equal(pixels(spread), pixels(more[4]))
     run_script("translate_scene.py", "--input", scene, "--output", tmp_path / "out.tif",
-               "--sampler", "ddim", "--timestep_respacing", 3, "--seed", 5)  # fmt: skip
+               "--sampler", "ddim", "--timestep_respacing", 3, "--seed", 5,
+               "--samples_per_input", 2)  # fmt: skip
     with rasterio.open(tmp_path / "out.tif") as src:
         expected, transform = src.read().transpose(1, 2, 0), src.transform
     assert np.array_equal(image, expected)
     with rasterio.open(files[1]) as src:
         assert np.array_equal(src.read().transpose(1, 2, 0), expected)
         assert src.transform == transform and src.crs.to_epsg() == 32632
+    for ours, theirs in ((more[3], "out_mean.tif"), (more[5], "out_spread.tif")):
+        with rasterio.open(ours) as a, rasterio.open(tmp_path / theirs) as b:
+            assert np.array_equal(a.read(), b.read(), equal_nan=True), theirs
+            assert a.transform == transform and a.crs.to_epsg() == 32632
+    with rasterio.open(tmp_path / "out_mean.tif") as src:
+        assert np.array_equal(pixels(mean), src.read().transpose(1, 2, 0))
+    assert np.array_equal(pixels(spread), pixels(tmp_path / "out_spread.png"))
 
 
-def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, tmp_path):
+def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, page, tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")
     (tmp_path / "notes.txt").write_text("not an image")
@@ -187,6 +232,10 @@ def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, tmp_pat
             ask(client, tmp_path / name)
         assert message in str(refused.value), (name, str(refused.value))
     assert "reads SAR db -> dB" in str(_last_message(client, tmp_path / "four.tif"))
+    with pytest.raises(AppError, match="greater than maximum value 8"):  # Gradio's slider
+        ask_samples(client, EXAMPLE, samples=9)
+    with pytest.raises(app.PageError, match="samples 9: give a whole number from 1 to 8"):
+        page[1].translate(str(EXAMPLE), MODEL, "ddim", 2, 0, samples=9)
     _, result, _, _ = ask(client, EXAMPLE)
     assert pixels(result).std() > 0
 

@@ -1,7 +1,8 @@
 """
 The page in a real headless Chromium driven by Playwright: ``python
 scripts/app.py`` starts and prints its address; a user uploads a SAR file,
-clicks Translate, sees the result (its size right, not blank) and downloads it.
+clicks Translate, sees the result (its size right, not blank) and downloads it;
+with Samples at 2 the samples' mean and spread appear beside it.
 The screenshot the README shows is taken here: written to assets/app.png when
 UPDATE_ASSETS=1, else to a temporary folder.
 
@@ -107,6 +108,21 @@ def test_upload_translate_see_and_download(served, tmp_path):
             assert np.array_equal(got, rgba[..., :3])  # the file is the image shown
             page.mouse.move(0, 0)
             shot = page.screenshot(full_page=False)
+            # two samples: their mean and the spread picture appear beside the result
+            assert not page.locator("#mean-view").is_visible()
+            samples = page.locator("#samples input[type=number]")
+            samples.fill("2")
+            samples.press("Enter")
+            page.click("#translate")
+            page.locator("#spread-view img").wait_for(timeout=120_000)
+            mean = page.locator("#mean-view img")
+            mean.wait_for(timeout=10_000)
+            page.wait_for_function(
+                "() => document.querySelector('#mean-view img').complete"
+            )
+            assert mean.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [32, 32]
+            assert "2 samples" in page.locator("#info").inner_text()
+            page.locator("#downloads a[href$='my_sar_optical_spread.npz']").wait_for()
         finally:
             browser.close()
     picture = Image.open(io.BytesIO(shot))

@@ -89,6 +89,15 @@ def translate(monkeypatch, scene, output, checkpoint, *extra):
         return src.read(), src.profile, src.descriptions, src.gcps, src.overviews(1)
 
 
+def read_band_stack(*paths):
+    """The pixels of GeoTIFFs, stacked: (len(paths), bands, H, W) float64."""
+    out = []
+    for path in paths:
+        with rasterio.open(path) as src:
+            out.append(src.read().astype(np.float64))
+    return np.stack(out)
+
+
 def test_geotiff_keeps_place_and_nodata_and_ignores_the_tile_batch(
     tmp_path, monkeypatch, checkpoint
 ):
@@ -155,19 +164,24 @@ def test_ground_control_points_and_optical_units(tmp_path, monkeypatch, checkpoi
 def test_two_ranks_share_the_tiles_and_give_the_same_scene(
     tmp_path, monkeypatch, checkpoint
 ):
+    """... and with --samples_per_input 2, each sample, and one process writes the
+    mean and spread."""
     scene = write_scene(tmp_path / "scene.tif", 48, 80, strip=5, seed=3)
-    one, *_ = translate(monkeypatch, scene, tmp_path / "one.tif", checkpoint)
+    twice = ("--samples_per_input", "2")
+    translate(monkeypatch, scene, tmp_path / "one.tif", checkpoint, *twice)
     proc = subprocess.run(
         ["mpiexec", "-n", "2", sys.executable, SCRIPT, "--input", scene, "--output",
          str(tmp_path / "two.tif"), "--model_path", str(checkpoint), "--sampler", "ddim",
-         "--timestep_respacing", "ddim3"],
+         "--timestep_respacing", "ddim3", *twice],
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
         timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    with rasterio.open(tmp_path / "two.tif") as src:
-        two = src.read()
-    assert np.abs(one.astype(int) - two).max() <= 1
+    assert proc.stdout.count("wrote " + str(tmp_path / "two_mean.tif")) == 1
+    for suffix in ("", "_sample1", "_mean"):
+        one, two = read_band_stack(tmp_path / f"one{suffix}.tif", tmp_path / f"two{suffix}.tif")
+        assert np.abs(one - two).max() <= 1, suffix
+    assert not (tmp_path / "two.tif.work").exists()
 
 
 def test_memory_mapped_arrays_give_the_memory_result(tmp_path, monkeypatch, checkpoint):
@@ -297,3 +311,167 @@ def test_a_full_disk_ends_in_one_line_naming_what_survived(
     line = err.strip().splitlines()[-1]  # after the progress bar
     assert "Traceback" not in err and line.startswith("error: No space left on device")
     assert "the job saved at step 2 of 7" in line and "rerun the same command" in line
+
+
+# -- several translations of a scene (--samples_per_input) ------------------------------
+
+SAMPLES = ("--sampler", "ddim", "--timestep_respacing", "ddim3", "--save_every", "1")
+
+
+@pytest.fixture(scope="module")
+def three_samples(tmp_path_factory, checkpoint):
+    """A scene with a nodata strip translated once without the flag, once with
+    --samples_per_input 1 and once with 3: (scene, folder)."""
+    folder = tmp_path_factory.mktemp("samples")
+    scene = write_scene(folder / "scene.tif", 40, 72, strip=5, seed=9)
+    with pytest.MonkeyPatch.context() as patch:
+        translate(patch, scene, folder / "plain.tif", checkpoint, *SAMPLES)
+        translate(patch, scene, folder / "one.tif", checkpoint, *SAMPLES,
+                  "--samples_per_input", "1")  # fmt: skip
+        translate(patch, scene, folder / "out.tif", checkpoint, *SAMPLES,
+                  "--samples_per_input", "3")  # fmt: skip
+    return scene, folder
+
+
+def test_one_sample_per_input_writes_what_a_run_without_the_flag_writes(three_samples):
+    _, folder = three_samples
+    for name in ("plain", "one"):
+        assert sorted(p.name for p in folder.glob(f"{name}*")) == [
+            f"{name}.tif", f"{name}_quicklook.png"
+        ]  # fmt: skip
+    for suffix in (".tif", "_quicklook.png"):
+        assert (folder / f"one{suffix}").read_bytes() == (
+            folder / f"plain{suffix}"
+        ).read_bytes()
+
+
+def test_three_samples_their_mean_and_spread(three_samples):
+    scene, folder = three_samples
+    assert sorted(p.name for p in folder.glob("out*")) == [
+        "out.tif", "out_mean.tif", "out_quicklook.png", "out_sample1.tif",
+        "out_sample2.tif", "out_spread.png", "out_spread.tif",
+    ]  # fmt: skip
+    assert not (folder / "out.tif.work").exists()
+    # sample 0 is the run of one sample, to the bit, quick-look included
+    for suffix in (".tif", "_quicklook.png"):
+        assert (folder / f"out{suffix}").read_bytes() == (
+            folder / f"plain{suffix}"
+        ).read_bytes()
+    samples = read_band_stack(*(folder / n for n in ("out.tif", "out_sample1.tif",
+                                                     "out_sample2.tif")))  # fmt: skip
+    assert not np.array_equal(samples[0], samples[1])
+    assert not np.array_equal(samples[0], samples[2])
+    assert not np.array_equal(samples[1], samples[2])
+    with rasterio.open(scene) as src:
+        valid = np.isfinite(src.read()).all(axis=0)
+        crs, transform = src.crs, src.transform
+    assert not valid[:, :5].any() and valid[:, 5:].all()
+    expected_mean = np.rint(samples.mean(axis=0))
+    expected_spread = samples.std(axis=0, ddof=1)
+    with rasterio.open(folder / "out_mean.tif") as src:
+        mean, mean_profile, mean_names = src.read(), src.profile, src.descriptions
+    with rasterio.open(folder / "out_spread.tif") as src:
+        spread, spread_profile, spread_names = src.read(), src.profile, src.descriptions
+    assert mean.dtype == np.uint8 and mean_profile["nodata"] == 0
+    assert np.array_equal(mean[:, valid], expected_mean[:, valid])
+    assert (mean[:, ~valid] == 0).all()
+    assert spread.dtype == np.float32 and np.isnan(spread_profile["nodata"])
+    assert np.allclose(spread[:, valid], expected_spread[:, valid], rtol=1e-6, atol=1e-5)
+    assert np.isnan(spread[:, ~valid]).all() and spread[:, valid].max() > 0
+    for profile in (mean_profile, spread_profile):
+        assert profile["crs"] == crs and profile["transform"] == transform
+    assert mean_names == spread_names == ("red", "green", "blue")
+    picture = Image.open(folder / "out_spread.png")
+    assert picture.mode == "RGB" and picture.width > 256  # the map enlarged, its legend
+
+
+def test_a_stopped_run_of_three_samples_continues_to_the_same_files(
+    three_samples, tmp_path, monkeypatch, checkpoint, capsys
+):
+    scene, reference = three_samples
+    real_step = SceneSampler.step_once
+    steps = []
+
+    def terminated_in_sample_2(job):
+        if job.key.get("sample") == 2 and job.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_step(job)
+        steps.append((job.key.get("sample", 0), job.step))
+
+    monkeypatch.setattr(SceneSampler, "step_once", terminated_in_sample_2)
+    out = tmp_path / "out.tif"
+    with pytest.raises(SystemExit) as stopped:
+        translate(monkeypatch, scene, out, checkpoint, *SAMPLES, "--samples_per_input", "3")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert steps == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3), (2, 1), (2, 2)]
+    assert (tmp_path / "out_sample1.tif").exists()
+    assert not (tmp_path / "out_sample2.tif").exists()
+    assert not (tmp_path / "out_mean.tif").exists()
+    work = tmp_path / "out.tif.work"
+    assert json.loads((work / "samples.json").read_text())["done"] == [0, 1]
+    assert json.loads((work / "sample2" / "job.json").read_text())["step"] == 2
+    # another seed may not continue it
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        translate(monkeypatch, scene, out, checkpoint, *SAMPLES, "--samples_per_input",
+                  "3", "--seed", "4")  # fmt: skip
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "2 finished sample(s) of a run with other settings (seed 0, not 4)" in err
+    # the same command: sample 2 continues from its save, the others are kept
+    steps.clear()
+    translate(monkeypatch, scene, out, checkpoint, *SAMPLES, "--samples_per_input", "3")
+    assert steps == [(2, 3)]
+    assert "2 of 3 samples already translated" in capsys.readouterr().out
+    for name in ("out.tif", "out_sample1.tif", "out_sample2.tif", "out_mean.tif",
+                 "out_spread.tif", "out_spread.png", "out_quicklook.png"):  # fmt: skip
+        assert (tmp_path / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not work.exists()
+
+
+def test_samples_in_optical_units_by_ground_control_points(
+    tmp_path, monkeypatch, checkpoint
+):
+    scene = write_scene(tmp_path / "scene.tif", 24, 40, gcps=True, strip=3, seed=10)
+    translate(monkeypatch, scene, tmp_path / "out.tif", checkpoint, *SAMPLES,
+              "--output_units", "optical", "--samples_per_input", "2")  # fmt: skip
+    samples = read_band_stack(tmp_path / "out.tif", tmp_path / "out_sample1.tif")
+    with rasterio.open(tmp_path / "out_mean.tif") as src:
+        mean, (gcps, _) = src.read(), src.gcps
+        assert mean.dtype == np.float32 and np.isnan(src.nodata)
+    with rasterio.open(tmp_path / "out_spread.tif") as src:
+        spread = src.read()
+    with rasterio.open(scene) as src:
+        expected_gcps = src.gcps[0]
+    assert [(p.row, p.col, p.x, p.y) for p in gcps] == [
+        (p.row, p.col, p.x, p.y) for p in expected_gcps
+    ]
+    assert np.isnan(mean[:, :, :3]).all() and np.isnan(spread[:, :, :3]).all()
+    assert np.allclose(mean[:, :, 3:], samples.mean(axis=0)[:, :, 3:], rtol=1e-6)
+    assert np.allclose(spread[:, :, 3:], samples.std(axis=0, ddof=1)[:, :, 3:],
+                       rtol=1e-5, atol=1e-3)  # fmt: skip
+    assert spread[:, :, 3:].max() > 1  # optical units (0..3000), not grey levels
+    assert Image.open(tmp_path / "out_spread.png").width > 256
+
+
+def test_resampled_samples_come_back_on_the_inputs_grid(tmp_path, monkeypatch, checkpoint):
+    coarse = Affine(20, 0, 600000, 0, -20, 5100000)
+    scene = write_scene(tmp_path / "scene.tif", 20, 28, strip=4, seed=11, transform=coarse)
+    translate(monkeypatch, scene, tmp_path / "out.tif", checkpoint, *SAMPLES,
+              "--resample", "--samples_per_input", "2")  # fmt: skip
+    for name in ("out_sample1.tif", "out_mean.tif", "out_spread.tif"):
+        with rasterio.open(tmp_path / name) as src:
+            assert (src.height, src.width) == (20, 28) and src.transform == coarse
+    assert not (tmp_path / "out.tif.work").exists()
+
+
+def test_no_samples_is_refused_naming_the_flag(tmp_path, monkeypatch, checkpoint, capsys):
+    scene = write_scene(tmp_path / "scene.tif", 20, 20)
+    with pytest.raises(SystemExit) as refused:
+        translate(monkeypatch, scene, tmp_path / "out.tif", checkpoint,
+                  "--samples_per_input", "0")  # fmt: skip
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --samples_per_input 0")
+    assert not (tmp_path / "out.tif").exists()
