@@ -1,5 +1,5 @@
 """
-Quality against cost of the samplers: SSIM, PSNR and wall time per image on the
+Quality against cost of the samplers: SSIM, PSNR, sharpness and wall time per image on the
 demo's test scenes with the demo's trained model, for DDPM with 250 / 100 / 50
 steps, DDIM with 50 / 25 / 10 and DPM-Solver++(2M) with 25 / 20 / 10 / 5 (one
 model evaluation per step for all three).
@@ -22,6 +22,7 @@ import time
 
 import common
 import numpy as np
+import seams
 import torch as th
 
 from guided_diffusion import dist_util, metrics
@@ -86,7 +87,10 @@ def respaced_diffusion(flags, sampler, steps):
 
 
 def score_sampler(model, flags, sampler, steps, sar, gt, names, args):
-    """Translate every image with one sampler; returns (SSIMs, PSNRs, seconds per image)."""
+    """
+    Translate every image with one sampler; returns (SSIMs, PSNRs, sharpness, seconds
+    per image), sharpness the mean gradient of all images over the truth's.
+    """
     diffusion = respaced_diffusion(flags, sampler, steps)
     device = sar.device
     generated, elapsed = [], 0.0
@@ -109,7 +113,10 @@ def score_sampler(model, flags, sampler, steps, sar, gt, names, args):
     generated = np.concatenate(generated)
     ssim = [metrics.ssim_rgb(g, t) for g, t in zip(generated, gt)]
     psnr = [metrics.psnr(g, t) for g, t in zip(generated, gt)]
-    return ssim, psnr, elapsed / len(names)
+    sharpness = sum(seams.mean_gradient(g) for g in generated) / sum(
+        seams.mean_gradient(t) for t in gt
+    )
+    return ssim, psnr, sharpness, elapsed / len(names)
 
 
 def main():
@@ -155,7 +162,7 @@ def main():
     rows = []
     for sampler, steps in args.rows:
         print(f"{sampler} {steps} steps ...", flush=True)
-        ssim, psnr, seconds = score_sampler(
+        ssim, psnr, sharpness, seconds = score_sampler(
             model, flags, sampler, steps, sar, gt, names, args
         )
         finite = [p for p in psnr if np.isfinite(p)]
@@ -166,6 +173,7 @@ def main():
                 steps,
                 f"{np.mean(ssim):.4f}",
                 f"{np.mean(finite):.2f}" if finite else "inf",
+                f"{sharpness:.2f}",
                 f"{seconds:.4f}",
                 f"{infinite} identical image(s) (PSNR inf) left out of the mean"
                 if infinite
@@ -177,6 +185,7 @@ def main():
         "steps (= model evaluations)",
         "SSIM",
         "PSNR dB",
+        "sharpness",
         "s per image",
         "notes",
     ]
@@ -190,7 +199,8 @@ def main():
             f"data: {len(names)} test pairs of {shown(args.data_dir)}, batch {args.batch_size}, seed {args.seed}"
             + (", bfloat16 autocast" if args.use_bf16 else ", float32"),
             "SSIM (RGB, scikit-image defaults) and PSNR on uint8 images, means over the images; "
-            "time: translate() per image, after a warm-up",
+            "sharpness: the mean gradient magnitude of the images over the truth's (1: as "
+            "much detail as the truth; seams.py); time: translate() per image, after a warm-up",
         ],
         args.results,
     )
