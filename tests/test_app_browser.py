@@ -106,8 +106,6 @@ def test_upload_translate_see_and_download(served, tmp_path):
             download.value.save_as(saved)
             got = np.asarray(Image.open(saved).convert("RGB"))
             assert np.array_equal(got, rgba[..., :3])  # the file is the image shown
-            page.mouse.move(0, 0)
-            shot = page.screenshot(full_page=False)
             # two samples: their mean and the spread picture appear beside the result
             assert not page.locator("#mean-view").is_visible()
             samples = page.locator("#samples input[type=number]")
@@ -123,6 +121,8 @@ def test_upload_translate_see_and_download(served, tmp_path):
             assert mean.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [32, 32]
             assert "2 samples" in page.locator("#info").inner_text()
             page.locator("#downloads a[href$='my_sar_optical_spread.npz']").wait_for()
+            page.mouse.move(0, 0)
+            shot = page.screenshot(full_page=False)
         finally:
             browser.close()
     picture = Image.open(io.BytesIO(shot))
