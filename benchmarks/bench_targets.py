@@ -8,9 +8,10 @@ scored as single samples (sample 0, what a run without --samples_per_input gives
 and as the mean of the K samples: SSIM, PSNR, colour error, tint, class accuracy,
 sharpness, and how well the spread of the K samples ranks the errors.
 
-    python benchmarks/bench_targets.py                # ~60 min on 2 CPU cores
+    python benchmarks/bench_targets.py                # ~70 min on 2 CPU cores
     python benchmarks/bench_targets.py --steps 20 --num_train 64 --num_test 8 \\
-        --val_interval 10 --samples 2 --run_root /tmp/bt --results '' --plot ''  # a smoke run
+        --val_interval 10 --samples 2 --data_dir logs/bt_smoke/data --val_dir \\
+        logs/bt_smoke/val --run_root logs/bt_smoke/runs --results '' --plot '' --figure ''  # a smoke run
 
 Runs go to --run_root/<variant>_seed<seed>/; a rerun reuses finished training and
 sampling, so an interrupted benchmark continues. Training runs first (all of
@@ -403,14 +404,16 @@ def plot_curves(args, scores, path, size=(760, 440)):
         _, y = xy(0, value)
         draw.line([(x0, y), (x1, y)], fill=(225, 225, 225))
         draw.text((8, y - 6), f"{value:.2f}", fill="black", font=font)
-    for step in np.linspace(0, x_max, 7):
+    tick = next(t for t in (25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10**9)
+                if x_max / t <= 8)  # fmt: skip
+    for step in range(0, x_max + 1, tick):
         x, _ = xy(step, y_lo)
         draw.line([(x, y0), (x, y0 + 4)], fill="black")
         draw.text((x - 10, y0 + 8), f"{int(round(step))}", fill="black", font=font)
     draw.text(((x0 + x1) / 2 - 30, height - 18), "training step", fill="black", font=font)
     draw.rectangle([x0, y1, x1, y0], outline="black")
     for i, (variant, curve) in enumerate(curves.items()):
-        colour = COLOURS[i % len(COLOURS)]
+        colour = COLOURS[list(VARIANTS).index(variant) % len(COLOURS)]  # one per variant
         line = [xy(st, v) for st, v in curve]
         dashed = "minsnr" in variant
         for a, b in zip(line, line[1:]):

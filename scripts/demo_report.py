@@ -2,7 +2,7 @@
 Score the demo's translations against two trivial baselines and draw a picture.
 
     python scripts/demo_report.py --data_dir data/synthetic32 \
-        --gen_dir logs/demo/sample_results/ddim50/gen_opt --out logs/demo
+        --gen_dir logs/demo/sample_results/dpm++2m20/gen_opt --out logs/demo
 
 --data_dir is a dataset written by scripts/make_synthetic_dataset.py (it holds
 the class maps and the per-class mean colours the class accuracy needs).
