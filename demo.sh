@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo: generated SAR/optical scenes, a small model trained on the CPU,
 # the test set translated, scored against two trivial baselines and drawn.
-#   bash demo.sh                  # about 12 minutes on 2 idle CPU cores
+#   bash demo.sh                  # 12 to 26 minutes on 2 idle CPU cores
 #   bash demo.sh --update_assets  # also copy the picture to assets/demo.png
 #   DATA_FORMAT=sen12ms bash demo.sh --update_assets
 #                                 # also refresh the bundled scene model,
