@@ -168,6 +168,28 @@ def dev():
     return th.device("cpu")
 
 
+def configure_numerics(*, use_tf32=False, cudnn_benchmark=False):
+    """
+    Set how float32 arithmetic runs on CUDA devices, for this process (a no-op for
+    the numbers on a CPU).
+
+    :param use_tf32: TensorFloat-32 in float32 matrix products and convolutions
+        (Ampere or newer): faster, with a 10-bit mantissa. False gives IEEE float32
+        in both; note that PyTorch's own default lets convolutions use TF32.
+    :param cudnn_benchmark: let cuDNN time its algorithms at the first call of each
+        input shape and keep the fastest: right for runs whose shapes do not change
+        (training, a folder at a fixed batch size), a cost at every new shape.
+    """
+    precision = "tf32" if use_tf32 else "ieee"
+    if hasattr(th.backends.cuda.matmul, "fp32_precision"):  # PyTorch 2.9 and newer
+        th.backends.cuda.matmul.fp32_precision = precision
+        th.backends.cudnn.conv.fp32_precision = precision
+    else:
+        th.backends.cuda.matmul.allow_tf32 = use_tf32
+        th.backends.cudnn.allow_tf32 = use_tf32
+    th.backends.cudnn.benchmark = bool(cudnn_benchmark)
+
+
 def get_rank():
     """Global rank of this process (0 before :func:`setup_dist`)."""
     if dist.is_available() and dist.is_initialized():

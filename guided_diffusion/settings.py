@@ -275,6 +275,14 @@ declare(
 )
 declare(S, "channels_last", False, "NHWC weights and activations (the same function)")
 declare(S, "compile", False, "torch.compile the model (minutes of compiling first)")
+declare(
+    S,
+    "use_tf32",
+    False,
+    "TensorFloat-32 in float32 matrix products and convolutions on NVIDIA GPUs of "
+    "the Ampere generation or newer: faster, but with a 10-bit mantissa, so the "
+    "last digits differ (False: IEEE float32 throughout, as on a CPU)",
+)
 
 # -- the training loop --------------------------------------------------------------
 
