@@ -38,7 +38,7 @@ import numpy as np
 import torch as th
 
 from . import samplers
-from .tiling import max_shift, tile_grid, window_1d
+from .tiling import axis_window, max_shift, tile_grid
 
 # Rows per band of the sampler's update (and of reading and writing the scene).
 BAND_ROWS = 64
@@ -234,8 +234,8 @@ class TileFuser:
         self.mine = self.grid[self.rank :: self.world]
         tops = sorted({top for top, _ in self.grid})
         lefts = sorted({left for _, left in self.grid})
-        self._wy = {top: window_1d(tile, top > 0, top + tile < height) for top in tops}
-        self._wx = {left: window_1d(tile, left > 0, left + tile < width) for left in lefts}
+        self._wy = {top: axis_window(height, tile, top) for top in tops}
+        self._wx = {left: axis_window(width, tile, left) for left in lefts}
         self.row_total = np.zeros(height)
         for top in tops:
             self.row_total[top : top + tile] += self._wy[top]

@@ -74,6 +74,18 @@ def window_1d(tile, taper_start=True, taper_end=True):
     return w
 
 
+def axis_window(size, tile, start):
+    """
+    The window along one axis of the tile that starts at ``start`` on an axis of
+    ``size`` pixels: tapered at an end inside the scene, held at 1 at an end on the
+    scene's border (:func:`window_1d`). The scene fuser and :func:`tile_weights`
+    both take their windows from here.
+
+    :return: float64 array (tile,).
+    """
+    return window_1d(tile, start > 0, start + tile < size)
+
+
 def tile_grid(height, width, tile, overlap, shift=(0, 0)):
     """
     The tiles of a scene, row by row.
@@ -90,6 +102,4 @@ def tile_grid(height, width, tile, overlap, shift=(0, 0)):
 
 def tile_weights(height, width, tile, top, left):
     """The fusion weight of one tile, (tile, tile) float64."""
-    wy = window_1d(tile, top > 0, top + tile < height)
-    wx = window_1d(tile, left > 0, left + tile < width)
-    return np.outer(wy, wx)
+    return np.outer(axis_window(height, tile, top), axis_window(width, tile, left))
