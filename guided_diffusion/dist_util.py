@@ -35,7 +35,11 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 # Variables that MPI launchers set in every process they start.
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
 
+# This process's rank among those on its machine, from the launcher; setup_dist
+# sets it before the group exists, since the group is started on its GPU.
 _local_rank = 0
+# Lines for the run's log that setup_dist found before any logger existed.
+_notes = []
 _cleanup_registered = False
 # Groups that cleanup() destroyed, held until _release_groups() at exit.
 _retired_groups = []
@@ -49,13 +53,15 @@ def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
     Ranks come from ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT), else from MPI when an MPI launcher is detected,
     else the process runs alone as a group of one. The backend is "nccl" when
-    CUDA is available, else "gloo"; each process uses the GPU
-    ``local_rank % device_count``.
+    CUDA is available, else "gloo". Each process binds the GPU
+    ``local_rank % device_count`` before the group starts, from the launcher's own
+    local rank. Under MPI, when OMP_NUM_THREADS is not set, each process takes its
+    share of the machine's CPU cores (see :func:`setup_notes`).
 
     :param init_timeout_s: seconds to wait for every rank to join before
         giving up with an error.
     """
-    global _local_rank, _cleanup_registered
+    global _local_rank, _cleanup_registered, _notes
     if dist.is_initialized():
         return
     if not _cleanup_registered:
@@ -66,13 +72,16 @@ def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
         atexit.register(cleanup)
         _cleanup_registered = True
     timeout = datetime.timedelta(seconds=init_timeout_s)
+    _notes = []
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
+        # torchrun sets OMP_NUM_THREADS=1 itself, unless the user set it.
         _local_rank = int(os.environ.get("LOCAL_RANK", 0))
         store = _rendezvous("env://", rank, world_size, timeout)
     elif any(name in os.environ for name in _MPI_ENV_VARS):
-        init_method, rank, world_size, _local_rank = _address_from_mpi()
+        init_method, rank, world_size, _local_rank, local_size = _address_from_mpi()
+        _notes = _share_cpu_threads(local_size)
         store = _rendezvous(init_method, rank, world_size, timeout)
     else:
         # An in-process store: a group of one needs no socket and cannot hang.
@@ -80,6 +89,8 @@ def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
         store = dist.HashStore()
         store.set_timeout(timeout)
 
+    # The local rank is known from the launcher, so dev() is this process's GPU
+    # already: NCCL's communicator and the model must be on the same one.
     device = dev()
     use_cuda = device.type == "cuda"
     if use_cuda:
@@ -118,14 +129,14 @@ def _address_from_mpi():
     """
     Use MPI only to agree on a TCP address for torch's own rendezvous.
 
-    :return: (init_method, rank, world_size, local_rank).
+    :return: (init_method, rank, world_size, local_rank, local_size).
     """
     # Imported here so that a plain process never needs an MPI library.
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, world_size = comm.Get_rank(), comm.Get_size()
-    local_rank = _local_rank_from_mpi(comm, MPI)
+    local_rank, local_size = _local_rank_from_mpi(comm, MPI)
     hostnames = comm.allgather(socket.gethostname())
     if rank == 0:
         # On one machine the loopback interface always works, whatever the
@@ -135,17 +146,61 @@ def _address_from_mpi():
     else:
         address = None
     host, port = comm.bcast(address, root=0)
-    return f"tcp://{host}:{port}", rank, world_size, local_rank
+    return f"tcp://{host}:{port}", rank, world_size, local_rank, local_size
 
 
 def _local_rank_from_mpi(comm, MPI):
-    for name in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"):
-        if name in os.environ:
-            return int(os.environ[name])
+    """
+    :return: (local_rank, local_size): this process's rank among the ranks on its
+        machine, and their number.
+    """
+    # MPICH's Hydra, then Open MPI; other launchers (srun, Intel MPI) are asked
+    # through a split of the world by shared memory, a collective every rank joins
+    # (all ranks are started by the same launcher, so all take the same branch).
+    for rank_name, size_name in (
+        ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+        ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ):
+        if rank_name in os.environ and size_name in os.environ:
+            return int(os.environ[rank_name]), int(os.environ[size_name])
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    local_rank = node_comm.Get_rank()
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
     node_comm.Free()
-    return local_rank
+    return local_rank, local_size
+
+
+def _share_cpu_threads(local_size):
+    """
+    Give this process its share of the machine's cores when the user has not set
+    OMP_NUM_THREADS: mpiexec sets nothing, and ``local_size`` processes that each
+    start a thread per core would fight over them.
+
+    :param local_size: the number of processes on this machine.
+    :return: the lines to log (none when nothing was changed).
+    """
+    if "OMP_NUM_THREADS" in os.environ or local_size <= 1:
+        return []
+    cores = os.cpu_count() or 1
+    # Never more than torch would start for one process, nor than the cores a
+    # launcher that pins each rank left it.
+    limit = th.get_num_threads()
+    if hasattr(os, "sched_getaffinity"):
+        limit = min(limit, len(os.sched_getaffinity(0)))
+    threads = max(1, min(limit, cores // local_size))
+    th.set_num_threads(threads)
+    return [
+        f"{threads} CPU thread{'s' if threads > 1 else ''} per process: "
+        f"OMP_NUM_THREADS is not set, and {local_size} processes share this "
+        f"machine's {cores} cores (set OMP_NUM_THREADS to choose)"
+    ]
+
+
+def setup_notes():
+    """
+    What :func:`setup_dist` decided that the run's log should say (the CPU threads
+    of each process under MPI), as lines; setup_dist runs before a logger exists.
+    """
+    return list(_notes)
 
 
 def _free_port():
@@ -161,10 +216,11 @@ def _is_multi_process():
 def dev():
     """
     The device this process computes on: ``cuda:(local_rank % device_count)``
-    when CUDA is available, else the CPU.
+    when CUDA is available, else the CPU. The local rank is the launcher's, known
+    from the start of :func:`setup_dist` (0 before it).
     """
     if th.cuda.is_available():
-        return th.device("cuda", get_local_rank() % th.cuda.device_count())
+        return th.device("cuda", _local_rank % th.cuda.device_count())
     return th.device("cpu")
 
 
@@ -228,11 +284,12 @@ def cleanup():
     collective can run after it; the group's threads stop when the exit
     handlers run, before the interpreter shuts down.
     """
-    global _local_rank
+    global _local_rank, _notes
     if dist.is_available() and dist.is_initialized():
         _retired_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
     _local_rank = 0
+    _notes = []
 
 
 def _release_groups():

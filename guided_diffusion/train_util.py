@@ -345,6 +345,17 @@ class TrainLoop:
             self._stop_flag_copied.synchronize()
         return bool(self._stop_flag_host.item() > 0)
 
+    def _queue_stop_flag_copy(self):
+        """
+        Start copying the stop flags reduced with the gradients to the host: they
+        arrive with the read that optimize() makes anyway, not with a wait of their own.
+        """
+        self._stop_flag_host.copy_(self._reduced_stop_flag, non_blocking=True)
+        if self._stop_flag_copied is not None:
+            # On the stream of the device the copy runs on, whichever device is
+            # current (a validator or a library may have changed it).
+            self._stop_flag_copied.record(th.cuda.current_stream(self.device))
+
     def _optim_kernel(self):
         """AdamW's kernel flags: the fused one, or PyTorch's default choice (None)."""
         if self.cfg.fused_optim:
@@ -401,11 +412,7 @@ class TrainLoop:
                 self.mp_trainer.backward(loss)
 
         if self.world_size > 1:
-            # The stop flags reduced with the gradients go to the host with the read
-            # that optimize() makes anyway, not with a wait of their own.
-            self._stop_flag_host.copy_(self._reduced_stop_flag, non_blocking=True)
-            if self._stop_flag_copied is not None:
-                self._stop_flag_copied.record()
+            self._queue_stop_flag_copy()
         # optimize() reads one number on the host, whether the gradient is finite:
         # the step is skipped (and the fp16 loss scale lowered) exactly when it is not.
         took_step, grad_norm = self.mp_trainer.optimize(

@@ -98,7 +98,7 @@ def main():
         }
         logger.log(f"configuration written to {write_config(config, logger.get_dir())}")
         logger.log(f"inputs: {scaling.describe()}")
-        for note in notes:
+        for note in dist_util.setup_notes() + notes:
             logger.log(note)
 
     # -- train --------------------------------------------------------------------
