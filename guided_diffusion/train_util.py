@@ -202,14 +202,14 @@ class TrainLoop:
                     p.copy_(v)
 
         if os.path.exists(paths["opt"]):
-            self.opt.load_state_dict(
-                dist_util.load_state_dict(paths["opt"], map_location=self.device)
-            )
             # The learning rate and the kernel are this run's flags, not the saved ones.
-            for group in self.opt.param_groups:
-                group["lr"] = self.cfg.lr
-                group["weight_decay"] = self.cfg.weight_decay
-                group.update(self._optim_kernel())
+            load_optimizer_state(
+                self.opt,
+                dist_util.load_state_dict(paths["opt"]),
+                lr=self.cfg.lr,
+                weight_decay=self.cfg.weight_decay,
+                **self._optim_kernel(),
+            )
         else:
             logger.warn(f"{paths['opt']} is missing: the optimizer restarts")
 
@@ -593,6 +593,25 @@ def dropout_seed(seed, rank, step):
     # The 3 keeps this stream apart from the timestep (1) and noise (2)
     # streams, which are seeded from (seed, step, stream).
     return derive_seed(seed, step, 3, rank)
+
+
+def load_optimizer_state(opt, state_dict, **settings):
+    """
+    Load an optimizer's saved state with this run's settings of its groups.
+
+    The state is read on the host and placed by Optimizer.load_state_dict: each
+    moment on its parameter's device, the step counters there only for the fused
+    (or capturable) kernels, which read them on the device; the other kernels read
+    them on the host at every step, for every parameter. It decides by the flags of
+    the groups in ``state_dict``, so this run's settings are put there first.
+
+    :param opt: the optimizer, built with this run's parameters.
+    :param state_dict: its saved state dict, with tensors on the CPU (changed).
+    :param settings: values for every parameter group (lr, fused, ...).
+    """
+    for group in state_dict["param_groups"]:
+        group.update(settings)
+    opt.load_state_dict(state_dict)
 
 
 def contiguous_state_dict(state_dict):

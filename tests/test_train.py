@@ -350,6 +350,49 @@ def test_checkpoint_of_original_code_resumes(pairs_dir, tmp_path):
     assert (tmp_path / "new" / "state000051.pt").exists()
 
 
+@pytest.fixture(scope="module")
+def one_step_runs(pairs_dir, tmp_path_factory):
+    """A checkpoint after one step, by fused_optim: the fused kernel's and AdamW's default."""
+    folders = {}
+    for fused in (True, False):
+        folders[fused] = tmp_path_factory.mktemp(f"fused_{fused}")
+        make_loop(
+            pairs_dir, folders[fused], max_steps=1, save_interval=1, fused_optim=fused
+        ).run_loop()
+    return folders
+
+
+@pytest.mark.parametrize("saved_fused", [True, False])
+@pytest.mark.parametrize("fused_optim", [False, True])
+def test_optimizer_state_resumes_where_adamw_reads_it(
+    pairs_dir, tmp_path, monkeypatch, one_step_runs, saved_fused, fused_optim
+):
+    """
+    Resumed with the model on another device ("meta" here, a GPU in use), AdamW's
+    moments go to the parameters' device; its step counters stay on the host, where
+    the for-each and per-tensor kernels read them at every step, unless the fused
+    kernel runs, which reads them on the device (PyTorch's note "special device
+    hosting for step"). Whatever kernel the checkpoint was saved with.
+    """
+    monkeypatch.setattr(dist_util, "dev", lambda: th.device("meta"))
+    loop = make_loop(
+        pairs_dir,
+        tmp_path,
+        resume=str(one_step_runs[saved_fused] / "model000001.pt"),
+        fused_optim=fused_optim,
+    )
+    assert loop.step == 1
+    states = list(loop.opt.state.values())
+    assert len(states) == len(loop.mp_trainer.master_params)
+    step_device = th.device("meta") if fused_optim else th.device("cpu")
+    for state in states:
+        assert state["step"].device == step_device
+        assert (
+            state["exp_avg"].device == state["exp_avg_sq"].device == th.device("meta")
+        )
+    assert all(g["fused"] == (fused_optim or None) for g in loop.opt.param_groups)
+
+
 def test_wrong_model_flags_give_clear_error(pairs_dir, tmp_path):
     other, _ = create_model_and_diffusion(**{**TINY, "num_channels": 64})
     th.save(other.state_dict(), tmp_path / "model000010.pt")
@@ -600,7 +643,9 @@ def test_stop_check_adds_no_collective_to_a_step(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result*.json"))]
+    results = [
+        json.loads(path.read_text()) for path in sorted(tmp_path.glob("result*.json"))
+    ]
     assert sorted(r["rank"] for r in results) == [0, 1]
     for r in results:
         assert r["all_reduces_per_step"] == r["buckets"], r
