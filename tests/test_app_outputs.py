@@ -87,7 +87,7 @@ def test_the_scene_route_keeps_the_place_and_its_command_gives_its_pixels(
     monkeypatch.chdir(ROOT)
     place = Affine(10, 0, 431270, 0, -10, 5012390)
     upload = moved_copy(
-        EXAMPLES / "scene_64x96.tif", tmp_path / "scene.tif", place, 40, 48
+        EXAMPLES / "scene_64x96.tif", tmp_path / "my scene.tif", place, 40, 48
     )
     result = translator.translate(str(upload), MODEL, "ddim", 2, 5)
     assert result.route == "scene" and result.image.shape == (40, 48, 3)
