@@ -81,6 +81,7 @@ class TrainLoop:
         self.cfg = cfg = SimpleNamespace(
             **settings.resolve(given, "TrainLoop", "model", *TRAINING_GROUPS)
         )
+        check_precision(cfg.use_fp16, cfg.use_bf16)
         self.diffusion = diffusion
         self.data = data
         self.microbatch = cfg.microbatch if cfg.microbatch > 0 else cfg.batch_size
@@ -558,6 +559,16 @@ class TrainLoop:
                 prune_checkpoints(folder, self.cfg.keep_checkpoints)
         self.last_saved_step = self.step
         dist_util.barrier()
+
+
+def check_precision(use_fp16, use_bf16):
+    """Refuse two reduced precisions at once: the model runs in one of them."""
+    if use_fp16 and use_bf16:
+        raise ValueError(
+            "--use_fp16 True and --use_bf16 True cannot be used together: choose one "
+            "(bf16 keeps float32's range and needs no loss scaling; fp16 is the "
+            "original's, for GPUs without bfloat16)"
+        )
 
 
 def _parse_rates(ema_rate):

@@ -35,6 +35,7 @@ from guided_diffusion.script_util import (  # noqa: E402
 from guided_diffusion.train_util import (  # noqa: E402
     TRAINING_GROUPS,
     TrainLoop,
+    check_precision,
     latest_run_dir,
     remove_stale_temp_files,
     write_config,
@@ -49,6 +50,7 @@ def main():
             sys.exit(
                 f"--{flag} is required: the folder of the {flag[-3:].upper()} training images"
             )
+    check_precision(args.use_fp16, args.use_bf16)
 
     dist_util.setup_dist()
 

@@ -771,6 +771,21 @@ def test_fp16_overflow_lowers_the_loss_scale_and_skips(pairs_dir, tmp_path):
     assert all(th.equal(a, b) for a, b in zip(before, loop.mp_trainer.master_params))
 
 
+def test_fp16_and_bf16_together_are_refused(pairs_dir, tmp_path, run_in_process):
+    """Two precisions at once: one line that names both flags, before a run folder exists."""
+    with pytest.raises(ValueError, match="--use_fp16.*--use_bf16"):
+        make_loop(pairs_dir, tmp_path / "loop", use_fp16=True, use_bf16=True)
+    proc = run_in_process(
+        TRAIN,
+        [*data_flags(pairs_dir), *TINY_FLAGS, "--use_fp16=True", "--use_bf16=True"],
+        env={"OPENAI_LOGDIR": tmp_path / "run"},
+    )
+    assert proc.returncode != 0
+    (line,) = proc.stderr.strip().splitlines()
+    assert "--use_fp16" in line and "--use_bf16" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_bf16_autocast_trains_close_to_fp32(pairs_dir, tmp_path):
     make_loop(pairs_dir, tmp_path / "fp32", max_steps=2).run_loop()
     make_loop(pairs_dir, tmp_path / "bf16", max_steps=2, use_bf16=True).run_loop()
