@@ -196,6 +196,9 @@ def test_plain_process_writes_run_folder(validated_run):
     header = (logdir / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("step", "samples", "loss", "mse", "grad_norm", "lr", "loss_q0"):
         assert key in header
+    # TF32 changes the numbers: the run's choice is recorded and said.
+    assert json.loads((logdir / "config.json").read_text())["use_tf32"] is False
+    assert "TF32 off" in (logdir / "log.txt").read_text()
 
 
 # -- in-process training for resume tests ---------------------------------------------
@@ -769,6 +772,28 @@ def test_fp16_overflow_lowers_the_loss_scale_and_skips(pairs_dir, tmp_path):
     loop.run_loop()
     assert loop.mp_trainer.lg_loss_scale == 199.0 and loop.skipped_steps == 1
     assert all(th.equal(a, b) for a, b in zip(before, loop.mp_trainer.master_params))
+
+
+@pytest.mark.parametrize("use_tf32", [True, False])
+def test_training_sets_tf32_and_cudnn_benchmark(
+    pairs_dir, tmp_path, monkeypatch, use_tf32
+):
+    """Training has fixed shapes, so cuDNN's benchmark mode is on; TF32 as the flag says."""
+    # The settings are the process's: the test leaves them as it found them.
+    for module, name in [
+        (th.backends.cudnn, "benchmark"),
+        (th.backends.cuda.matmul, "fp32_precision"),
+        (th.backends.cudnn.conv, "fp32_precision"),
+    ]:
+        monkeypatch.setattr(module, name, getattr(module, name))
+    th.backends.cudnn.benchmark = False
+    make_loop(pairs_dir, tmp_path, use_tf32=use_tf32)
+    precision = "tf32" if use_tf32 else "ieee"
+    assert th.backends.cuda.matmul.fp32_precision == precision
+    assert th.backends.cudnn.conv.fp32_precision == precision
+    assert th.backends.cudnn.benchmark
+    said = "TF32 on" if use_tf32 else "TF32 off"
+    assert said in (tmp_path / "log.txt").read_text()
 
 
 def test_fp16_and_bf16_together_are_refused(pairs_dir, tmp_path, run_in_process):
