@@ -920,7 +920,9 @@ class GaussianDiffusion:
         :return: an (N,) tensor.
         """
         batch_size = x_start.shape[0]
-        t = th.tensor([self.num_timesteps - 1] * batch_size, device=x_start.device)
+        t = th.full(
+            (batch_size,), self.num_timesteps - 1, device=x_start.device, dtype=th.long
+        )
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(
             mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0
@@ -953,7 +955,9 @@ class GaussianDiffusion:
 
             indices = tqdm(indices, desc="bpd", unit="step", leave=False)
         for t in indices:
-            t_batch = th.tensor([t] * batch_size, device=device)
+            # filled on the device: a list made into a tensor there is a copy from
+            # the host, which waits for the work queued before it, at every step
+            t_batch = th.full((batch_size,), t, device=device, dtype=th.long)
             noise = th.randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with th.no_grad():

@@ -19,9 +19,10 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
     )
     if tensor is None:
         raise TypeError("normal_kl needs at least one tensor argument")
-    # Scalars become tensors on the right device and dtype so th.exp works on them.
+    # Scalars become tensors of the right dtype so th.exp works on them, filled on
+    # the device: made on the host, they would be a copy that waits.
     logvar1, logvar2 = [
-        x if isinstance(x, th.Tensor) else th.tensor(x).to(tensor)
+        x if isinstance(x, th.Tensor) else tensor.new_full((), x)
         for x in (logvar1, logvar2)
     ]
     return 0.5 * (

@@ -101,9 +101,13 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     :return: an (N, dim) float32 tensor.
     """
     half = dim // 2
+    # made on the timesteps' device: a table made on the host would be copied to
+    # the device in every model call, a copy the host waits for
     freqs = th.exp(
-        -math.log(max_period) * th.arange(start=0, end=half, dtype=th.float32) / half
-    ).to(device=timesteps.device)
+        -math.log(max_period)
+        * th.arange(start=0, end=half, dtype=th.float32, device=timesteps.device)
+        / half
+    )
     args = timesteps[:, None].float() * freqs[None]
     embedding = th.cat([th.cos(args), th.sin(args)], dim=-1)
     if dim % 2:

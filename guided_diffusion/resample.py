@@ -73,7 +73,19 @@ class UniformSampler(ScheduleSampler):
 
 
 class LossAwareSampler(ScheduleSampler):
-    """A sampler that adapts to the losses observed at each timestep."""
+    """
+    A sampler that adapts to the losses observed at each timestep.
+
+    The losses reach the host without a wait of their own: each update starts a
+    copy to the host that does not block, and is applied when the weights are next
+    needed (the next step's draw). By then the training step has read whether its
+    gradient is finite, after the copy was queued, so the copy is done.
+    """
+
+    def __init__(self):
+        # updates whose values are on their way to the host, oldest first:
+        # ((timesteps, losses), the event that says they arrived, or None)
+        self._pending = []
 
     def update_with_local_losses(self, local_ts, local_losses):
         """
@@ -87,14 +99,15 @@ class LossAwareSampler(ScheduleSampler):
             not (dist.is_available() and dist.is_initialized())
             or dist.get_world_size() == 1
         ):
-            self.update_with_all_losses(local_ts.tolist(), local_losses.tolist())
+            self._pending.append(_start_copy_to_host(local_ts, local_losses))
             return
         world = dist.get_world_size()
         device = local_ts.device
         batch_sizes = [th.zeros(1, dtype=th.int64, device=device) for _ in range(world)]
         dist.all_gather(
-            batch_sizes, th.tensor([len(local_ts)], dtype=th.int64, device=device)
+            batch_sizes, th.full((1,), len(local_ts), dtype=th.int64, device=device)
         )
+        # the one value read at once: the padding's size is needed on the host
         batch_sizes = [int(x.item()) for x in batch_sizes]
         max_bs = max(batch_sizes)
         # all_gather needs equal shapes: pad to the largest batch.
@@ -106,13 +119,20 @@ class LossAwareSampler(ScheduleSampler):
         loss_batches = [th.zeros_like(losses_padded) for _ in range(world)]
         dist.all_gather(ts_batches, ts_padded)
         dist.all_gather(loss_batches, losses_padded)
-        timesteps = [
-            x for y, bs in zip(ts_batches, batch_sizes) for x in y[:bs].tolist()
-        ]
-        losses = [
-            x for y, bs in zip(loss_batches, batch_sizes) for x in y[:bs].tolist()
-        ]
-        self.update_with_all_losses(timesteps, losses)
+        self._pending.append(
+            _start_copy_to_host(
+                th.cat([y[:bs] for y, bs in zip(ts_batches, batch_sizes)]),
+                th.cat([y[:bs] for y, bs in zip(loss_batches, batch_sizes)]),
+            )
+        )
+
+    def apply_pending_updates(self):
+        """Apply the updates on their way to the host (waiting for their copies)."""
+        for (ts, losses), copied in self._pending:
+            if copied is not None:
+                copied.synchronize()
+            self.update_with_all_losses(ts.tolist(), losses.tolist())
+        self._pending.clear()
 
     @abstractmethod
     def update_with_all_losses(self, ts, losses):
@@ -133,6 +153,7 @@ class LossSecondMomentResampler(LossAwareSampler):
     """
 
     def __init__(self, diffusion, history_per_term=10, uniform_prob=0.001):
+        super().__init__()
         self.diffusion = diffusion
         self.history_per_term = history_per_term
         self.uniform_prob = uniform_prob
@@ -142,6 +163,7 @@ class LossSecondMomentResampler(LossAwareSampler):
         self._loss_counts = np.zeros([diffusion.num_timesteps], dtype=np.int64)
 
     def weights(self):
+        self.apply_pending_updates()
         if not self._warmed_up():
             return np.ones([self.diffusion.num_timesteps], dtype=np.float64)
         weights = np.sqrt(np.mean(self._loss_history**2, axis=-1))
@@ -164,6 +186,7 @@ class LossSecondMomentResampler(LossAwareSampler):
         return (self._loss_counts == self.history_per_term).all()
 
     def state_dict(self):
+        self.apply_pending_updates()
         return {
             "loss_history": th.from_numpy(self._loss_history.copy()),
             "loss_counts": th.from_numpy(self._loss_counts.copy()),
@@ -176,5 +199,25 @@ class LossSecondMomentResampler(LossAwareSampler):
                 f"the saved timestep-sampler history has shape {tuple(history.shape)}, "
                 f"this run needs {self._loss_history.shape}: --diffusion_steps changed?"
             )
+        self._pending.clear()
         self._loss_history = history.astype(np.float64).copy()
         self._loss_counts = state["loss_counts"].numpy().astype(np.int64).copy()
+
+
+def _start_copy_to_host(*tensors):
+    """
+    Start copying device tensors to the host without blocking.
+
+    :return: (the host tensors, a CUDA event to wait on before reading them, or
+        None where they are ready).
+    """
+    device = tensors[0].device
+    # Only CUDA's copies are awaited by an event; on meta no data moves, and its
+    # copy is made as on CUDA so that a CPU can check that it does not block.
+    non_blocking = device.type in ("cuda", "meta")
+    copies = tuple(t.detach().to("cpu", non_blocking=non_blocking) for t in tensors)
+    copied = None
+    if device.type == "cuda":
+        copied = th.cuda.Event()
+        copied.record(th.cuda.current_stream(device))
+    return copies, copied

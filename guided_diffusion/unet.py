@@ -284,28 +284,46 @@ class AttentionBlock(nn.Module):
         return _add_into(h, x).reshape(b, c, *spatial)
 
 
-# Sequences at least this long take the layout of the fused attention kernel.
+# On a CPU, sequences at least this long take the fused attention kernel's layout;
+# for shorter ones the unfused kernel is faster (benchmarks/README.md, "Figures
+# behind design choices").
 FUSED_ATTENTION_MIN_LENGTH = 256
 
 
-def _attend(q, k, v, use_sdpa):
+def fused_attention_min_length(device):
+    """
+    The shortest sequence that takes the fused kernel's layout on ``device``: on a
+    CPU :data:`FUSED_ATTENTION_MIN_LENGTH`; elsewhere every length, since CUDA's
+    flash and memory-efficient kernels run only on that layout and beat the
+    unfused one at every length.
+    """
+    return FUSED_ATTENTION_MIN_LENGTH if device.type == "cpu" else 0
+
+
+def _attend(q, k, v, use_sdpa, heads=1):
     """
     softmax(q^T k / sqrt(ch)) applied to v, independently for every (batch, head).
 
     :param q, k, v: (B * heads, ch, T) queries, keys and values.
     :param use_sdpa: use the fused kernel; otherwise the original einsums.
+    :param heads: the heads in the first dimension (the fused layout separates them).
     :return: (B * heads, ch, T) attended values.
     """
     if use_sdpa:
         # The kernel wants (..., T, ch); its default scale 1 / sqrt(ch) equals the
-        # original's ch^-1/4 on q and on k. PyTorch's fused (flash) kernel takes
-        # only 4-D inputs whose last dimension is contiguous, so for long sequences
-        # q, k and v are copied into that layout (T x ch values each, against
-        # T x T x ch operations); for short ones the unfused kernel is faster on a
-        # CPU (benchmarks/README.md, "Figures behind design choices").
-        if q.shape[-1] >= FUSED_ATTENTION_MIN_LENGTH:
-            q, k, v = (z.transpose(1, 2).contiguous()[None] for z in (q, k, v))
-            return F.scaled_dot_product_attention(q, k, v)[0].transpose(1, 2)
+        # original's ch^-1/4 on q and on k. The fused kernels (flash, memory-efficient)
+        # take only contiguous 4-D inputs (B, heads, T, ch), so q, k and v are copied
+        # into that layout (T x ch values each, against T x T x ch operations); for
+        # short sequences on a CPU the unfused kernel on the transposed views is faster.
+        length = q.shape[-1]
+        if length >= fused_attention_min_length(q.device):
+            ch = q.shape[1]
+            q, k, v = (
+                z.reshape(-1, heads, ch, length).transpose(2, 3).contiguous()
+                for z in (q, k, v)
+            )  # (B, heads, T, ch)
+            a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, ch)
+            return a.transpose(2, 3).reshape(-1, ch, length)
         a = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         )  # (B*H, T, C)
@@ -340,7 +358,7 @@ class QKVAttentionLegacy(nn.Module):
         assert width % (3 * self.n_heads) == 0
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        a = _attend(q, k, v, self.use_sdpa)  # (B*H, C, T)
+        a = _attend(q, k, v, self.use_sdpa, self.n_heads)  # (B*H, C, T)
         return a.reshape(bs, -1, length)
 
 
@@ -367,7 +385,7 @@ class QKVAttention(nn.Module):
         q, k, v = (
             part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1)
         )
-        a = _attend(q, k, v, self.use_sdpa)  # (B*H, C, T)
+        a = _attend(q, k, v, self.use_sdpa, self.n_heads)  # (B*H, C, T)
         return a.reshape(bs, -1, length)
 
 
