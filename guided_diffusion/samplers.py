@@ -234,13 +234,21 @@ def ddim(denoiser, x, timesteps, *, generator=None, history=None, eta=0.0):
     """
     DDIM (Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", eq. 12),
     deterministic at eta = 0, as noisy as DDPM at eta = 1.
+
+    Noise is drawn only where it is used: a generator passed in is not advanced at
+    eta = 0, nor at the last step (which ends in the data), so that per-image
+    generators cost no host work here. The global generator (``generator=None``)
+    draws at every step, as guided-diffusion's DDIM does, so that the draws after a
+    seeded run (the next batch's x_T) are guided-diffusion's; that draw is made on
+    x's device and waits for nothing.
     """
     abar = denoiser.alphas_cumprod
     timesteps = list(timesteps)
     for t, t_next in zip(timesteps, timesteps[1:] + [None]):
         out = denoiser(x, t)
-        # 1. Noise is drawn at every step, as in guided-diffusion (unused at eta = 0).
-        z = noise_like(x, generator)
+        # 1. z ~ N(0, I) where sigma z is added (see above for the global generator).
+        used = eta != 0 and t_next is not None
+        z = noise_like(x, generator) if used or generator is None else None
         # 2. Eq. 12 towards the next timestep, or the clean data (abar = 1) after the last.
         abar_next = 1.0 if t_next is None else abar[t_next]
         x = ddim_step(
@@ -257,6 +265,8 @@ def ddim_step(out, z, abar, abar_prev, eta, nonzero):
 
     :param abar: abar_t and abar_prev (the step's end) as tensors that broadcast
         against x: 0-d, or (N, 1, ...) for a timestep per image.
+    :param z: the noise, or None where none is added (eta = 0, or a step into
+        the data).
     :param nonzero: masks the noise (0 where the step ends in the data).
     """
     sigma = eta * th.sqrt((1 - abar_prev) / (1 - abar)) * th.sqrt(1 - abar / abar_prev)
@@ -264,6 +274,8 @@ def ddim_step(out, z, abar, abar_prev, eta, nonzero):
         out["pred_xstart"] * th.sqrt(abar_prev)
         + th.sqrt(1 - abar_prev - sigma**2) * out["eps"]
     )
+    if z is None:
+        return mean
     return mean + nonzero * sigma * z
 
 
@@ -366,18 +378,41 @@ def noise_like(x, generator=None):
 
 
 def noise_of_shape(shape, generator, device, dtype=th.float32):
-    """Standard normal noise of ``shape``; see :func:`noise_like` for ``generator``."""
+    """
+    Standard normal noise of ``shape``; see :func:`noise_like` for ``generator``.
+
+    Generators on the host (per-image generators are, so that a seed and a name give
+    the same numbers on any device) draw into one host buffer, image by image, with
+    the numbers of ``th.stack([th.randn(shape[1:], generator=g) for g in generator])``
+    to the bit. For a CUDA ``device`` that buffer is pinned and the copy does not
+    block: a blocking copy would make the host wait for all the device's queued work
+    at every step. The caching host allocator keeps a pinned block from reuse until
+    the copy that reads it has run.
+    """
+    device = th.device(device)
     if generator is None:
         return th.randn(*shape, device=device, dtype=dtype)
-    if isinstance(generator, th.Generator):
-        return th.randn(
-            *shape, generator=generator, device=generator.device, dtype=dtype
-        ).to(device)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return th.stack(
-        [
+    one = isinstance(generator, th.Generator)
+    generators = [generator] if one else list(generator)
+    if not one and len(generators) != shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {shape[0]}")
+    if any(g.device.type != "cpu" for g in generators):
+        # generators on a device draw there
+        if one:
+            return th.randn(
+                *shape, generator=generator, device=generator.device, dtype=dtype
+            ).to(device)
+        parts = [
             th.randn(*shape[1:], generator=g, device=g.device, dtype=dtype)
-            for g in generator
+            for g in generators
         ]
-    ).to(device)
+        return th.stack(parts).to(device)
+    # Pinned memory only for CUDA: a CPU-only torch cannot pin, and other backends'
+    # asynchronous copies from the host are not safe for a buffer the caller drops.
+    # On `meta`, where no data moves, the copy is made as for CUDA, so that a CPU
+    # can check that it does not block.
+    to_cuda = device.type == "cuda"
+    noise = th.empty(shape, dtype=dtype, pin_memory=to_cuda)
+    for part, g in zip([noise] if one else noise, generators):
+        th.randn(part.shape, generator=g, dtype=dtype, out=part)
+    return noise.to(device, non_blocking=to_cuda or device.type == "meta")
