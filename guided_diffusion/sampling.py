@@ -80,8 +80,11 @@ def make_generators(seed, names, device="cpu") -> list[th.Generator]:
 
     :param seed: the run's seed.
     :param names: the images' relative paths, in batch order.
-    :param device: where the generators live; CPU generators (the default) draw
-        the same numbers whatever device the model runs on.
+    :param device: where the generators live. CPU generators (the default) draw
+        the same numbers whatever device the model runs on, to the bit; the samplers
+        draw them into pinned memory and copy them to a GPU without making the host
+        wait (:func:`~.samplers.noise_of_shape`). Generators on a GPU draw other
+        numbers.
     :return: a list of th.Generator, one per name.
     """
     return [
