@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# The GPU rows of benchmarks/RESULTS.md: paper config, batch 8, float32 (the slow
-# path) against bf16 and against every lever, for training and for sampling.
-# Made to fit one short session on a lent GPU (an estimate of about 10 minutes,
-# not yet measured; compile is left out: it would take most of that). Usage, from the repository
-# root on the GPU machine:
+# The GPU rows of benchmarks/RESULTS.md in one prepared run, made to fit 8 minutes on
+# one H100: the paper configuration's training step (fp32, TF32, fp16, bf16, bf16
+# with every lever, compile last), a 64-tile scene batch, the same noise and images
+# on the CPU and the GPU, host syncs per step and the SDPA kernel that ran. Each row
+# has its own time limit and is appended to the results as soon as it is measured.
+# See benchmarks/gpu_rows.py for the rows and benchmarks/README.md for the flags.
 #
-#     bash benchmarks/gpu_rows.sh [RESULTS_FILE]
-#
-# RESULTS_FILE defaults to benchmarks/RESULTS.md; the tables are also printed.
+#     bash benchmarks/gpu_rows.sh                  # on the GPU machine
+#     bash benchmarks/gpu_rows.sh --dry_run        # on any CPU first: the tiny model, seconds
+#     bash benchmarks/gpu_rows.sh --only noise,sdpa --results out.md
 set -euo pipefail
-RESULTS="${1:-benchmarks/RESULTS.md}"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'benchmarks/gpu_rows.sh: no CUDA GPU visible; run it on a machine with one (the CPU tables come from bench_train.py and bench_sample.py)')"
-COMMON=(--configs paper --batch_size 8 --skip_compile True --rounds 2 --results "$RESULTS")
-python benchmarks/bench_train.py "${COMMON[@]}" --variants slow,bf16,all --warmup 2 --steps 5
-python benchmarks/bench_sample.py "${COMMON[@]}" --variants slow,bf16,all --warmup 2
+exec "${PYTHON:-python}" "$(dirname "$0")/gpu_rows.py" "$@"
