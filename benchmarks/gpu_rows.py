@@ -336,7 +336,7 @@ def train_row(dry_run, precision, levers=()):
     text = (
         f"{images_per_s:.2f} images/s ({step_s:.3f} s per step of {batch_size}); "
         f"{tflops:.3g} TFLOP/s, {share}; peak {peak():.0f} MiB; "
-        f"{warmup} warm-up steps took {warmup_s:.1f} s"
+        f"warm-up: {warmup} step{'' if warmup == 1 else 's'} in {warmup_s:.1f} s"
     )
     return [(None, text)], {"images_per_s": images_per_s, "tflops": tflops}
 
@@ -854,8 +854,9 @@ def header(args, rows):
         "cuDNN benchmark mode on; rows other than 'every lever' take the slow path "
         "(einsum attention, NCHW, per-parameter AdamW and EMA)",
         f"- scene batch: one samplers.Denoiser call on {DRY_RUN_TILES if args.dry_run else SCENE_TILES} "
-        "tiles; peak MiB: torch.cuda.max_memory_allocated over the timed calls (on a "
-        "CPU the process's peak resident memory)",
+        "tiles; peak MiB (both kinds of row): torch.cuda.max_memory_allocated from "
+        "the model's creation on, weights included (on a CPU the process's peak "
+        "resident memory)",
         f"- CPU against GPU: images may differ by at most GREY_LEVEL_TOLERANCE = "
         f"{GREY_LEVEL_TOLERANCE} grey levels with TF32 off",
         "- the rows run one after the other in one process, each under its own limit "

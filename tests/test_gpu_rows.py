@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,53 @@ def test_bf16_peak_is_looked_up_by_device_name():
     assert gpu_rows.bf16_peak_tflops("NVIDIA H200") == 989.4
     assert gpu_rows.bf16_peak_tflops("NVIDIA H100 NVL") is None
     assert gpu_rows.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None
+
+
+def _sync_warning():
+    """The warning torch.cuda.set_sync_debug_mode("warn") gives; return its line."""
+    warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    return sys._getframe().f_lineno - 1
+
+
+def test_sync_counter_counts_the_sync_warnings_by_line():
+    # Raised by hand: the mode itself needs CUDA.
+    counter = gpu_rows.SyncCounter(active=False)
+    counts, running = [], []
+    with counter:
+        for step in range(3):
+            before = counter.count()
+            for _ in range(step + 1):
+                line = _sync_warning()
+            warnings.warn("an unrelated warning", stacklevel=1)
+            counts.append(counter.count() - before)
+            running.append(counter.count())
+    assert counts == [1, 2, 3]
+    counter.active = True  # read as if counted under the mode
+    assert gpu_rows._per_step(counts, counter, "step") == (
+        f"2 per step (max 3 over 3); from test_gpu_rows.py:{line} x6"
+    )
+    assert gpu_rows._per_step(running, counter, "sampler step").startswith(
+        "2 per sampler step (max 3 over the 2 after the first); 1 in the first, "
+        "set-up included"
+    )
+
+
+@pytest.mark.parametrize(
+    "backend, expected", [("MATH", "math"), ("FLASH_ATTENTION", "flash (CPU)")]
+)
+def test_sdpa_backend_names_the_kernel_that_ran(backend, expected):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    q = th.randn(1, 2, 16, 8)
+    with (
+        sdpa_kernel(getattr(SDPBackend, backend)),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+    ):
+        scaled_dot_product_attention(q, q, q)
+    found = {gpu_rows.sdpa_backend(e.name) for e in prof.events()} - {None}
+    assert found == {expected}
 
 
 def _alive(pid):
