@@ -42,7 +42,7 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from . import dist_util, scene_translation
+from . import dist_util, logger, scene_translation
 from .rasters import (
     PILLOW_EXTENSIONS,
     DataError,
@@ -60,6 +60,7 @@ from .results import (
     write_spread_result,
 )
 from .sampling import (
+    BatchedModel,
     add_sampling_flags,
     checkpoint_settings,
     load_model,
@@ -97,6 +98,7 @@ PAGE_CSS = (
 )
 # Tiles per network call on the scene route: larger batches run faster on a CPU
 # than translate_scene.py's default of 8, and the result does not depend on it.
+# Out of GPU memory, the page halves it until a call fits (sampling.BatchedModel).
 SCENE_BATCH = 64
 
 
@@ -192,6 +194,19 @@ class ModelCache:
         """The checkpoints held now, least recently used first."""
         with self._lock:
             return [key[0] for key in self._models]
+
+    def keep_only(self, model_path):
+        """
+        Release every model but those of ``model_path`` (to make room on the GPU).
+
+        :return: the checkpoints released.
+        """
+        path = os.path.abspath(model_path)
+        with self._lock:
+            gone = [key for key in self._models if key[0] != path]
+            for key in gone:
+                del self._models[key]
+        return [key[0] for key in gone]
 
 
 class StepCounter(th.nn.Module):
@@ -444,11 +459,11 @@ class Translator:
             script, argv = self.command(
                 route, path, model_path, sampler, steps, seed, samples
             )
-            folder = self._request_dir()
-            if route == "patch":
-                result = self._patch(path, argv, folder, progress)
-            else:
-                result = self._scene(path, argv, folder, progress)
+            translate = self._patch if route == "patch" else self._scene
+            result = self._within_memory(
+                lambda: translate(path, argv, self._request_dir(), progress),
+                route, path, model_path, model_name,
+            )  # fmt: skip
         except (DataError, ValueError, FileNotFoundError, JobMismatch,
                 scene_translation.SceneError) as err:  # fmt: skip
             raise PageError(self._message(err, path, model_name)) from None
@@ -463,6 +478,45 @@ class Translator:
         )
         result.seconds = time.perf_counter() - began
         return result
+
+    def _within_memory(self, translate, route, path, model_path, model_name):
+        """
+        ``translate()``, and once more when the device ran out of memory with other
+        models loaded: they are released first (the scene route has already halved
+        its tiles per call down to one, :class:`~guided_diffusion.sampling.BatchedModel`).
+
+        :raises PageError: out of memory with this model alone, saying so; the
+            page goes on with the next request.
+        """
+        try:
+            return translate()
+        except th.OutOfMemoryError:
+            pass  # out of the except block, so its frames' tensors are freed below
+        released = self.cache.keep_only(model_path)
+        if th.cuda.is_available():
+            th.cuda.empty_cache()
+        if released:
+            names = ", ".join(n for n, p in self.models.items() if p in released)
+            logger.warn(f"out of memory: released {names or len(released)}, trying again")
+            try:
+                result = translate()
+            except th.OutOfMemoryError:
+                pass
+            else:
+                result.notes.append(
+                    f"Out of GPU memory with other models loaded: released {names}."
+                )
+                return result
+            if th.cuda.is_available():
+                th.cuda.empty_cache()
+        unit = "image" if route == "patch" else "tile"
+        message = (
+            f"Out of GPU memory translating {os.path.basename(path)} with {model_name}, "
+            f"even at one {unit} per network call and no other model loaded: free the "
+            "GPU (another program may use it) or choose a smaller model"
+        )
+        logger.warn(message)
+        raise PageError(message)
 
     def _patch(self, path, argv, folder, progress):
         """An image at the model's size, as scripts/image_sample_realtime.py does it."""
@@ -512,7 +566,9 @@ class Translator:
         args = scene_translation.parse_args([*argv, "--output", output], announce=False)
         flags, scaling, diffusion, _ = scene_translation.scene_settings(args)
         sar, stats = sar_preview(path, scaling, scaling.sar_channels)
-        model = self.cache.get(args, flags)
+        # this request's tiles per call, halved (and kept for its samples) when a
+        # call does not fit in the GPU's memory
+        model = BatchedModel(self.cache.get(args, flags), args.batch_size, pad=args.compile)
         count = args.samples_per_input
         current = {"sample": 0}
 
@@ -535,6 +591,12 @@ class Translator:
             with scene_translation.rasterio_open(output) as src:
                 image = np.ascontiguousarray(src.read().transpose(1, 2, 0))
         notes = []
+        if model.shrunk:
+            first, last = model.shrunk[0][0], model.batch_size
+            notes.append(
+                f"Out of GPU memory at {first} tiles per network call: translated at "
+                f"{last} tile{'s' if last > 1 else ''} per call (the same pixels)."
+            )
         if stats.nodata:
             notes.append(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata (black).")
         warning = stats.clipping_warning()

@@ -148,6 +148,86 @@ def prepare_model(model, *, channels_last=False, compile=False):
     return th.compile(model) if compile else model
 
 
+class BatchedModel(th.nn.Module):
+    """
+    The network called on at most ``batch_size`` images at a time: a larger batch
+    goes through in parts, whose outputs are concatenated (every image's output
+    depends on that image alone).
+
+    Two things a GPU needs:
+
+    * ``pad``: every call is filled up to the batch size by repeating its last
+      image, and the copies' outputs are dropped, so that a compiled network sees
+      one input shape (a folder's last batch, a rank's last tiles of a step) and
+      is compiled once. A batch of another size can change the last bits of the
+      others' results, so only under --compile.
+    * Out of device memory, the failed part is tried again at half its size, the
+      allocator's cache freed first, until it fits; the size that fits is kept for
+      the calls after it (:attr:`shrunk` lists each change) and said in the log.
+      One image that does not fit raises the error.
+
+    :param model: the network, called as model(x, t, **kwargs).
+    :param batch_size: images per call at most (--batch_size).
+    :param pad: fill every call up to the batch size (under --compile).
+    """
+
+    def __init__(self, model, batch_size, *, pad=False):
+        super().__init__()
+        self.model = model
+        self.batch_size = int(batch_size)
+        self.pad = pad
+        self.shrunk = []  # (images per call that failed, images per call since)
+
+    def forward(self, x, t, **kwargs):
+        n = x.shape[0]
+        if n == self.batch_size or (n < self.batch_size and not self.pad):
+            return self._call(x, t, kwargs, n, self.batch_size)
+        outputs, start = [], 0
+        while start < n:
+            stop = min(start + self.batch_size, n)
+            outputs.append(self._call(x, t, kwargs, n, self.batch_size, start, stop))
+            start = stop
+        return th.cat(outputs)
+
+    def _call(self, x, t, kwargs, n, size, start=0, stop=None):
+        """The images [start, stop) through the network, halving on out of memory."""
+        stop = n if stop is None else stop
+        count = stop - start
+        calls = count if not self.pad else max(count, size)
+        try:
+
+            def part(value):
+                if not (th.is_tensor(value) and value.dim() and value.shape[0] == n):
+                    return value
+                value = value[start:stop]
+                if calls > count:  # the padding: the last image again
+                    extra = value[-1:].expand(calls - count, *value.shape[1:])
+                    value = th.cat([value, extra])
+                return value
+
+            out = self.model(part(x), part(t), **{k: part(v) for k, v in kwargs.items()})
+            return out[:count] if calls > count else out
+        except th.OutOfMemoryError:
+            if calls == 1:
+                raise
+        # out of the except block, so that the error's frames (and the tensors
+        # they hold) are gone before the cache is freed and the smaller try
+        self.batch_size = calls // 2
+        self.shrunk.append((calls, self.batch_size))
+        if th.cuda.is_available():
+            th.cuda.empty_cache()
+        logger.warn(
+            f"out of memory at {calls} images per network call: {self.batch_size} "
+            "from now on (the same images)"
+        )
+        parts, at = [], start
+        while at < stop:
+            end = min(at + self.batch_size, stop)
+            parts.append(self._call(x, t, kwargs, n, self.batch_size, at, end))
+            at = end
+        return th.cat(parts)
+
+
 class Bfloat16Model(th.nn.Module):
     """
     A model called under bfloat16 autocast, its output cast back to float32, so that
@@ -438,6 +518,12 @@ def read_sampling_args(parser, argv=None):
             f"--use_ddim True contradicts --sampler {args.sampler}; give one"
         )
     args.sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
+    if args.explicit.get("use_fp16") and args.use_bf16:
+        raise ValueError(
+            "--use_fp16 True and --use_bf16 True ask for two precisions; give one "
+            "(a model trained with --use_fp16 samples in bfloat16 with --use_bf16 "
+            "True alone)"
+        )
     if not args.model_path:
         raise ValueError(
             "--model_path is required: a model or EMA file of a training run"
@@ -498,6 +584,25 @@ def _load_state_dict(model_path):
     return state_dict
 
 
+def runs_in_fp16(use_fp16, device, use_bf16=False):
+    """
+    Whether a model trained with ``use_fp16`` samples in float16 (see
+    :func:`load_model`): on a device other than the CPU, unless ``use_bf16`` asks
+    for bfloat16 autocast, which then runs on its float32 weights.
+
+    :param use_fp16: the model's flag (its training run's).
+    :param device: where it runs.
+    :param use_bf16: --use_bf16.
+    """
+    return bool(use_fp16) and th.device(device).type != "cpu" and not use_bf16
+
+
+def tf32_in_effect(use_tf32, device):
+    """Whether --use_tf32 changes the arithmetic: on CUDA devices only (a CPU's
+    float32 is IEEE float32 whatever the setting)."""
+    return bool(use_tf32) and th.device(device).type == "cuda"
+
+
 def load_model(model_path, model_flags, device, *, use_bf16=False):
     """
     Build the U-Net from flags and load a checkpoint into it, strictly.
@@ -505,25 +610,33 @@ def load_model(model_path, model_flags, device, *, use_bf16=False):
     A model trained with ``use_fp16`` runs in float16 on a GPU. On a CPU, whose
     float16 kernels are slow where they exist, it runs in float32, said in one log
     line: the checkpoint holds the float32 master weights, so nothing is lost.
+    With ``use_bf16`` it keeps those float32 weights on a GPU too, and runs under
+    bfloat16 autocast alone (float16 weights under bfloat16 autocast would be cast
+    at every call and mix the two formats), also said in the log.
 
     :param model_path: a model or EMA file (a plain state dict).
     :param model_flags: model flags (keys of model_and_diffusion_defaults();
         diffusion keys are ignored, missing keys take their defaults).
     :param device: where to put the model.
     :param use_bf16: the caller runs the model under bfloat16 autocast (see
-        :func:`translate`); only the log line of an fp16 model on a CPU says so.
-    :return: the model in eval mode, in float16 when ``use_fp16`` and the device
-        is not a CPU (``model.dtype`` tells).
+        :func:`translate`): a ``use_fp16`` model then keeps its float32 weights.
+    :return: the model in eval mode, in float16 when :func:`runs_in_fp16`
+        (``model.dtype`` tells).
     :raises FileNotFoundError: no such file.
     :raises ValueError: the file is not a state dict, or its names and shapes
         do not fit a model built from ``model_flags``.
     """
     flags = {**model_and_diffusion_defaults(), **model_flags}
-    use_fp16 = flags["use_fp16"] and th.device(device).type != "cpu"
+    use_fp16 = runs_in_fp16(flags["use_fp16"], device, use_bf16)
     if flags["use_fp16"] and not use_fp16:
+        if th.device(device).type == "cpu":
+            where = "on a CPU "
+        else:  # --use_bf16 True on a GPU: one precision, the one asked for now
+            where = "with --use_bf16 True "
+        how = "bfloat16 autocast (--use_bf16 True)" if use_bf16 else "float32"
         logger.log(
-            f"use_fp16 True (trained in float16): on a CPU {model_path} samples in "
-            f"{'bfloat16 autocast (--use_bf16 True)' if use_bf16 else 'float32'}"
+            f"use_fp16 True (trained in float16): {where}{model_path} samples in "
+            f"{how} on its float32 weights"
         )
     model = create_model(
         **{k: flags[k] for k in model_defaults() if k != "use_fp16"},

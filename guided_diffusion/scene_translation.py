@@ -21,10 +21,12 @@ into their mean, their spread and a picture of the spread
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -46,6 +48,7 @@ from .rasters import (
     warp_to_grid,
 )
 from .sampling import (
+    BatchedModel,
     Bfloat16Model,
     add_sampling_flags,
     checkpoint_settings,
@@ -53,7 +56,9 @@ from .sampling import (
     prepare_model,
     read_run_config,
     read_sampling_args,
+    runs_in_fp16,
     sar_for_display,
+    tf32_in_effect,
     to_uint8,
 )
 from .scene import (
@@ -84,7 +89,7 @@ BUNDLED_MODEL = os.path.join(
     "assets", "scene_model", "model.pt",
 )
 # --memory auto keeps the arrays in memory while they take at most this share of
-# the memory available when the job starts.
+# the memory available when the job starts (shared by the processes of a machine).
 MEMORY_SHARE = 0.5
 # The pass over the K samples of a scene holds at most this many bytes of them at
 # once (float64), in bands of BAND_ROWS rows or fewer.
@@ -271,7 +276,7 @@ def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
     """
     count = args.samples_per_input
     tile, overlap = tile_overlap(args, flags)
-    key = job_key(args, tile, overlap)
+    key = job_key(args, tile, overlap, flags)
     problem, done = None, []
     if dist_util.is_main_process():
         try:
@@ -413,9 +418,15 @@ def _write_json(path, value):
 
 
 def load_scene_model(args, flags):
-    """The model of ``args.model_path``, loaded and prepared as the flags say."""
+    """
+    The model of ``args.model_path``, loaded and prepared as the flags say, called
+    on at most --batch_size tiles at a time (:class:`~guided_diffusion.sampling.
+    BatchedModel`: under --compile always that many, so that the last tiles of a
+    step, whose count changes as the tiles move, compile nothing new).
+    """
     model = load_model(args.model_path, flags, dist_util.dev(), use_bf16=args.use_bf16)
-    return prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+    model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+    return BatchedModel(model, args.batch_size, pad=args.compile)
 
 
 def tile_overlap(args, flags):
@@ -479,14 +490,14 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
     # a scene smaller than a tile is padded to one (edge pixels repeated)
     padded = (max(height, tile), max(width, tile))
     need = scene_bytes(*padded, sar_channels, flags["learn_sigma"])
-    use_disk = args.memory == "mmap" or (
-        args.memory == "auto" and need > MEMORY_SHARE * available_memory()
-    )
+    ranks_here = ranks_on_this_machine()
+    use_disk = arrays_on_disk(args.memory, need, available_memory(), ranks_here)
     arrays = SceneArrays(
         os.path.join(args.work_dir, f"arrays-rank{rank}") if use_disk else None
     )
+    each = f" in each of {ranks_here} processes on this machine" if ranks_here > 1 else ""
     logger.log(
-        f"{width}x{height} pixels: the scene's arrays take {need / 2**30:.2f} GiB "
+        f"{width}x{height} pixels: the scene's arrays take {need / 2**30:.2f} GiB{each} "
         + (f"in memory-mapped files in {arrays.folder}" if use_disk else "in memory")
     )
     try:
@@ -530,6 +541,85 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
     if finished and dist_util.is_main_process():
         remove_work_dir(args.work_dir)
     return finished
+
+
+def arrays_on_disk(memory, need, available, ranks_here=1):
+    """
+    Whether a job's arrays go to memory-mapped files (--memory).
+
+    :param memory: "ram", "mmap" or "auto".
+    :param need: bytes of one process's arrays (:func:`~guided_diffusion.scene.scene_bytes`).
+    :param available: bytes of memory available on this machine.
+    :param ranks_here: the processes on this machine, each holding arrays of its
+        own: "auto" keeps them in memory while all of them together take at most
+        :data:`MEMORY_SHARE` of ``available``.
+    """
+    if memory != "auto":
+        return memory == "mmap"
+    return need * ranks_here > MEMORY_SHARE * available
+
+
+def ranks_on_this_machine():
+    """The processes of the group on this machine (by host name), this one included;
+    every process must call it (a collective)."""
+    here = socket.gethostname()
+    return sum(name == here for name in dist_util.all_gather_object(here))
+
+
+def saved_job_view(job, folder):
+    """
+    What this process reads in ``folder``, for :func:`check_saved_jobs_agree`:
+    None (no saved job), (step, digest of job.json) or ("refused", the message of
+    a job saved with other settings).
+    """
+    try:
+        step = job.saved_step(folder)
+    except JobMismatch as err:
+        return ("refused", str(err))
+    if step is None:
+        return None
+    with open(os.path.join(folder, "job.json"), "rb") as f:
+        return (step, hashlib.sha256(f.read()).hexdigest()[:12])
+
+
+def check_saved_jobs_agree(views, folder):
+    """
+    The saved job every process continues from, when all read the same one.
+
+    Only rank 0 saves a job, and every rank reads it back from the work folder:
+    ranks on machines that do not share that folder would continue from different
+    steps (or start over), and the scene would be made of several jobs.
+
+    :param views: every rank's :func:`saved_job_view`, indexed by rank.
+    :param folder: the work folder (for the messages).
+    :return: the saved step, or None when no rank reads a saved job.
+    :raises JobMismatch: the ranks read different things (one line naming each
+        rank's and what to do), or the job was saved with other settings.
+    """
+    views = [tuple(v) if isinstance(v, list) else v for v in views]
+    if len(set(views)) == 1:
+        view = views[0]
+        if view is not None and view[0] == "refused":
+            raise JobMismatch(view[1])
+        return None if view is None else view[0]
+    seen = {}
+    for rank, view in enumerate(views):
+        seen.setdefault(view, []).append(str(rank))
+
+    def shown(view):
+        if view is None:
+            return "none"
+        if view[0] == "refused":
+            return "a job of other settings"
+        return f"step {view[0]} (job.json {view[1]})"
+
+    which = "; ".join(f"rank {', '.join(r)}: {shown(v)}" for v, r in seen.items())
+    raise JobMismatch(
+        f"the processes read different saved jobs in {folder} ({which}): only rank 0 "
+        "saves there, so every machine must see the same folder; give --work_dir a "
+        "folder on a file system that every machine shares, or delete the folder on "
+        "every machine to start over"
+    )
 
 
 def available_memory():
@@ -586,6 +676,8 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     device = dist_util.dev()
     if model is None:
         model = load_scene_model(args, flags)
+    if not isinstance(model, BatchedModel):
+        model = BatchedModel(model, args.batch_size, pad=args.compile)
     net = Bfloat16Model(model) if args.use_bf16 else model
     keep = ("pred_xstart", "log_variance") if flags["learn_sigma"] else ("pred_xstart",)
 
@@ -627,10 +719,11 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     job = SceneSampler(
         arrays, fuser_args, diffusion, args.sampler, args.options, args.seed,
         all_reduce=all_reduce if world > 1 else None, shift_tiles=args.shift_tiles,
-        key=job_key(args, tile, overlap),
+        key=job_key(args, tile, overlap, flags),
     )  # fmt: skip
     steps = len(job.timesteps)
-    saved = job.saved_step(args.work_dir)
+    views = dist_util.all_gather_object(saved_job_view(job, args.work_dir))
+    saved = check_saved_jobs_agree(views, args.work_dir)
     if saved is None:
         job.start()
     else:
@@ -703,11 +796,17 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     return finished
 
 
-def job_key(args, tile, overlap):
+def job_key(args, tile, overlap, flags):
     """
     The settings that decide the result: a saved job continues only under them.
     Sample k > 0 of --samples_per_input (``args.sample``, :func:`sample_args`) adds
     "sample": k to the run's seed; sample 0's are those of a run with one sample.
+    The precisions the network runs in on this process's device are added where
+    they are not IEEE float32 (so a job saved before they were recorded, all in
+    float32, continues): "use_fp16" for a float16 model on a GPU
+    (:func:`~guided_diffusion.sampling.runs_in_fp16`), "use_tf32" for TF32 on CUDA.
+
+    :param flags: the model flags (``use_fp16``: the model trained in float16).
     """
     stat = os.stat(args.input)
     model = os.stat(args.model_path)
@@ -722,6 +821,11 @@ def job_key(args, tile, overlap):
         "resample": args.resample,
         "inputs": {k: v for k, v in args.inputs.items() if v is not None},
     }  # fmt: skip
+    device = dist_util.dev()
+    if runs_in_fp16(flags["use_fp16"], device, args.use_bf16):
+        key["use_fp16"] = True
+    if tf32_in_effect(args.use_tf32, device):
+        key["use_tf32"] = True
     if getattr(args, "sample", 0):
         key["sample"] = args.sample
     return key

@@ -28,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.app import (  # noqa: E402
     CACHE_SIZE,
     EXAMPLES_DIR,
@@ -84,6 +85,9 @@ def main():
         raise PageError(
             "the page needs Gradio: pip install -e '.[app]' (from the repository)"
         ) from None
+    # what the scripts do at their defaults (IEEE float32, no TF32); uploads come in
+    # any size, so cuDNN's search per new shape would cost more than it saves
+    dist_util.configure_numerics(use_tf32=False, cudnn_benchmark=False)
     translator = Translator(models, work_dir=args.work_dir, cache_size=args.cache_size)
     page = build_page(translator, examples)
     url = launch(page, translator, examples, host=args.host, port=args.port)

@@ -9,8 +9,8 @@ image_nll.py, with the SAR condition).
 DATA holds sar/ and opt/ paired by name. Model flags not given come from the
 training run's config.json beside the checkpoint; without one, the architecture is
 read off the weights and the other flags (image size, heads, attention order,
-diffusion flags) must be given. Writes nll.json (the mean and every image's
-bits/dim) to $OPENAI_LOGDIR, else a new ./logs/<date>_<time> folder.
+diffusion flags) must be given. Writes nll.json (the mean, every image's bits/dim,
+and whether TF32 was in effect: --use_tf32 on a CUDA GPU) to $OPENAI_LOGDIR, else a new ./logs/<date>_<time> folder.
 """
 
 import argparse
@@ -35,6 +35,7 @@ from guided_diffusion.sampling import (  # noqa: E402
     checkpoint_settings,
     explicit_model_flags,
     load_model,
+    tf32_in_effect,
     write_log,
 )
 
@@ -57,6 +58,7 @@ def main():
         ),
         overrides={"batch_size": 8},
     )
+    settings.add_to_parser(parser, "speed", only=("use_tf32",))
     settings.add_to_parser(parser, "inputs", unset=True)
     add_model_flags(parser)
     args = parser.parse_args()
@@ -71,6 +73,8 @@ def main():
     )
 
     dist_util.setup_dist()
+    # images of one size at a fixed batch (but the last)
+    dist_util.configure_numerics(use_tf32=args.use_tf32, cudnn_benchmark=True)
     logger.configure()
     write_log(notes)
     pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]
@@ -120,6 +124,7 @@ def main():
             json.dump(
                 {
                     "model_path": args.model_path,
+                    "use_tf32": tf32_in_effect(args.use_tf32, dist_util.dev()),
                     "num_images": len(gathered),
                     "bpd": mean,
                     "per_image": gathered,

@@ -21,8 +21,8 @@ Results go to $OPENAI_LOGDIR/sample_results/<sampler><steps>/ (else to a new
 run.json and samples_NxHxWx3.npz. Running the same command again continues where
 it stopped; each image's noise depends only on --seed and its name. A folder made
 with other settings that decide the images (checkpoint, sampler, steps, eta, seed,
-clipping, bf16, samples per input, model and diffusion flags, input scaling) is
-refused; speed levers may differ.
+clipping, bf16, samples per input, model and diffusion flags, input scaling, and
+the precisions the model ran in: fp16, TF32) is refused; speed levers may differ.
 
 Several samples per input, and how sure the model is: --samples_per_input 8 draws
 8 samples of every input (sample 0, in gen_opt/, is the one sample of a run without
@@ -62,12 +62,14 @@ from guided_diffusion.results import (  # noqa: E402
     write_spread_result,
 )
 from guided_diffusion.sampling import (  # noqa: E402
+    BatchedModel,
     add_sampling_flags,
     checkpoint_settings,
     load_model,
     prepare_model,
     read_sampling_args,
     sar_for_display,
+    tf32_in_effect,
     to_uint8,
     write_log,
 )
@@ -93,6 +95,8 @@ def main():
 
     # -- processes, log folder, inputs, model ---------------------------------------
     dist_util.setup_dist()
+    # images of one size at a fixed batch (a shorter last one, padded under --compile)
+    dist_util.configure_numerics(use_tf32=args.use_tf32, cudnn_benchmark=True)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(append=True)  # a rerun must not wipe the first run's log
     write_log(notes)
@@ -100,9 +104,13 @@ def main():
     pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
     outputs = output_names([name for _, _, name in pairs], args.data_dir)
     model = load_model(args.model_path, flags, dist_util.dev(), use_bf16=args.use_bf16)
-    # The folder records the precision the model runs in: a CPU runs fp16 in float32.
+    # The folder records the precisions the model runs in: a CPU runs fp16 in float32
+    # and has no TF32.
     flags["use_fp16"] = model.dtype == th.float16
+    use_tf32 = tf32_in_effect(args.use_tf32, dist_util.dev())
     model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+    # under --compile the last batch is padded: one input shape, compiled once
+    model = BatchedModel(model, args.batch_size, pad=args.compile)
 
     # -- claim the results folder (rank 0), share the work ------------------------
     out_dir = os.path.join(
@@ -115,6 +123,7 @@ def main():
         "samples_per_input": args.samples_per_input,
         **args.options,
         **{k: getattr(args, k) for k in ("use_bf16", "channels_last", "compile")},
+        "use_tf32": use_tf32,
         **flags,
         "inputs": scaling.record(),
     }

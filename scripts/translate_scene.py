@@ -59,6 +59,9 @@ def main():
     args = parse_args()
     flags, scaling, diffusion, notes = scene_settings(args)
     dist_util.setup_dist()
+    # tiles of one size: cuDNN's search runs once per batch size (under --compile
+    # once; otherwise also for each rank's last, shorter batch of a step)
+    dist_util.configure_numerics(use_tf32=args.use_tf32, cudnn_benchmark=True)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(dir=os.path.dirname(args.output), format_strs=["stdout"])
     write_log(notes)

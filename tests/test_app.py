@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch as th
 from conftest import free_port
 from PIL import Image
 
@@ -278,3 +279,74 @@ def test_a_port_in_use_is_refused_naming_the_flag(page):
     port = int(url.rstrip("/").rsplit(":", 1)[1])  # the page's own
     with pytest.raises(app.PageError, match=f"--port {port}: cannot serve there"):
         app.launch(app.build_page(translator), translator, port=port)
+
+
+class OnTheGpu(th.nn.Module):
+    """
+    The network on a GPU with room for ``room["images"]`` images per call: a larger
+    call raises CUDA's out-of-memory error, as PyTorch does; ``calls`` records the
+    batch sizes tried.
+    """
+
+    def __init__(self, model, room, calls):
+        super().__init__()
+        self.model, self.room, self.calls = model, room, calls
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(x.shape[0])
+        if x.shape[0] > self.room["images"]:
+            raise th.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x, t, **kwargs)
+
+
+class GpuOfLimitedRoom:
+    """Stands in for prepare_model: the prepared model, :class:`OnTheGpu`."""
+
+    def __init__(self, prepare):
+        self.prepare, self.room, self.calls = prepare, {"images": 64}, []
+
+    def __call__(self, model, **options):
+        return OnTheGpu(self.prepare(model, **options), self.room, self.calls)
+
+
+def test_out_of_gpu_memory_retries_at_a_smaller_batch_and_the_page_keeps_working(
+    tmp_path, monkeypatch, capsys
+):
+    scene = write_crop(tmp_path / "small_scene.tif", SCENE_EXAMPLE, 40, 48)
+    expected = app.Translator(app.find_models(), work_dir=str(tmp_path / "plain"))
+    expected = expected.translate(str(scene), MODEL, "ddim", 3, 5).image
+    gpu = GpuOfLimitedRoom(app.prepare_model)
+    monkeypatch.setattr(app, "prepare_model", gpu)
+    runs = tmp_path / "logs"
+    (runs / "run_a").mkdir(parents=True)
+    shutil.copy(BUNDLED_MODEL, runs / "run_a" / "model000100.pt")
+    shutil.copy(Path(BUNDLED_MODEL).parent / "config.json", runs / "run_a")
+    translator = app.Translator(app.find_models(runs_dir=str(runs)), work_dir=str(tmp_path / "w"))
+    # room for one tile per call: the first step's n tiles fail, n // 2 fail, ...,
+    # 1 fits, and the steps after it go one tile at a time
+    gpu.room["images"] = 1
+    capsys.readouterr()
+    result = translator.translate(str(scene), MODEL, "ddim", 3, 5)
+    assert np.array_equal(result.image, expected)  # the same pixels
+    n = gpu.calls[0]
+    halved = [n >> k for k in range(n.bit_length())]  # n, n // 2, ..., 1
+    assert n == 6 and gpu.calls[: len(halved)] == halved
+    assert set(gpu.calls[len(halved) :]) == {1}
+    assert f"Out of GPU memory at {n} tiles per network call" in result.summary()
+    assert "1 tile per call" in result.summary()
+    logged = capsys.readouterr().out
+    for a, b in zip(halved, halved[1:]):
+        assert f"out of memory at {a} images per network call: {b} from now on" in logged
+    # no room at all, with another model loaded: it is released and the request tried
+    # again; then the page says so, and keeps working
+    gpu.room["images"] = 64
+    translator.translate(str(EXAMPLE), "run_a", "ddim", 2, 0)
+    assert len(translator.cache.loaded()) == 2
+    gpu.room["images"] = 0
+    with pytest.raises(app.PageError, match="Out of GPU memory") as err:
+        translator.translate(str(scene), MODEL, "ddim", 3, 5)
+    assert "one tile per network call" in str(err.value) and "\n" not in str(err.value)
+    assert translator.cache.loaded() == [BUNDLED_MODEL]
+    assert "released run_a" in capsys.readouterr().out
+    gpu.room["images"] = 64
+    assert np.array_equal(translator.translate(str(scene), MODEL, "ddim", 3, 5).image, expected)

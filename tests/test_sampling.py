@@ -519,3 +519,45 @@ def test_an_older_run_json_continues_and_other_settings_refuse(
     assert {k: v for k, v in after.items() if not k.endswith(".npz")} == {
         k: v for k, v in before.items() if not k.endswith(".npz")
     }
+
+
+class ShapeRecorder(th.nn.Module):
+    """Stands in for torch.compile's module: records the shape of every input."""
+
+    shapes = []
+
+    def __init__(self, model, **options):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, **kwargs):
+        ShapeRecorder.shapes.append(tuple(x.shape))
+        return self.model(x, t, **kwargs)
+
+
+def test_compile_sees_one_batch_shape_and_the_folder_records_tf32(
+    tmp_path, checkpoint, first_run, data_dir, input_names, monkeypatch, run_in_process
+):
+    ShapeRecorder.shapes = []
+    monkeypatch.setattr(th, "compile", ShapeRecorder)
+    numerics = []
+    monkeypatch.setattr(
+        "guided_diffusion.dist_util.configure_numerics",
+        lambda **how: numerics.append(how),
+    )
+    sample = in_process_sampler(run_in_process)
+    args = ["--model_path", checkpoint, "--data_dir", data_dir, *SAMPLE_FLAGS]
+    # 15 images at batch 4: the last batch holds 3, padded to 4 under --compile
+    sample([*args, "--compile", "True", "--use_tf32", "True"], tmp_path)
+    assert {s[0] for s in ShapeRecorder.shapes} == {4} and len(ShapeRecorder.shapes) == 40
+    assert numerics == [{"use_tf32": True, "cudnn_benchmark": True}]
+    results = tmp_path / "sample_results" / "ddpm10"
+    for name in input_names:  # the padding's outputs are dropped, the rest kept
+        a, b = read_png(results / "gen_opt" / name), read_png(first_run / "gen_opt" / name)
+        assert np.abs(a.astype(int) - b).max() <= 1
+    record = json.loads((results / "run.json").read_text())
+    assert record["use_tf32"] is False  # a CPU has no TF32: float32 as IEEE
+    # a folder made with TF32 (on a GPU) is not continued in IEEE float32
+    (results / "run.json").write_text(json.dumps({**record, "use_tf32": True}))
+    line = one_line_error(sample(args, tmp_path, expect_rc=2))
+    assert "use_tf32" in line and str(results) in line

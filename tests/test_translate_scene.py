@@ -475,3 +475,116 @@ def test_no_samples_is_refused_naming_the_flag(tmp_path, monkeypatch, checkpoint
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --samples_per_input 0")
     assert not (tmp_path / "out.tif").exists()
+
+
+# -- on several GPUs, shown on a CPU ----------------------------------------------------
+
+
+def test_compile_sees_one_tile_batch_shape_as_the_tiles_move(tmp_path, monkeypatch, checkpoint):
+    from guided_diffusion import dist_util
+    from guided_diffusion.scene import step_shift
+    from guided_diffusion.tiling import max_shift, tile_grid
+
+    scene = write_scene(tmp_path / "scene.tif", 72, 100, seed=2)
+    flags = ("--sampler", "ddim", "--timestep_respacing", "ddim3", "--batch_size", "7")
+    plain, *_ = translate(monkeypatch, scene, tmp_path / "plain.tif", checkpoint, *flags)
+    limit = max_shift(TILE, TILE // 2)
+    counts = [  # the tiles of each of the 3 steps (seed 0)
+        len(tile_grid(72, 100, TILE, TILE // 2, step_shift(0, step, limit)))
+        for step in range(3)
+    ]
+    shapes = []
+
+    class Compiled(th.nn.Module):  # torch.compile's module, recording its inputs
+        def __init__(self, model, **options):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x, t, **kwargs):
+            shapes.append(tuple(x.shape))
+            return self.model(x, t, **kwargs)
+
+    numerics = []
+    monkeypatch.setattr(th, "compile", Compiled)
+    monkeypatch.setattr(dist_util, "configure_numerics", lambda **how: numerics.append(how))
+    compiled, *_ = translate(monkeypatch, scene, tmp_path / "compiled.tif", checkpoint,
+                             *flags, "--compile", "True")  # fmt: skip
+    # 24, 20, 20 tiles: last batches of 3 and 6 tiles, each padded to 7
+    assert len({n % 7 for n in counts}) > 1 and all(n % 7 for n in counts)
+    assert {s[0] for s in shapes} == {7} and len({s[2:] for s in shapes}) == 1
+    assert numerics == [{"use_tf32": False, "cudnn_benchmark": True}]
+    assert np.abs(compiled.astype(int) - plain).max() <= 1
+
+
+def crash_in_step_3(monkeypatch, scene, out, checkpoint, *flags):
+    """Run a job that saves at step 2 and dies in step 3; the work folder stays."""
+    real_step = SceneSampler.step_once
+
+    def crashes(job):
+        if job.step == 2:
+            raise MemoryError("the machine ran out")
+        real_step(job)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SceneSampler, "step_once", crashes)
+        with pytest.raises(MemoryError):
+            translate(monkeypatch, scene, out, checkpoint, *flags)
+
+
+def test_ranks_that_read_different_saved_jobs_stop_with_one_line(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    from guided_diffusion import dist_util
+
+    scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
+    out = tmp_path / "out.tif"
+    crash_in_step_3(monkeypatch, scene, out, checkpoint, *RESUME)
+    # rank 1, on a machine of its own, finds no job in its OUTPUT.work
+    monkeypatch.setattr(
+        dist_util, "all_gather_object",
+        lambda mine: [mine, None if isinstance(mine, (tuple, type(None))) else mine],
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        translate(monkeypatch, scene, out, checkpoint, *RESUME)
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("error: ") and str(out) + ".work" in line
+    assert "rank 0: step 2" in line and "rank 1: none" in line and "--work_dir" in line
+
+
+def test_a_job_saved_in_float16_on_a_gpu_is_not_continued_on_a_cpu(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
+    out = tmp_path / "out.tif"
+    crash_in_step_3(monkeypatch, scene, out, checkpoint, *RESUME)
+    saved = tmp_path / "out.tif.work" / "job.json"
+    job = json.loads(saved.read_text())
+    # as a GPU run of an fp16 model with TF32 saves it
+    saved.write_text(json.dumps({**job, "key": {**job["key"], "use_fp16": True,
+                                                "use_tf32": True}}))  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        translate(monkeypatch, scene, out, checkpoint, *RESUME)
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("error: ") and "use_fp16 True" in line and "use_tf32 True" in line
+
+
+def test_memory_auto_divides_the_memory_among_the_ranks_of_a_machine(
+    tmp_path, monkeypatch, checkpoint, capsys
+):
+    from guided_diffusion import dist_util, scene_translation
+    from guided_diffusion.scene import scene_bytes
+
+    scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
+    need = scene_bytes(40, 72, 2, False)
+    # the arrays take 0.3 of the memory available: one rank holds them in memory
+    monkeypatch.setattr(scene_translation, "available_memory", lambda: need / 0.3)
+    flags = ("--timestep_respacing", "ddim2", "--memory", "auto")
+    translate(monkeypatch, scene, tmp_path / "one.tif", checkpoint, *flags)
+    logged = capsys.readouterr().out
+    assert "GiB in memory" in logged and "memory-mapped" not in logged
+    # two ranks on this machine (the same host name) would take 0.6 of it
+    monkeypatch.setattr(dist_util, "all_gather_object", lambda mine: [mine, mine])
+    translate(monkeypatch, scene, tmp_path / "two.tif", checkpoint, *flags)
+    assert "in memory-mapped files" in capsys.readouterr().out
