@@ -250,10 +250,13 @@ def ddim(denoiser, x, timesteps, *, generator=None, history=None, eta=0.0):
         used = eta != 0 and t_next is not None
         z = noise_like(x, generator) if used or generator is None else None
         # 2. Eq. 12 towards the next timestep, or the clean data (abar = 1) after the last.
+        #    abar as 0-d tensors on the host, which a device's kernels take as scalar
+        #    arguments: made on the device (x.new_tensor), each would be a copy from
+        #    the host that waits for the work queued there, at every step.
         abar_next = 1.0 if t_next is None else abar[t_next]
         x = ddim_step(
-            out, z, x.new_tensor(abar[t]), x.new_tensor(abar_next), eta,
-            float(t_next is not None),
+            out, z, th.tensor(abar[t], dtype=x.dtype), th.tensor(abar_next, dtype=x.dtype),
+            eta, float(t_next is not None),
         )  # fmt: skip
         yield {"sample": x, "pred_xstart": out["pred_xstart"]}
 
@@ -289,7 +292,8 @@ def ddim_reverse(denoiser, x, timesteps, *, generator=None):
     for t in timesteps:
         out = denoiser(x, t)
         abar_next = abar[t + 1] if t + 1 < len(abar) else 0.0
-        x = ddim_reverse_step(out, x.new_tensor(abar_next))
+        # a 0-d tensor on the host, a scalar argument of the device's kernels (see ddim)
+        x = ddim_reverse_step(out, th.tensor(abar_next, dtype=x.dtype))
         yield {"sample": x, "pred_xstart": out["pred_xstart"]}
 
 

@@ -104,16 +104,25 @@ def test_checker_allows_host_scalars_and_counts_host_traffic():
 # -- training ---------------------------------------------------------------------
 
 
-def meta_loop(tmp_path, **options):
-    """A TrainLoop of the tiny model on meta, its logger writing to tmp_path."""
+def meta_loop(tmp_path, monkeypatch, fused_optim=False, **options):
+    """
+    A TrainLoop of the tiny model on meta, its logger writing to tmp_path.
+
+    :param fused_optim: the multi-tensor grad norm and EMA; AdamW's fused kernel
+        has no meta version, so its multi-tensor kernel stands in.
+    """
     from guided_diffusion import logger
+
+    if fused_optim:
+        kernel = {"fused": None, "foreach": True}
+        monkeypatch.setattr(train_util.TrainLoop, "_optim_kernel", lambda self: kernel)
 
     logger.configure(dir=str(tmp_path), format_strs="log")
     model, diffusion = tiny_model_and_diffusion(use_fp16=options.get("use_fp16", False))
     loop = train_util.TrainLoop(
         model=model, diffusion=diffusion, data=None, batch_size=2, microbatch=-1,
         lr=1e-4, ema_rate="0.9", log_interval=10**6, save_interval=10**6,
-        resume_checkpoint="", fused_optim=False, **options,
+        resume_checkpoint="", fused_optim=fused_optim, **options,
     )  # fmt: skip
     channels = model.in_channels
     batch = th.zeros(2, channels, TINY_FLAGS["image_size"], TINY_FLAGS["image_size"])
@@ -122,6 +131,7 @@ def meta_loop(tmp_path, **options):
 
 TRAINING_PATHS = {
     "fp32": {},
+    "fp32-fused_optim": {"fused_optim": True},
     "fp16": {"use_fp16": True},
     "bf16": {"use_bf16": True},
     "loss-second-moment": {"schedule_sampler": "loss-second-moment"},
@@ -129,21 +139,21 @@ TRAINING_PATHS = {
 
 
 @pytest.mark.parametrize("options", TRAINING_PATHS.values(), ids=TRAINING_PATHS)
-def test_training_step_on_a_second_device(on_meta, tmp_path, options):
-    loop, batch = meta_loop(tmp_path, **options)
+def test_training_step_on_a_second_device(on_meta, tmp_path, monkeypatch, options):
+    loop, batch = meta_loop(tmp_path, monkeypatch, **options)
     assert loop.mp_trainer.master_params[0].device == META
     with DeviceCheck() as check:
         loop.run_step(batch, {})  # the first step makes the optimizer's state
         check.reset()
         loop.run_step(batch, {})
-        step = check.snapshot()
+        step, reads = check.snapshot(), list(check.reads)
         check.reset()
         loop._flush_logs()
         logging = check.snapshot()
     # A step that does not log reads one value on the host, whether the gradient
     # is finite; the step's host-drawn timesteps and weights and the batch go to
     # the device without waiting.
-    assert step["host_reads"] == 1, check.reads
+    assert step["host_reads"] == 1, reads
     assert step["blocking_uploads"] == 0
     # Logging reads the values it logs (apart from the steps' budget).
     assert logging["host_reads"] > 0
@@ -185,6 +195,19 @@ def test_every_sampler_step_on_a_second_device(name, generators):
     assert out["sample"].device == META
     # No step waits for the device: no host read, and noise drawn on the host
     # reaches it with a non-blocking copy, prepared ahead.
+    assert check.host_reads == 0, check.reads
+    assert check.blocking_uploads == 0
+
+
+def test_ddim_encoding_step_on_a_second_device():
+    denoiser, size = meta_denoiser()
+    steps = samplers.ddim_reverse(
+        denoiser, th.zeros(2, 3, size, size, device=META), range(4)
+    )
+    with DeviceCheck() as check:
+        next(steps)
+        check.reset()
+        next(steps)
     assert check.host_reads == 0, check.reads
     assert check.blocking_uploads == 0
 
