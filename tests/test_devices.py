@@ -242,20 +242,25 @@ def test_scene_band_update_with_the_network_on_a_second_device():
     assert job.step == 1
 
 
-def test_page_patch_route_with_the_model_on_a_second_device(
-    on_meta, tiny_checkpoint, tmp_path
+@pytest.mark.parametrize(
+    "route, size", [("patch", TINY_FLAGS["image_size"]), ("scene", 40)]
+)
+def test_page_routes_with_the_model_on_a_second_device(
+    on_meta, tiny_checkpoint, tmp_path, route, size
 ):
     pytest.importorskip("rasterio")
     from guided_diffusion import app
 
     sar = tmp_path / "upload.tif"
-    write_sar_patch(sar, TINY_FLAGS["image_size"])
+    write_sar_patch(sar, size)
     translator = app.Translator({"tiny": str(tiny_checkpoint)}, work_dir=str(tmp_path))
     # the result is all zeros (meta holds no values): what is checked is that
     # every operation of the route found its tensors on one device
     with DeviceCheck():
         result = translator.translate(str(sar), "tiny", "ddim", 2, seed=0)
-    assert result.route == "patch"
+    assert result.route == route
+    (model,) = translator.cache._models.values()
+    assert next(model.parameters()).device == META
 
 
 def write_sar_patch(path, size):
