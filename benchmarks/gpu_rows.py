@@ -201,6 +201,20 @@ def bf16_peak_tflops(device_name):
     return None
 
 
+def share_of_peak(tflops, device_name):
+    """
+    TFLOP/s as a share of a GPU's dense bf16 peak, as text.
+
+    :param device_name: torch.cuda.get_device_name's, or None on a CPU.
+    """
+    if device_name is None:
+        return "n/a on a CPU"
+    top = bf16_peak_tflops(device_name)
+    if top is None:
+        return f"n/a (no bf16 peak tabled for {device_name})"
+    return f"{100 * tflops / top:.1f}% of {device_name}'s bf16 peak"
+
+
 def sdpa_backend(op_name):
     """The backend an aten scaled_dot_product op name stands for, or None."""
     kernels = (
@@ -240,17 +254,20 @@ def numerics(use_tf32=False):
 
 def peak_memory(device):
     """
-    Peak memory from now on: torch.cuda.max_memory_allocated, or on a CPU the
-    process's peak resident set (reset through /proc/self/clear_refs on Linux).
+    Peak memory from now on: on a GPU, torch.cuda.max_memory_allocated less what
+    was allocated before (so that anything an earlier row left does not count), on
+    a CPU the process's peak resident set (reset through /proc/self/clear_refs on
+    Linux).
 
     :return: a function that reads the peak in MiB.
     """
+    before = th.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0
     memory = common.PeakMemory(device)
     memory.start_window()
 
     def read():
         life, window = memory.read()
-        return life if window is None else window
+        return (life if window is None else window) - before
 
     return read
 
@@ -323,19 +340,10 @@ def train_row(dry_run, precision, levers=()):
     )
     images_per_s = batch_size / step_s
     tflops = images_per_s * TRAIN_STEP_FORWARDS * flops / 1e12
-    if device.type == "cuda":
-        name = th.cuda.get_device_name(device)
-        peak = bf16_peak_tflops(name)
-        share = (
-            f"{100 * tflops / peak:.1f}% of {name}'s bf16 peak"
-            if peak
-            else (f"n/a (no bf16 peak tabled for {name})")
-        )
-    else:
-        share = "n/a on a CPU"
+    name = th.cuda.get_device_name(device) if device.type == "cuda" else None
     text = (
         f"{images_per_s:.2f} images/s ({step_s:.3f} s per step of {batch_size}); "
-        f"{tflops:.3g} TFLOP/s, {share}; peak {peak():.0f} MiB; "
+        f"{tflops:.3g} TFLOP/s, {share_of_peak(tflops, name)}; peak {peak():.0f} MiB; "
         f"warm-up: {warmup} step{'' if warmup == 1 else 's'} in {warmup_s:.1f} s"
     )
     return [(None, text)], {"images_per_s": images_per_s, "tflops": tflops}
@@ -483,12 +491,14 @@ def noise_row(dry_run):
         return to_uint8(out).astype(np.int16)
 
     sampler_names = ("ddpm", "ddim", "dpm++2m")
+    on_cpu = {s: images(model, cpu, s) for s in sampler_names}
     figures = {"differing_noise": differing}
-    # TF32 changes nothing on a CPU: the dry run compares once.
-    for use_tf32 in (False,) if dry_run else (False, True):
+    # TF32 on is for information; it changes nothing on a CPU, where the dry run
+    # runs it all the same to check the code.
+    for use_tf32 in (False, True):
         numerics(use_tf32=use_tf32)
         worst = {
-            s: int(np.abs(images(model, cpu, s) - images(on_device, device, s)).max())
+            s: int(np.abs(on_cpu[s] - images(on_device, device, s)).max())
             for s in sampler_names
         }
         figures.update(
@@ -499,7 +509,8 @@ def noise_row(dry_run):
             lines.append(
                 (
                     "images, TF32 on",
-                    f"max grey-level difference {parts} (for information)",
+                    f"max grey-level difference {parts} (for information"
+                    + ("; no effect on a CPU)" if dry_run else ")"),
                 )
             )
             continue
@@ -703,7 +714,10 @@ def measure_rows(names, dry_run):
             traceback.print_exc()
             result = {"row": name, "error": common.short_error(err)}
         print(RESULT_PREFIX + json.dumps(result), flush=True)
-        gc.collect()  # the row's model and optimiser, before the next row measures memory
+        # Free the row's model and optimiser before the next row measures memory.
+        gc.collect()
+        if th.cuda.is_available():
+            th.cuda.empty_cache()
 
 
 def _die_with_parent():
@@ -818,12 +832,19 @@ class Results:
                 f.write(text + "\n")
 
 
-def header(args, rows):
-    """The section's title, machine, command and notes, and the table's head."""
+def header(rows, device_name, budget_s):
+    """
+    The section's title, machine, command and notes, and the table's head.
+
+    :param rows: the rows that will run.
+    :param device_name: the GPU's name (torch.cuda.get_device_name), or None for
+        the dry run.
+    :param budget_s: the seconds the run may take.
+    """
     command = " ".join(
         shlex.quote(a) for a in ["bash", "benchmarks/gpu_rows.sh", *sys.argv[1:]]
     )
-    if args.dry_run:
+    if device_name is None:
         title = "GPU rows: dry run on the CPU (the tiny model; not a GPU's figures)"
         model = (
             "tiny config ("
@@ -831,9 +852,8 @@ def header(args, rows):
             + ")"
         )
     else:
-        name = th.cuda.get_device_name()
-        peak = bf16_peak_tflops(name)
-        title = f"GPU rows: {name}"
+        peak = bf16_peak_tflops(device_name)
+        title = f"GPU rows: {device_name}"
         model = (
             "paper config ("
             + ", ".join(f"{k} {v}" for k, v in common.CONFIGS["paper"].items())
@@ -850,18 +870,18 @@ def header(args, rows):
         f"Command: `{command}`",
         "",
         f"- model: {model}",
-        f"- training step: TrainLoop.run_step, batch {2 if args.dry_run else TRAIN_BATCH}, "
+        f"- training step: TrainLoop.run_step, batch {2 if device_name is None else TRAIN_BATCH}, "
         "cuDNN benchmark mode on; rows other than 'every lever' take the slow path "
         "(einsum attention, NCHW, per-parameter AdamW and EMA)",
-        f"- scene batch: one samplers.Denoiser call on {DRY_RUN_TILES if args.dry_run else SCENE_TILES} "
+        f"- scene batch: one samplers.Denoiser call on {DRY_RUN_TILES if device_name is None else SCENE_TILES} "
         "tiles; peak MiB (both kinds of row): torch.cuda.max_memory_allocated from "
-        "the model's creation on, weights included (on a CPU the process's peak "
-        "resident memory)",
+        "the model's creation on, weights included, less what was allocated before "
+        "(on a CPU the process's peak resident memory)",
         f"- CPU against GPU: images may differ by at most GREY_LEVEL_TOLERANCE = "
         f"{GREY_LEVEL_TOLERANCE} grey levels with TF32 off",
         "- the rows run one after the other in one process, each under its own limit "
         "(a fresh process for the rows after one that fails or runs past it); the "
-        f"first row's seconds include the start (imports, CUDA); {args.budget_s:.0f} s "
+        f"first row's seconds include the start (imports, CUDA); {budget_s:.0f} s "
         f"for the run; rows: {', '.join(row.name for row in rows)}",
         "",
         "| what | setting | result | s (limit) |",
@@ -886,7 +906,8 @@ def main():
         signal.signal(signum, lambda signum, frame: sys.exit(128 + signum))
     rows = [row for row in ROWS if row.name in args.only]
     results = Results(args.results)
-    results.write(*header(args, rows))
+    device_name = None if args.dry_run else th.cuda.get_device_name()
+    results.write(*header(rows, device_name, args.budget_s))
     start = time.monotonic()
     todo = list(rows)
     process = None

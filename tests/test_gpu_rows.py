@@ -90,10 +90,11 @@ def test_dry_run_prints_every_row_with_numbers(tmp_path):
 
     # The CPU against itself: the same seed and names give the same numbers and
     # images, to the bit.
-    noise, images = results_of("noise")
+    noise, images, images_tf32 = results_of("noise")
     n_numbers = 2 * 3 * 32 * 32 * 10  # x_T and 9 steps of two 3 x 32 x 32 images
     assert noise.startswith(f"{n_numbers} numbers") and ": 0 differ in any bit" in noise
     assert "max grey-level difference ddpm 0, ddim 0, dpm++2m 0: within" in images
+    assert images_tf32.startswith("max grey-level difference ddpm 0, ddim 0, dpm++2m 0")
 
     syncs = results_of("syncs")
     assert len(syncs) == 5  # two training variants, three samplers
@@ -170,6 +171,24 @@ def test_bf16_peak_is_looked_up_by_device_name():
     assert gpu_rows.bf16_peak_tflops("NVIDIA H200") == 989.4
     assert gpu_rows.bf16_peak_tflops("NVIDIA H100 NVL") is None
     assert gpu_rows.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None
+    assert gpu_rows.share_of_peak(98.94, "NVIDIA H100 80GB HBM3") == (
+        "10.0% of NVIDIA H100 80GB HBM3's bf16 peak"
+    )
+    assert gpu_rows.share_of_peak(98.94, None) == "n/a on a CPU"
+    assert gpu_rows.share_of_peak(98.94, "NVIDIA A100-SXM4-80GB").startswith("n/a")
+
+
+def test_header_of_a_gpu_run_gives_the_flops_and_the_peak():
+    # The dry run writes the CPU's header; this is the one a GPU run writes.
+    lines = gpu_rows.header(gpu_rows.ROWS, "NVIDIA H200", 480)
+    text = "\n".join(lines)
+    assert "## GPU rows: NVIDIA H200" in lines
+    assert "forward 665.4 GFLOP per image" in text and "989.4 TFLOP/s" in text
+    assert "batch 6," in text and "call on 64 tiles" in text
+    assert lines[-2:] == [
+        "| what | setting | result | s (limit) |",
+        "|---|---|---|---|",
+    ]
 
 
 def _sync_warning():
