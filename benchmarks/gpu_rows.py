@@ -27,9 +27,10 @@ The rows, in order:
 * ``sdpa``: which scaled_dot_product_attention kernel ran for each sequence length
   of the paper's U-Net with use_sdpa (torch.profiler).
 
-``--dry_run`` runs every row on the CPU with the tiny model (compile left out, the
-sync count skipped: both say so), so that a typo does not cost a lent GPU's minutes;
-tests/test_gpu_rows.py runs it.
+``--dry_run`` runs every row on the CPU with the tiny model (compile and fp16 left
+out, the sync count skipped: each says so; the CPU against itself in place of the
+GPU), so that a typo does not cost a lent GPU's minutes; tests/test_gpu_rows.py
+runs it.
 """
 
 import argparse
