@@ -130,3 +130,17 @@ def test_the_spread_picture_shows_the_channel_mean_on_viridis():
         )
     # the map ends where its blocks do: the next pixel right is the white margin
     assert tuple(image[top, left + 3 * scale]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("use_foreach", [True, False])
+def test_the_ema_step_by_hand(use_foreach):
+    import torch as th
+
+    from guided_diffusion.nn import update_ema
+
+    target = [th.tensor([1.0, 2.0]), th.tensor([[4.0]])]
+    source = [th.tensor([3.0, -2.0]), th.tensor([[0.0]])]
+    update_ema(target, source, rate=0.9, use_foreach=use_foreach)
+    # 0.9 * target + 0.1 * source
+    th.testing.assert_close(target[0], th.tensor([1.2, 1.6]))
+    th.testing.assert_close(target[1], th.tensor([[3.6]]))
