@@ -531,7 +531,7 @@ def crash_in_step_3(monkeypatch, scene, out, checkpoint, *flags):
             translate(monkeypatch, scene, out, checkpoint, *flags)
 
 
-def test_ranks_that_read_different_saved_jobs_stop_with_one_line(
+def test_a_saved_job_continues_only_where_every_rank_reads_it_in_its_precisions(
     tmp_path, monkeypatch, checkpoint, capsys
 ):
     from guided_diffusion import dist_util
@@ -539,35 +539,30 @@ def test_ranks_that_read_different_saved_jobs_stop_with_one_line(
     scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
     out = tmp_path / "out.tif"
     crash_in_step_3(monkeypatch, scene, out, checkpoint, *RESUME)
+
+    def refused():
+        with pytest.raises(SystemExit) as stopped:
+            translate(monkeypatch, scene, out, checkpoint, *RESUME)
+        assert stopped.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]  # after progress bars
+        assert line.startswith("error: ") and str(out) + ".work" in line
+        return line
+
     # rank 1, on a machine of its own, finds no job in its OUTPUT.work
-    monkeypatch.setattr(
-        dist_util, "all_gather_object",
-        lambda mine: [mine, None if isinstance(mine, (tuple, type(None))) else mine],
-    )  # fmt: skip
-    with pytest.raises(SystemExit) as stopped:
-        translate(monkeypatch, scene, out, checkpoint, *RESUME)
-    assert stopped.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert line.startswith("error: ") and str(out) + ".work" in line
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            dist_util, "all_gather_object",
+            lambda mine: [mine, None if isinstance(mine, (tuple, type(None))) else mine],
+        )  # fmt: skip
+        line = refused()
     assert "rank 0: step 2" in line and "rank 1: none" in line and "--work_dir" in line
-
-
-def test_a_job_saved_in_float16_on_a_gpu_is_not_continued_on_a_cpu(
-    tmp_path, monkeypatch, checkpoint, capsys
-):
-    scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
-    out = tmp_path / "out.tif"
-    crash_in_step_3(monkeypatch, scene, out, checkpoint, *RESUME)
+    # the job as a GPU run of a float16 model with TF32 saves it: not on a CPU
     saved = tmp_path / "out.tif.work" / "job.json"
     job = json.loads(saved.read_text())
-    # as a GPU run of an fp16 model with TF32 saves it
-    saved.write_text(json.dumps({**job, "key": {**job["key"], "use_fp16": True,
-                                                "use_tf32": True}}))  # fmt: skip
-    with pytest.raises(SystemExit) as stopped:
-        translate(monkeypatch, scene, out, checkpoint, *RESUME)
-    assert stopped.value.code == 2
-    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert line.startswith("error: ") and "use_fp16 True" in line and "use_tf32 True" in line
+    key = {**job["key"], "use_fp16": True, "use_tf32": True}
+    saved.write_text(json.dumps({**job, "key": key}))
+    line = refused()
+    assert "use_fp16 True" in line and "use_tf32 True" in line
 
 
 def test_memory_auto_divides_the_memory_among_the_ranks_of_a_machine(
