@@ -77,6 +77,8 @@ def main():
     dist_util.configure_numerics(use_tf32=args.use_tf32, cudnn_benchmark=True)
     logger.configure()
     write_log(notes)
+    for note in dist_util.setup_notes():  # the CPU threads of each rank under MPI
+        logger.log(note)
     pairs = [p for p in find_test_pairs(args.data_dir) if p[1] is not None]
     if not pairs:
         raise DataError(

@@ -100,6 +100,8 @@ def main():
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(append=True)  # a rerun must not wipe the first run's log
     write_log(notes)
+    for note in dist_util.setup_notes():  # the CPU threads of each rank under MPI
+        logger.log(note)
     pairs = find_test_pairs(args.data_dir)
     pairs = pairs if args.num_samples < 0 else pairs[: args.num_samples]
     outputs = output_names([name for _, _, name in pairs], args.data_dir)

@@ -65,6 +65,8 @@ def main():
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     logger.configure(dir=os.path.dirname(args.output), format_strs=["stdout"])
     write_log(notes)
+    for note in dist_util.setup_notes():  # the CPU threads of each rank under MPI
+        logger.log(note)
     finished = translate_scene_file(
         args, flags, scaling, diffusion, rank=rank, world=world, catch_signals=True
     )
