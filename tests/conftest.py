@@ -195,6 +195,20 @@ def tiny_checkpoint(tmp_path_factory):
     return run / "model000010.pt"
 
 
+@pytest.fixture(autouse=True)
+def default_logger():
+    """
+    Every test starts with the logger a fresh process has (it prints to stdout): a
+    test that configured it to write files only (a training run, a script run in
+    this process) would otherwise hide from later tests what they read on stdout.
+    """
+    yield
+    logger = sys.modules.get("guided_diffusion.logger")
+    if logger is not None and logger._current is not None:
+        logger._current.close()
+        logger._current = None
+
+
 @pytest.fixture
 def one_thread():
     """

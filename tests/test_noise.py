@@ -226,7 +226,7 @@ def test_ddim_with_the_global_generator_draws_at_every_step_as_guided_diffusion(
 
 
 def test_ddpm_still_draws_at_every_step(denoiser):
-    # DESIGN.md fixes DDPM's order: one draw per step, t = 0 included
+    # guided-diffusion's DDPM order: one draw per step, t = 0 included
     shape = (3, 3, 8, 8)
     gens = make_generators(1, NAMES)
     samplers.run(

@@ -775,23 +775,26 @@ def test_fp16_overflow_lowers_the_loss_scale_and_skips(pairs_dir, tmp_path):
 
 
 @pytest.mark.parametrize("use_tf32", [True, False])
-def test_training_sets_tf32_and_cudnn_benchmark(
-    pairs_dir, tmp_path, monkeypatch, use_tf32
-):
+def test_training_sets_tf32_and_cudnn_benchmark(pairs_dir, tmp_path, use_tf32):
     """Training has fixed shapes, so cuDNN's benchmark mode is on; TF32 as the flag says."""
-    # The settings are the process's: the test leaves them as it found them.
-    for module, name in [
+    # The settings are the process's: the test leaves them as it found them (by
+    # hand: pytest 9.2's monkeypatch cannot restore these backend attributes).
+    places = [
         (th.backends.cudnn, "benchmark"),
         (th.backends.cuda.matmul, "fp32_precision"),
         (th.backends.cudnn.conv, "fp32_precision"),
-    ]:
-        monkeypatch.setattr(module, name, getattr(module, name))
+    ]
+    saved = [getattr(module, name) for module, name in places]
     th.backends.cudnn.benchmark = False
-    make_loop(pairs_dir, tmp_path, use_tf32=use_tf32)
-    precision = "tf32" if use_tf32 else "ieee"
-    assert th.backends.cuda.matmul.fp32_precision == precision
-    assert th.backends.cudnn.conv.fp32_precision == precision
-    assert th.backends.cudnn.benchmark
+    try:
+        make_loop(pairs_dir, tmp_path, use_tf32=use_tf32)
+        precision = "tf32" if use_tf32 else "ieee"
+        assert th.backends.cuda.matmul.fp32_precision == precision
+        assert th.backends.cudnn.conv.fp32_precision == precision
+        assert th.backends.cudnn.benchmark
+    finally:
+        for (module, name), value in zip(places, saved):
+            setattr(module, name, value)
     said = "TF32 on" if use_tf32 else "TF32 off"
     assert said in (tmp_path / "log.txt").read_text()
 
