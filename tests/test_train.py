@@ -915,3 +915,21 @@ if __name__ == "__main__":
         "validator_count_worker": validator_count_worker,
     }
     workers[sys.argv[1]](*sys.argv[2:])
+
+
+def test_annealed_learning_rate_by_hand(pairs_dir, tmp_path):
+    """
+    --lr_anneal_steps N: the step that starts at step s (0-based) runs at
+    lr (1 - s / N), and the run stops at N; the rates in progress.csv against that
+    formula (the resume tests compare two runs of the same code, which a schedule
+    that never anneals passes).
+    """
+    import csv
+
+    make_loop(pairs_dir, tmp_path, max_steps=0, lr_anneal_steps=4, log_interval=1).run_loop()
+    with open(tmp_path / "progress.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(float(r["step"])) for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        started_at = int(float(row["step"])) - 1
+        assert float(row["lr"]) == pytest.approx(1e-3 * (1 - started_at / 4))
