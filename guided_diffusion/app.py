@@ -42,7 +42,7 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from . import dist_util, logger, scene_translation
+from . import dist_util, logger, samplers, scene_translation
 from .rasters import (
     PILLOW_EXTENSIONS,
     DataError,
@@ -80,8 +80,9 @@ EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 INPUT_EXTENSIONS = (".tif", ".tiff", *PILLOW_EXTENSIONS)
 # The setting groups of scripts/image_sample_realtime.py's flags (its SAMPLING_GROUPS).
 SAMPLING_SCRIPT_GROUPS = ("sampling", "samples", "run", "speed")
-# Shown name -> the sampler's name in samplers.SAMPLERS.
-SAMPLERS = {"DPM-Solver++": "dpm++2m", "DDIM": "ddim", "DDPM": "ddpm"}
+# The page's names of samplers in samplers.SAMPLERS, in the order it shows them; a
+# sampler registered without one here is offered under its registered name, after these.
+SAMPLER_LABELS = {"dpm++2m": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM"}
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SEED = "DPM-Solver++", 20, 0
 # Samples per request (--samples_per_input): the most the page takes, and its default.
 MAX_SAMPLES, DEFAULT_SAMPLES = 8, 1
@@ -720,6 +721,18 @@ def find_examples(folders):
 # -- the page ---------------------------------------------------------------------------
 
 
+def sampler_choices():
+    """
+    The samplers the page offers: every one registered in samplers.SAMPLERS when the
+    page is built, those of :data:`SAMPLER_LABELS` first.
+
+    :return: shown name -> registered name.
+    """
+    names = [n for n in SAMPLER_LABELS if n in samplers.SAMPLERS]
+    names += [n for n in samplers.SAMPLERS if n not in SAMPLER_LABELS]
+    return {SAMPLER_LABELS.get(n, n): n for n in names}
+
+
 def build_page(translator, examples=()):
     """
     The Gradio page; requests queue, one at a time.
@@ -731,6 +744,7 @@ def build_page(translator, examples=()):
     import gradio as gr
 
     names = list(translator.models)
+    choices = sampler_choices()
 
     def preview(path, model_name):
         if not path:
@@ -755,12 +769,12 @@ def build_page(translator, examples=()):
             progress(done / total, desc=f"{which}step {step}/{int(each)}")
 
         try:
-            if sampler_name not in SAMPLERS:
+            if sampler_name not in choices:
                 raise PageError(
-                    f"sampler {sampler_name}: choose one of {', '.join(SAMPLERS)}"
+                    f"sampler {sampler_name}: choose one of {', '.join(choices)}"
                 )
             result = translator.translate(
-                path, model_name, SAMPLERS[sampler_name], steps, seed, progress=report,
+                path, model_name, choices[sampler_name], steps, seed, progress=report,
                 samples=samples,
             )  # fmt: skip
         except PageError as err:
@@ -786,7 +800,7 @@ def build_page(translator, examples=()):
                     elem_id="sar-upload",
                 )  # fmt: skip
                 model = gr.Dropdown(names, value=names[0], label="Model")
-                sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                sampler = gr.Radio(list(choices), value=DEFAULT_SAMPLER, label="Sampler")
                 steps = gr.Slider(1, 1000, value=DEFAULT_STEPS, step=1, label="Steps")
                 seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
                 samples = gr.Slider(

@@ -350,3 +350,30 @@ def test_out_of_gpu_memory_retries_at_a_smaller_batch_and_the_page_keeps_working
     assert "released run_a" in capsys.readouterr().out
     gpu.room["images"] = 64
     assert np.array_equal(translator.translate(str(scene), MODEL, "ddim", 3, 5).image, expected)
+
+
+def test_a_registered_sampler_is_offered_and_runs(page, client, monkeypatch):
+    # The page offers what samplers.SAMPLERS holds when it is built: a sampler
+    # registered now (DDIM under another name, recording its calls) is a choice
+    # under its registered name, after the three the page names, and translates.
+    from guided_diffusion import samplers
+
+    calls = []
+
+    def toy(denoiser, x, timesteps, *, generator=None, history=None):
+        calls.append(len(timesteps))
+        yield from samplers.ddim(denoiser, x, timesteps, generator=generator)
+
+    monkeypatch.setitem(samplers.SAMPLERS, "toy", toy)
+    _, translator, examples = page
+    blocks = app.build_page(translator, examples)
+    radio = next(b for b in blocks.blocks.values() if getattr(b, "label", None) == "Sampler")
+    assert [value for _, value in radio.choices] == ["DPM-Solver++", "DDIM", "DDPM", "toy"]
+    url = app.launch(blocks, translator, examples, port=free_port())
+    try:
+        _, result, _, _ = ask(Client(url, verbose=False), EXAMPLE, "toy", 3, 5)
+    finally:
+        blocks.close()
+    assert calls == [3]
+    _, expected, _, _ = ask(client, EXAMPLE, "DDIM", 3, 5)
+    assert np.array_equal(pixels(result), pixels(expected))
