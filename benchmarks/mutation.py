@@ -112,8 +112,8 @@ BUGS = [
         "self.col_total[left : left + tile] += self._wx[left]",
         "self.col_total[left : left + tile] = self._wx[left]", FUSION_TESTS),
     Bug("every band of a scene draws the same noise", SCENE,
-        'digest = hashlib.sha256(f"{int(seed)}\\0scene band {band}".encode()).digest()',
-        'digest = hashlib.sha256(f"{int(seed)}\\0scene band 0".encode()).digest()',
+        'return hashed_seed(int(seed), f"scene band {band}")',
+        'return hashed_seed(int(seed), "scene band 0")',
         (T + "test_tiling.py",)),
     Bug("scene resume reseeds the generators", SCENE,
         "g.set_state(state)", "g.manual_seed(0)", (T + "test_tiling.py",)),
@@ -194,8 +194,8 @@ BUGS = [
         "values = self.mp_trainer.master_params", (T + "test_train.py",)),
     # -- sampling ------------------------------------------------------------------
     Bug("image noise ignores the file's name", "guided_diffusion/sampling.py",
-        'digest = hashlib.sha256(f"{int(seed)}\\0{name}".encode("utf-8")).digest()',
-        'digest = hashlib.sha256(f"{int(seed)}".encode("utf-8")).digest()',
+        "return hashed_seed(int(seed), name)",
+        "return hashed_seed(int(seed))",
         (T + "test_sampling.py",)),
 ]  # fmt: skip
 

@@ -10,7 +10,6 @@ image's name) through a stable hash, so its result does not depend on the batch
 it shares, on the number of ranks or on the order the images are visited in.
 """
 
-import hashlib
 import json
 import os
 from dataclasses import replace
@@ -22,6 +21,7 @@ from . import dist_util, logger, samplers, settings
 from .rasters import FILE_SETTINGS, Scaling
 from .script_util import (
     OPT_CHANNELS,
+    attention_downsample_rates,
     attention_resolutions_flag,
     check_state_dict_fits,
     create_gaussian_diffusion,
@@ -29,8 +29,10 @@ from .script_util import (
     diffusion_defaults,
     model_and_diffusion_defaults,
     model_defaults,
+    parse_channel_mult,
     read_unet_flags,
 )
+from .seeds import hashed_seed
 
 # Flags of model_and_diffusion_defaults() that describe how to sample, not what
 # was trained: never taken from the training run's config.json.
@@ -48,6 +50,11 @@ NON_OUTPUT_FLAGS = (
     "rescale_learned_sigmas",
     "snr_gamma",
 )
+
+# What a checkpoint without config.json must be given: the weights do not tell
+# them, a default would give other images without a word, and the original's
+# sample.sh gives them (the model's size, its number of steps and its schedule).
+NEEDED_WITHOUT_CONFIG = ("image_size", "diffusion_steps", "noise_schedule")
 
 # The paper's flags (README, sample.sh): the example a message asking for flags gives.
 PAPER_FLAGS = {
@@ -70,8 +77,7 @@ def sample_seed(seed: int, name: str) -> int:
     :return: a 63-bit integer from SHA-256 of (seed, name); the same in every
         process and on every machine (Python's ``hash`` is salted per process).
     """
-    digest = hashlib.sha256(f"{int(seed)}\0{name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return hashed_seed(int(seed), name)
 
 
 def make_generators(seed, names, device="cpu") -> list[th.Generator]:
@@ -404,17 +410,19 @@ def checkpoint_model_flags(model_path, explicit):
 
     With a ``config.json`` beside the checkpoint, :func:`resolve_model_flags` gives
     them. Without one (a checkpoint of the original code), the architecture flags not
-    given are read off the weights (:func:`read_unet_flags`), and every other flag
-    that decides the output must be given: a default would sample a 2000-step
-    model as a 1000-step one without a word.
+    given are read off the weights (:func:`read_unet_flags`), and
+    :data:`NEEDED_WITHOUT_CONFIG` must be given: a default would sample a 2000-step
+    model as a 1000-step one without a word. Every other flag takes
+    guided-diffusion's default, as the original's ``sample.sh`` left it.
 
     :param model_path: a model or EMA file.
     :param explicit: the flags given on the command line, name -> value.
     :return: (flags, conflicts, note): the flags and conflicts of
-        :func:`resolve_model_flags`, and a line for the log saying which flags
-        were read off the weights (None with a config.json).
-    :raises ValueError: a one-line message naming the flags to give, or a
-        config.json or checkpoint that cannot be read.
+        :func:`resolve_model_flags`, and a line for the log naming the flags read
+        off the weights and the defaults taken (None with a config.json).
+    :raises ValueError: a one-line message naming the flags to give and those the
+        weights contradict (with the weights' values), or a config.json or
+        checkpoint that cannot be read.
     """
     run_config = read_run_config(model_path)
     if run_config is not None:
@@ -423,29 +431,26 @@ def checkpoint_model_flags(model_path, explicit):
     # Only the shapes are needed; load_model reads the file again, a second or two
     # against the minutes sampling takes, for checkpoints without a record only.
     read = read_unet_flags(_load_state_dict(model_path))
-    learn_sigma = explicit.get("learn_sigma", read["learn_sigma"])
-    missing = [
-        k
-        for k in model_and_diffusion_defaults()
-        if k not in explicit
-        and k not in read
-        # attention is read as downsample rates; use_fp16 sets only the precision,
-        # and float32 (the default) is the faithful one
-        and k not in ("attention_resolutions", "use_fp16")
-        and k not in SAMPLING_FLAGS + NON_OUTPUT_FLAGS
-        # the fixed variances are chosen between only when it is not learned
-        and not (k == "sigma_small" and learn_sigma)
-        # the target is asked for as the original's --predict_xstart, which
-        # --predict (empty: as --predict_xstart says) may replace
-        and k != "predict"
-        and not (k == "predict_xstart" and explicit.get("predict"))
-    ]
+    # Both at once, so that one rerun fixes what is missing and what is wrong.
+    problems = []
+    missing = [k for k in NEEDED_WITHOUT_CONFIG if k not in explicit]
     if missing:
         example = " ".join(f"--{k} {PAPER_FLAGS[k]}" for k in missing)
+        problems.append(
+            f"its weights do not tell {', '.join(f'--{k}' for k in missing)}: give "
+            f"{'it' if len(missing) == 1 else 'them'} (the paper's model: {example})"
+        )
+    contradicted = _contradicted_by_weights(explicit, read)
+    if contradicted:
+        trained = " ".join(f"--{k} {w}" for k, (w, _) in contradicted.items())
+        said = ", ".join(f"--{k} {g}" for k, (_, g) in contradicted.items())
+        problems.append(
+            f"its weights were trained with `{trained}`, not {said}: pass the "
+            "trained values"
+        )
+    if problems:
         raise ValueError(
-            f"{model_path} has no config.json beside it and its weights do not tell "
-            f"{', '.join(f'--{k}' for k in missing)}: give them (the paper's model: "
-            f"{example})"
+            f"{model_path} has no config.json beside it; {'; '.join(problems)}"
         )
     read["attention_resolutions"] = attention_resolutions_flag(
         read.pop("attention_ds"), explicit["image_size"]
@@ -455,9 +460,63 @@ def checkpoint_model_flags(model_path, explicit):
         for k in model_and_diffusion_defaults()
         if k in read and k not in explicit
     }
-    shown = " ".join(f"--{k} {v}" if v != "" else f'--{k} ""' for k, v in taken.items())
-    note = f"no config.json beside {model_path}: {shown} read off its weights"
+    learn_sigma = explicit.get("learn_sigma", read["learn_sigma"])
+    defaulted = [
+        k
+        for k in model_and_diffusion_defaults()
+        if k not in explicit
+        and k not in read
+        # use_fp16 sets only the precision, and float32 (the default) is the
+        # faithful one; the others do not change the images
+        and k not in ("use_fp16", *SAMPLING_FLAGS, *NON_OUTPUT_FLAGS)
+        # the fixed variances are chosen between only when it is not learned
+        and not (k == "sigma_small" and learn_sigma)
+        # the target is the original's --predict_xstart, unless --predict is given
+        and k != "predict"
+        and not (k == "predict_xstart" and explicit.get("predict"))
+    ]
+    note = f"no config.json beside {model_path}: {_shown(taken)} read off its weights"
+    if defaulted:
+        defaults = _shown({k: given[k] for k in defaulted})
+        note += f"; guided-diffusion's defaults taken for the rest: {defaults}"
     return {**given, **taken}, {}, note
+
+
+def _shown(flags):
+    """Flags as a command line gives them: ``--name value``, "" for an empty value."""
+    return " ".join(f"--{k} {v}" if v != "" else f'--{k} ""' for k, v in flags.items())
+
+
+def _contradicted_by_weights(explicit, read):
+    """
+    The given flags that the weights contradict, as name -> (the weights' value,
+    the given value), in the order of :func:`read_unet_flags`' flags. Attention is
+    compared where the image size is given, since the flag lists image_size // rate.
+
+    :param explicit: the flags given on the command line, name -> value.
+    :param read: :func:`read_unet_flags` of the checkpoint.
+    """
+    image_size = explicit.get("image_size")
+    contradicted = {}
+    for k in read:
+        if k == "attention_ds":
+            if image_size and "attention_resolutions" in explicit:
+                given = explicit["attention_resolutions"]
+                rates = attention_downsample_rates(given, image_size)
+                if sorted(rates) != sorted(read[k]):
+                    contradicted["attention_resolutions"] = (
+                        attention_resolutions_flag(read[k], image_size) or '""',
+                        given or '""',
+                    )
+        elif k == "channel_mult":
+            given = explicit.get(k)
+            if given and parse_channel_mult(given, image_size) != parse_channel_mult(
+                read[k], image_size
+            ):
+                contradicted[k] = (read[k], given)
+        elif k in explicit and explicit[k] != read[k]:
+            contradicted[k] = (read[k], explicit[k])
+    return contradicted
 
 
 def input_scaling(run_config, given, sar_channels):

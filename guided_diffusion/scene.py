@@ -29,7 +29,6 @@ seed alone, never on the tile batch, the number of processes or where the arrays
 live. Noise is drawn once per scene pixel, never averaged across tiles.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ import numpy as np
 import torch as th
 
 from . import samplers
+from .seeds import hashed_seed, hashed_words
 from .tiling import axis_window, max_shift, tile_grid
 
 # Rows per band of the sampler's update (and of reading and writing the scene).
@@ -54,8 +54,7 @@ def bands(height, rows=BAND_ROWS):
 def band_seed(seed, band):
     """The seed of one band's noise generator: 63 bits of SHA-256 of (seed, band),
     the same in every process and on every machine."""
-    digest = hashlib.sha256(f"{int(seed)}\0scene band {band}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return hashed_seed(int(seed), f"scene band {band}")
 
 
 def scene_sample_seed(seed, k):
@@ -71,8 +70,7 @@ def scene_sample_seed(seed, k):
     """
     if int(k) == 0:
         return int(seed)
-    digest = hashlib.sha256(f"{int(seed)}\0scene sample {int(k)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return hashed_seed(int(seed), f"scene sample {int(k)}")
 
 
 def step_shift(seed, step, limit):
@@ -80,9 +78,9 @@ def step_shift(seed, step, limit):
     How far the inner tiles move at one step: (rows, columns), each uniform in
     -limit..limit, from SHA-256 of (seed, step), the same in every process.
     """
-    digest = hashlib.sha256(f"{int(seed)}\0tile shift {int(step)}".encode()).digest()
     span = 2 * limit + 1
-    return tuple(int.from_bytes(digest[i : i + 8], "big") % span - limit for i in (0, 8))
+    words = hashed_words(int(seed), f"tile shift {int(step)}", count=2)
+    return tuple(word % span - limit for word in words)
 
 
 class SceneArrays:

@@ -45,7 +45,6 @@ For K samples of a batch of images (the web page, a script):
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
@@ -54,6 +53,7 @@ import torch as th
 from PIL import Image, ImageDraw, ImageFont
 
 from . import sampling
+from .seeds import hashed_seed
 
 # The top of the spread pictures' fixed colour scale, in grey levels: one scale for
 # every image of a run, so that two pictures can be compared by eye. Larger spreads
@@ -102,8 +102,7 @@ def seed_of_sample(seed, name, k):
     """
     if k == 0:
         return sampling.sample_seed(seed, name)
-    digest = hashlib.sha256(f"{int(seed)}\0{name}\0{int(k)}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+    return hashed_seed(int(seed), name, int(k))
 
 
 def sample_generators(seed, names, k, device="cpu"):
