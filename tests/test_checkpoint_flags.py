@@ -13,6 +13,7 @@ import pytest
 import torch as th
 from conftest import FIXTURES_DIR, TINY_FLAGS
 
+from guided_diffusion.sampling import checkpoint_model_flags
 from guided_diffusion.script_util import (
     check_state_dict_fits,
     create_model,
@@ -176,3 +177,94 @@ def test_a_misfit_that_the_weights_cannot_explain_lists_the_tensors():
     message = misfit_message(built(), found)
     assert "does not fit a model built from these flags" in message
     assert "unexpected: extra.weight" in message
+
+
+# -- a checkpoint without config.json (the original code's) ------------------------
+
+# The flags the original's sample.sh gives, with the tiny model's values.
+SAMPLE_SH = dict(
+    image_size=32,
+    num_channels=32,
+    num_res_blocks=1,
+    learn_sigma=False,
+    diffusion_steps=50,
+    noise_schedule="linear",
+)
+
+
+@pytest.fixture(scope="module")
+def original_checkpoint(tmp_path_factory):
+    """A tiny model saved as the original code leaves it: no config.json beside it."""
+    path = tmp_path_factory.mktemp("original_run") / "ema_0.9999_000010.pt"
+    th.save(built(), path)
+    return path
+
+
+def refusal(path, explicit):
+    with pytest.raises(ValueError) as err:
+        checkpoint_model_flags(path, explicit)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_sample_sh_flags_are_enough_and_the_rest_are_guided_diffusions_defaults(
+    original_checkpoint,
+):
+    flags, conflicts, note = checkpoint_model_flags(original_checkpoint, SAMPLE_SH)
+    assert conflicts == {}
+    # guided-diffusion's defaults (script_util.model_and_diffusion_defaults of
+    # openai/guided-diffusion) for what neither the flags nor the weights tell.
+    original = dict(
+        num_heads=4,
+        num_heads_upsample=-1,
+        num_head_channels=-1,
+        use_new_attention_order=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+    )
+    assert {k: flags[k] for k in original} == original
+    assert flags["sigma_small"] is False
+    # what the weights tell, and what was given
+    assert {k: flags[k] for k in ("channel_mult", "attention_resolutions")} == {
+        "channel_mult": "1,2",
+        "attention_resolutions": "16",
+    }
+    assert {k: flags[k] for k in SAMPLE_SH} == SAMPLE_SH
+    assert "\n" not in note
+    for k, v in {**original, "sigma_small": False}.items():
+        assert f"--{k} {v}" in note
+    assert "--channel_mult 1,2" in note and "--attention_resolutions 16" in note
+
+
+@pytest.mark.parametrize(
+    "left_out",
+    [("diffusion_steps",), ("noise_schedule",), ("diffusion_steps", "noise_schedule")],
+)
+def test_without_the_steps_or_the_schedule_it_asks_for_exactly_those(
+    original_checkpoint, left_out
+):
+    explicit = {k: v for k, v in SAMPLE_SH.items() if k not in left_out}
+    message = refusal(original_checkpoint, explicit)
+    assert "config.json" in message
+    assert set(re.findall(r"--(\w+)", message)) == set(left_out)
+
+
+def test_a_contradicted_width_and_a_missing_flag_are_named_in_one_message(
+    original_checkpoint,
+):
+    explicit = {**SAMPLE_SH, "num_channels": 64}
+    del explicit["diffusion_steps"]
+    message = refusal(original_checkpoint, explicit)
+    assert "--diffusion_steps" in message
+    # the weights' value, to pass on the rerun
+    assert "--num_channels 32" in message
+    assert "--num_res_blocks" not in message and "--noise_schedule" not in message
+
+
+def test_a_contradicted_depth_alone_is_named_before_the_model_is_built(
+    original_checkpoint,
+):
+    message = refusal(original_checkpoint, {**SAMPLE_SH, "num_res_blocks": 2})
+    assert "--num_res_blocks 1" in message
+    assert "--diffusion_steps" not in message and "--num_channels" not in message

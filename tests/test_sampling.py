@@ -416,43 +416,55 @@ def original_checkpoint(tmp_path_factory, checkpoint):
     return run / "ema_0.9999_000010.pt"
 
 
-# The flags of the tiny checkpoint that its weights do not tell.
-UNREADABLE = {
+# The flags the original's sample.sh gives, with the tiny checkpoint's values.
+SAMPLE_SH = {
     "--image_size": 32,
-    "--num_heads": 4,
-    "--num_head_channels": -1,
-    "--num_heads_upsample": -1,
-    "--use_new_attention_order": False,
+    "--num_channels": 32,
+    "--num_res_blocks": 1,
+    "--learn_sigma": False,
     "--diffusion_steps": 50,
     "--noise_schedule": "linear",
-    "--predict_xstart": False,
-    "--rescale_timesteps": False,
-    "--sigma_small": False,
 }
 
 
-def test_a_checkpoint_without_config_needs_the_flags_its_weights_do_not_tell(
+def test_a_checkpoint_without_config_samples_with_the_flags_of_sample_sh(
     tmp_path, original_checkpoint, first_run, data_dir, input_names, run_in_process
 ):
     base = ["--model_path", original_checkpoint, "--data_dir", data_dir]
     # first_run's first batch: the same batch gives the same numbers.
     base += [*SAMPLE_FLAGS, "--num_samples", "4"]
     sample = in_process_sampler(run_in_process)
-    line = one_line_error(sample(base, tmp_path, expect_rc=2))
+    # Without the number of steps and the schedule it stops, asking for those alone.
+    without = [
+        str(part)
+        for k, v in SAMPLE_SH.items()
+        if k not in ("--diffusion_steps", "--noise_schedule")
+        for part in (k, v)
+    ]
+    line = one_line_error(sample([*base, *without], tmp_path, expect_rc=2))
     assert str(original_checkpoint) in line and "config.json" in line
-    for flag in UNREADABLE:
-        assert flag in line
-    # The architecture is read off the weights, so it is not asked for.
-    assert "--num_channels" not in line and "--channel_mult" not in line
+    assert "--diffusion_steps" in line and "--noise_schedule" in line
+    for flag in ("--num_heads", "--sigma_small", "--predict_xstart", "--num_channels"):
+        assert flag not in line
     assert not (tmp_path / "sample_results").exists()
 
-    given = [str(part) for item in UNREADABLE.items() for part in item]
+    given = [str(part) for item in SAMPLE_SH.items() for part in item]
     proc = run_sample([*base, *given], tmp_path)
     read = [x for x in proc.stdout.splitlines() if "read off its weights" in x]
     assert len(read) == 1
-    for flag in ("--num_channels 32", "--num_res_blocks 1", "--channel_mult 1,2"):
+    for flag in ("--channel_mult 1,2", "--attention_resolutions 16"):
         assert flag in read[0]
-    assert "--attention_resolutions 16" in read[0]
+    # guided-diffusion's defaults, named in the same line
+    for flag in (
+        "--num_heads 4",
+        "--num_heads_upsample -1",
+        "--num_head_channels -1",
+        "--use_new_attention_order False",
+        "--sigma_small False",
+        "--predict_xstart False",
+        "--rescale_timesteps False",
+    ):
+        assert flag in read[0]
     # The same model with the same flags: the images of the run that had config.json.
     results = tmp_path / "sample_results" / "ddpm10" / "gen_opt"
     assert png_names(results) == sorted(input_names[:4])
