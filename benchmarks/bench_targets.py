@@ -162,7 +162,7 @@ def score_images(images, truth, cls_maps, colours):
 def score_run(args, variant, seed, colours):
     out = results_dir(args, variant, seed)
     truth_files = metrics.list_images(os.path.join(out, "gt_opt"))
-    keys = sorted(truth_files, key=metrics._natural_key)
+    keys = list(truth_files)  # in natural order (image_files.list_images)
     names = [os.path.basename(truth_files[k]) for k in keys]
     truth = load_folder(os.path.join(out, "gt_opt"), names)
     cls_dir = os.path.join(args.data_dir, "test", "cls")

@@ -43,8 +43,8 @@ import torch as th
 from PIL import Image
 
 from . import dist_util, logger, samplers, scene_translation
+from .image_files import IMAGE_EXTENSIONS, list_images
 from .rasters import (
-    PILLOW_EXTENSIONS,
     DataError,
     RasterRows,
     georeference,
@@ -76,8 +76,8 @@ from .uncertainty import SpreadAccumulator, grey_levels, translate_samples
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The generated SAR scenes for the bundled model, offered as examples.
 EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
-# The files an upload may be (as the scripts read them: rasters.py).
-INPUT_EXTENSIONS = (".tif", ".tiff", *PILLOW_EXTENSIONS)
+# The files an upload may be: the images the scripts read (image_files.py).
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS
 # The setting groups of scripts/image_sample_realtime.py's flags (its SAMPLING_GROUPS).
 SAMPLING_SCRIPT_GROUPS = ("sampling", "samples", "run", "speed")
 # The page's names of samplers in samplers.SAMPLERS, in the order it shows them; a
@@ -705,16 +705,12 @@ def _write_result(folder, name, image, source):
 
 
 def find_examples(folders):
-    """The example SAR files in ``folders`` (not in subfolders), sorted by name."""
+    """The example SAR files in ``folders`` (not in subfolders), in natural order."""
     found = []
     for folder in folders:
         if not os.path.isdir(folder):
             raise PageError(f"--examples {folder}: no such folder")
-        found += sorted(
-            os.path.join(folder, n)
-            for n in os.listdir(folder)
-            if n.lower().endswith(INPUT_EXTENSIONS)
-        )
+        found += [os.path.join(folder, n) for n in list_images(folder, recursive=False)]
     return found
 
 

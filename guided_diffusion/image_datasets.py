@@ -21,6 +21,11 @@ import numpy as np
 import torch as th
 
 from . import logger
+from .image_files import (  # noqa: F401 (natural_key orders find_pairs' names)
+    IMAGE_EXTENSIONS,
+    list_images,
+    natural_key,
+)
 from .rasters import (  # noqa: F401 (DataError is part of this module's interface)
     DataError,
     Scaling,
@@ -28,8 +33,6 @@ from .rasters import (  # noqa: F401 (DataError is part of this module's interfa
     load_sar_patch,
     read_raster,
 )
-
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 # guided-diffusion's random crop covers between 80% and 100% of the short side
 _MIN_CROP_FRAC = 0.8
@@ -51,47 +54,19 @@ _CONVENTIONS = (
 )
 
 
-def natural_key(path: str) -> tuple:
-    """
-    Sort key that orders the numbers inside names by value ("2.png" before "10.png").
-
-    :param path: a relative path with "/" separators.
-    :return: a key comparing folder by folder, digits as integers, text
-        case-insensitively; the path itself breaks ties ("01.png" vs "1.png")
-        so the order is total.
-    """
-    parts = []
-    for component in path.split("/"):
-        # re.split with a group alternates text and digits, starting with text,
-        # so the same positions hold the same types in every key
-        pieces = re.split(r"(\d+)", component)
-        parts.append(
-            tuple(int(p) if i % 2 else p.casefold() for i, p in enumerate(pieces))
-        )
-    return tuple(parts), path
-
-
 def _list_images(folder: str, what: str) -> list[str]:
-    """Relative posix paths of the images under ``folder``, hidden entries ignored."""
+    """The images under ``folder`` (image_files.list_images); none is an error."""
     if not os.path.isdir(folder):
         raise DataError(
             f"{what} folder {folder} does not exist or is not a folder; check the path"
         )
-    names = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        rel_root = os.path.relpath(root, folder)
-        for f in files:
-            if f.startswith(".") or not f.lower().endswith(IMG_EXTENSIONS):
-                continue
-            rel = f if rel_root == "." else os.path.join(rel_root, f)
-            names.append(rel.replace(os.sep, "/"))
+    names = list_images(folder)
     if not names:
         raise DataError(
             f"{what} folder {folder} holds no images (extensions "
-            f"{', '.join(IMG_EXTENSIONS)}); check the path"
+            f"{', '.join(IMAGE_EXTENSIONS)}); check the path"
         )
-    return sorted(names, key=natural_key)
+    return names
 
 
 def _stem(name: str) -> str:

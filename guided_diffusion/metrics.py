@@ -20,14 +20,13 @@ import csv
 import json
 import math
 import os
-import re
 import warnings
 
 import numpy as np
 import torch as th
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from . import image_files
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "SAR2OPT_INCEPTION"
@@ -148,36 +147,27 @@ def colour_error(a, b):
 # Folders
 
 
-def _natural_key(name):
-    # "2" before "10", as the datasets' numeric file names expect
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def list_images(folder):
     """
-    Find the images under a folder, keyed by relative path without extension.
+    Find the images under a folder (image_files.list_images), keyed by relative
+    path without extension.
 
     :param folder: the folder to search, recursively.
     :return: dict from key (posix relative path without extension, e.g.
-        ``"sub/12"``) to file path, in natural order of the keys.
+        ``"sub/12"``) to file path, in the natural order of the files.
     :raises ValueError: when two files differ only by extension.
     """
     found = {}
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for file in sorted(files):
-            stem, ext = os.path.splitext(file)
-            if ext.lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(root, file)
-            key = os.path.relpath(os.path.join(root, stem), folder).replace(os.sep, "/")
-            if key in found:
-                raise ValueError(
-                    f"{found[key]} and {path} have the same name: the pairing by "
-                    "name is ambiguous, keep one of them"
-                )
-            found[key] = path
-    return {key: found[key] for key in sorted(found, key=_natural_key)}
+    for name in image_files.list_images(folder):
+        key = os.path.splitext(name)[0]
+        path = os.path.join(folder, *name.split("/"))
+        if key in found:
+            raise ValueError(
+                f"{found[key]} and {path} have the same name: the pairing by "
+                "name is ambiguous, keep one of them"
+            )
+        found[key] = path
+    return found
 
 
 def _name_list(names, limit=5):

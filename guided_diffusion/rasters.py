@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from .image_files import PILLOW_EXTENSIONS
+
 SAR_INPUTS = ("uint8", "db", "power", "amplitude")
 
 # SEN12MS-CR's clipping ranges (Ebel et al. 2021): VV -25..0 dB, VH -32.5..0 dB.
@@ -48,9 +50,6 @@ CLIP_WARN_SHARE = 0.05
 
 # Nodata pixels are filled with the bottom of the range: "no return".
 NODATA_FILL = -1.0
-
-# Read by Pillow when 8-bit; every other file (and a 16-bit PNG) by rasterio.
-PILLOW_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # Pillow modes with more than 8 bits per sample (16-bit integer, 32-bit int, float)
 _WIDE_MODES = ("I", "F")

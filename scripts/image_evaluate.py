@@ -24,7 +24,7 @@ import warnings
 
 import torch as th
 
-from guided_diffusion import metrics, uncertainty
+from guided_diffusion import image_files, metrics, uncertainty
 
 
 def fail(message):
@@ -49,7 +49,7 @@ def main():
             if not os.path.isdir(folder):
                 fail(f"{flag} {folder}: no such folder")
             if not metrics.list_images(folder):
-                extensions = ", ".join(metrics.IMAGE_EXTENSIONS)
+                extensions = ", ".join(image_files.IMAGE_EXTENSIONS)
                 fail(f"{flag} {folder}: no images ({extensions}) in it")
         metrics.pair_folders(args.gen_dir, args.gt_dir)  # fail before any long work
         spread_npz = metrics.find_spread_npz(args.spread, args.gen_dir)
