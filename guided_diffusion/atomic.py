@@ -1,0 +1,124 @@
+"""
+Atomic writes: every file the project writes is either its old self or its new self.
+
+The one recipe: write into a temporary file in the same folder, flush it, fsync it,
+rename it over the destination and fsync the folder (where the OS allows), so that a
+crash, a kill or a full disk at any moment leaves the destination as it was. On a
+failure the temporary file is removed. A full disk (ENOSPC, or EDQUOT for a quota)
+becomes :class:`DiskFull`, whose message names the file and the disk with its free
+bytes; that includes the RuntimeError torch's zip writer raises when ``th.save``'s
+own writes have just failed for lack of space.
+
+This module imports nothing from the package, so every layer may use it.
+"""
+
+import errno
+import json
+import os
+import shutil
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+class DiskFull(OSError):
+    """A write that failed because the disk (or the user's quota) is full."""
+
+    def __init__(self, path, message=None):
+        self.path = path
+        super().__init__(errno.ENOSPC, message or _describe(path))
+
+    def __str__(self):
+        return self.strerror
+
+
+def write_atomic(path, write, suffix=""):
+    """
+    Call ``write(file)`` on a temporary binary file beside ``path``, then make it
+    ``path``, durably.
+
+    :param write: a function of one open binary file, e.g. ``lambda f: th.save(obj, f)``.
+    :param suffix: ends the temporary file's name, for writers that choose the format
+        by the extension (``".png"``).
+    :raises DiskFull: when the disk is full; ``path`` is then as it was.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(err, Exception) and is_disk_full(err):
+            raise DiskFull(path) from err
+        raise
+    _fsync_folder(folder)
+    return path
+
+
+def write_bytes(path, data):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    return write_atomic(path, lambda f: f.write(data))
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically, as UTF-8."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, value, **dump_options):
+    """Write ``value`` as JSON to ``path`` atomically (``dump_options`` go to json.dumps)."""
+    return write_text(path, json.dumps(value, **dump_options))
+
+
+def is_disk_full(err):
+    """
+    Whether ``err`` (or an exception it was raised from or during) is a full disk: an
+    OSError with ENOSPC/EDQUOT, or an error whose text says so (torch's C++ writers).
+    """
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return True
+        if any(text in str(err) for text in _FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_of(path):
+    """The mount point of the disk that holds ``path`` (its nearest existing folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    while not os.path.ismount(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _describe(path):
+    disk = disk_of(path)
+    try:
+        free = f"{shutil.disk_usage(disk).free:,} bytes free"
+    except OSError:
+        free = "free space unknown"
+    return f"disk full: could not write {path} (the disk at {disk} has {free})"
+
+
+def _fsync_folder(folder):
+    # Makes the rename itself durable; not every OS lets a folder be opened.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,99 @@
+"""
+Atomic writes: the destination is the old file or the new one, never half of either;
+a full disk is one clear error naming the file and the disk.
+
+The reference facts: what was written reads back; a write that fails leaves the
+destination's old bytes and no temporary file; the errno a full disk gives (ENOSPC)
+and the RuntimeError torch's zip writer raises after it.
+"""
+
+import builtins
+import errno
+import io
+import os
+
+import pytest
+import torch as th
+
+from guided_diffusion import atomic
+from guided_diffusion.atomic import DiskFull
+
+
+def full_disk_file(monkeypatch, after=0):
+    """Make every file opened for writing fail with ENOSPC after ``after`` bytes."""
+    real_open = builtins.open
+
+    class Full(io.FileIO):
+        written = 0
+
+        def write(self, data):
+            if self.written + len(data) > after:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return super().write(data)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and "b" in mode:
+            return Full(path, "w")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", fake_open, raising=False)
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "a.json"
+    atomic.write_json(str(path), {"x": [1, 2]})
+    assert path.read_text() == '{"x": [1, 2]}'
+    atomic.write_text(str(path), "é")
+    assert path.read_text(encoding="utf-8") == "é"
+    weights = {"w": th.arange(5.0)}
+    atomic.write_atomic(str(tmp_path / "m.pt"), lambda f: th.save(weights, f))
+    assert th.equal(th.load(tmp_path / "m.pt")["w"], weights["w"])
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "m.pt"]
+
+
+def test_failure_mid_write_keeps_destination_and_no_temp_file(tmp_path):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+
+    def half(f):
+        f.write(b"new, half")
+        raise KeyError("stopped")
+
+    with pytest.raises(KeyError):
+        atomic.write_atomic(str(path), half)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_enospc_is_one_error_naming_the_file_and_the_disk(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    full_disk_file(monkeypatch, after=2)
+    with pytest.raises(DiskFull) as caught:
+        atomic.write_bytes(str(path), b"longer than two bytes")
+    message = str(caught.value)
+    assert str(path) in message and "disk full" in message
+    assert f"disk at {atomic.disk_of(str(path))}" in message and "bytes free" in message
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_torch_zip_writer_after_enospc_is_the_same_error(tmp_path, monkeypatch):
+    """th.save's writes fail with ENOSPC, then its zip writer raises RuntimeError."""
+    full_disk_file(monkeypatch, after=100)
+    path = tmp_path / "m.pt"
+    with pytest.raises(RuntimeError) as raw:  # what the plain recipe let through
+        with atomic.open(str(tmp_path / "raw.pt"), "wb") as f:
+            th.save({"w": th.zeros(1000)}, f)
+    assert atomic.is_disk_full(raw.value)
+    with pytest.raises(DiskFull) as caught:
+        atomic.write_atomic(str(path), lambda f: th.save({"w": th.zeros(1000)}, f))
+    assert str(path) in str(caught.value)
+    assert not path.exists() and not list(tmp_path.glob("m.pt.tmp-*"))
+
+
+def test_disk_full_from_text_only(tmp_path):
+    err = RuntimeError(f"file write failed: {os.strerror(errno.ENOSPC)}")
+    assert atomic.is_disk_full(err)
+    assert not atomic.is_disk_full(RuntimeError("file write failed"))
