@@ -16,7 +16,6 @@ start of every step, so no rank's random state needs saving.
 """
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import dist_util, logger, settings
+from .atomic import DiskFull, write_atomic, write_json
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
@@ -535,39 +535,54 @@ class TrainLoop:
     def save(self):
         """Write the checkpoint of the current step (rank 0), state file last."""
         if self.rank == 0:
-            folder = logger.get_dir()
-            paths = checkpoint_paths(folder, self.step, self.ema_rates)
-            save_atomic(
-                contiguous_state_dict(self.mp_trainer.master_params_to_state_dict()),
-                paths["model"],
-            )
-            for ema_path, params in zip(paths["ema"], self.ema_params):
-                save_atomic(
-                    contiguous_state_dict(
-                        self.mp_trainer.master_params_to_state_dict(params)
-                    ),
-                    ema_path,
+            try:
+                self._save_files(logger.get_dir())
+            except DiskFull as err:
+                survivor = find_resume_checkpoint(logger.get_dir())
+                survives = (
+                    f"the newest complete checkpoint, {survivor}, survives"
+                    if survivor
+                    else "no complete checkpoint survives"
                 )
-            save_atomic(self.opt.state_dict(), paths["opt"])
-            state = {
-                "step": self.step,
-                "data_position": self.data_position,
-                "global_batch": self.global_batch,
-                "seed": self.cfg.seed,
-                "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
-                "schedule_sampler": self.schedule_sampler.state_dict(),
-                # Rank 0's generators, kept for the file's documented layout and for
-                # inspection; a resume reseeds from (seed, rank, step) instead.
-                "rng_cpu": th.get_rng_state(),
-            }
-            if self.device.type == "cuda":
-                state["rng_cuda"] = th.cuda.get_rng_state(self.device)
-            save_atomic(state, paths["state"])
-            logger.log(f"saved checkpoint {paths['model']}")
-            if self.cfg.keep_checkpoints > 0:
-                prune_checkpoints(folder, self.cfg.keep_checkpoints)
+                raise DiskFull(
+                    err.path,
+                    f"{err}; {survives}: free space and rerun with --resume_checkpoint auto",
+                ) from None
         self.last_saved_step = self.step
         dist_util.barrier()
+
+    def _save_files(self, folder):
+        """The checkpoint's files in ``folder``, state file last."""
+        paths = checkpoint_paths(folder, self.step, self.ema_rates)
+        save_atomic(
+            contiguous_state_dict(self.mp_trainer.master_params_to_state_dict()),
+            paths["model"],
+        )
+        for ema_path, params in zip(paths["ema"], self.ema_params):
+            save_atomic(
+                contiguous_state_dict(
+                    self.mp_trainer.master_params_to_state_dict(params)
+                ),
+                ema_path,
+            )
+        save_atomic(self.opt.state_dict(), paths["opt"])
+        state = {
+            "step": self.step,
+            "data_position": self.data_position,
+            "global_batch": self.global_batch,
+            "seed": self.cfg.seed,
+            "lg_loss_scale": float(self.mp_trainer.lg_loss_scale),
+            "schedule_sampler": self.schedule_sampler.state_dict(),
+            # Rank 0's generators, kept for the file's documented layout and for
+            # inspection; a resume reseeds from (seed, rank, step) instead.
+            "rng_cpu": th.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = th.cuda.get_rng_state(self.device)
+        save_atomic(state, paths["state"])
+        logger.log(f"saved checkpoint {paths['model']}")
+        if self.cfg.keep_checkpoints > 0:
+            prune_checkpoints(folder, self.cfg.keep_checkpoints)
 
 
 def check_precision(use_fp16, use_bf16):
@@ -646,13 +661,8 @@ def contiguous_state_dict(state_dict):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, flush it to disk, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        th.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save ``obj`` to ``path`` atomically (:func:`atomic.write_atomic`)."""
+    write_atomic(path, lambda f: th.save(obj, f))
 
 
 def checkpoint_paths(folder, step, ema_rates):
@@ -776,12 +786,9 @@ def remove_stale_temp_files(folder):
 
 def write_config(config, folder):
     """Write the resolved configuration of a run to ``folder/config.json``."""
-    path = os.path.join(folder, "config.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-    return path
+    return write_json(
+        os.path.join(folder, "config.json"), config, indent=2, sort_keys=True
+    )
 
 
 def _reduce_with_stop_flag(loop_ref, bucket):

@@ -25,6 +25,7 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger, settings  # noqa: E402
+from guided_diffusion.atomic import DiskFull  # noqa: E402
 from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
 from guided_diffusion.rasters import Scaling, resolve  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
@@ -174,5 +175,11 @@ def create_argparser():
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (
+        DataError,
+        ValueError,
+        FileNotFoundError,
+        FloatingPointError,
+        DiskFull,
+    ) as err:
         sys.exit(f"error: {err}")

@@ -97,3 +97,59 @@ def test_disk_full_from_text_only(tmp_path):
     err = RuntimeError(f"file write failed: {os.strerror(errno.ENOSPC)}")
     assert atomic.is_disk_full(err)
     assert not atomic.is_disk_full(RuntimeError("file write failed"))
+
+
+# -- a training run that meets a full disk ------------------------------------------
+
+
+def test_full_disk_at_checkpoint_ends_in_one_line_and_resume_works(
+    tmp_path, monkeypatch, run_in_process
+):
+    """The second checkpoint's save hits a full disk: one line, then --resume_checkpoint auto."""
+    from PIL import Image
+
+    for sub in ("sar", "opt"):
+        (tmp_path / sub).mkdir()
+    for i in range(8):
+        opt = th.randint(0, 256, (20, 20, 3), dtype=th.uint8).numpy()
+        Image.fromarray(opt).save(tmp_path / "opt" / f"{i}.png")
+        Image.fromarray(opt[..., 0]).save(tmp_path / "sar" / f"{i}.png")
+    run = tmp_path / "run"
+    flags = [f"--data_dir_sar={tmp_path / 'sar'}", f"--data_dir_opt={tmp_path / 'opt'}",
+             "--image_size=16", "--num_channels=32", "--num_res_blocks=1", "--channel_mult=1,2",
+             "--attention_resolutions=8", "--diffusion_steps=50", "--batch_size=2",
+             "--num_workers=0", "--save_interval=2", "--max_steps=4"]  # fmt: skip
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "image_train.py")
+
+    real_save = th.save
+
+    def save_on_full_disk(obj, f, *args, **kwargs):
+        # As on a full disk: the file's write fails with ENOSPC, then torch's zip
+        # writer fails to finish the archive.
+        if "000004" in getattr(f, "name", str(f)):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"
+                )
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(th, "save", save_on_full_disk)
+        proc = run_in_process(script, flags, env={"OPENAI_LOGDIR": str(run)})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert str(run / "model000004.pt") in lines[0]
+    assert f"disk at {atomic.disk_of(str(run))}" in lines[0]
+    assert str(run / "model000002.pt") in lines[0]
+    assert "--resume_checkpoint auto" in lines[0]
+    assert not list(run.glob("*.tmp-*"))
+
+    proc = run_in_process(
+        script, [*flags, "--resume_checkpoint=auto"], env={"OPENAI_LOGDIR": str(run)}
+    )
+    assert proc.returncode == 0, proc.stderr
+    state = th.load(run / "state000004.pt", weights_only=False)
+    assert state["step"] == 4
