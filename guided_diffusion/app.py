@@ -48,7 +48,9 @@ from .rasters import (
     DataError,
     RasterRows,
     georeference,
+    is_eight_bit,
     load_sar_patch,
+    sar_bands_scaled,
     write_geotiff,
 )
 from .results import (
@@ -336,6 +338,29 @@ def sar_preview(path, scaling, sar_channels):
     return np.ascontiguousarray(np.broadcast_to(shown, (*shown.shape[:2], 3))), stats
 
 
+# How a model's SAR values are given, in the page's words (Scaling.sar_input).
+SAR_UNITS = {"db": "in dB", "power": "as linear power", "amplitude": "as amplitude",
+             "uint8": "as 8-bit values"}  # fmt: skip
+
+
+def _listed(words):
+    """'VV', 'VV and VH', 'HH, HV and VV'."""
+    words = [str(w) for w in words]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def model_reads(flags, scaling):
+    """What a model reads, in the page's words: 'VV and VH in dB (2 bands)'."""
+    n = flags["sar_channels"]
+    unit = SAR_UNITS.get(scaling.sar_input, scaling.sar_input)
+    names = scaling.sar_band_names
+    bands = f"{n} band{'s' if n != 1 else ''}"
+    named = names and len(names) == n
+    text = f"{_listed(names)} {unit} ({bands})" if named else f"{bands} {unit}"
+    # a grey image is replicated to three channels, as the model was trained
+    return text + (", or one grey band" if n == 3 else "")
+
+
 class Translator:
     """
     Translate uploads with the models offered, as the scripts would.
@@ -377,6 +402,39 @@ class Translator:
                 pass
         return text
 
+    def _check_bands(self, path, model_name, flags, scaling):
+        """
+        Refuse, in the page's words, a file whose bands the model cannot read (the
+        scripts' rule, :func:`~guided_diffusion.rasters.sar_bands_scaled`, on its
+        first row): what the model reads, what the file has, what to do on the page.
+
+        :raises PageError: the bands do not fit. :raises DataError: unreadable.
+        """
+        raster = RasterRows(path).read(0, 1)
+        try:
+            sar_bands_scaled(raster, scaling)
+        except DataError:
+            pass
+        else:
+            return
+        name, n, count = os.path.basename(path), flags["sar_channels"], raster.count
+        reads = model_reads(flags, scaling)
+        has = raster.describe_bands() + (" of 8-bit values" if is_eight_bit(raster) else "")
+        if count > n:
+            taken = _listed(range(1, n + 1))
+            names = scaling.sar_band_names
+            as_ = f" as {_listed(names)}" if names and len(names) == n else ""
+            todo = (
+                f"upload a file with just those bands (of this file's bands, "
+                f"{taken} would be read{as_}), or choose a model trained on "
+                f"{count}-band SAR under Model"
+            )
+        else:
+            # as many bands as it reads, but other values or other polarisations
+            like = "files like this one" if count == n else f"{count}-band SAR"
+            todo = f"choose a model trained on {like} under Model, or upload a file with {reads}"
+        raise PageError(f"{name} has {has}, but the model {model_name} reads {reads}: {todo}.")
+
     def _request_dir(self):
         with self._lock:
             self._count += 1
@@ -415,6 +473,7 @@ class Translator:
         model_path = self.model_path(model_name)
         try:
             flags, scaling, _, _ = checkpoint_settings(model_path, {}, {})
+            self._check_bands(path, model_name, flags, scaling)
             sar, _ = sar_preview(path, scaling, flags["sar_channels"])
         except (DataError, ValueError) as err:
             raise PageError(self._message(err, path, model_name)) from None
@@ -454,7 +513,8 @@ class Translator:
         steps, seed, samples = int(steps), int(seed), int(samples)
         try:
             probe = RasterRows(path)
-            flags, _, _, _ = checkpoint_settings(model_path, {}, {})
+            flags, scaling, _, _ = checkpoint_settings(model_path, {}, {})
+            self._check_bands(path, model_name, flags, scaling)
             size = flags["image_size"]
             route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
             script, argv = self.command(
@@ -774,7 +834,9 @@ def build_page(translator, examples=()):
                 samples=samples,
             )  # fmt: skip
         except PageError as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            # one message, where the result's text goes; gr.Error would mark each
+            # output "Error" beside a toast of the same words
+            return None, None, None, None, f"**Not translated.** {err}", None
         return (result.sar, result.png, result.mean, result.spread, result.summary(),
                 result.downloads())  # fmt: skip
 

@@ -222,17 +222,19 @@ def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, page, t
         with rasterio.open(tmp_path / "four.tif", "w", driver="GTiff", width=32, height=32,
                            count=4, dtype="float32") as dst:  # fmt: skip
             dst.write(np.full((4, 32, 32), -12.0, np.float32))
-    expected = {
+    expected = {  # shown where the result's text goes, the outputs left empty
         "empty.png": "empty.png is empty (0 bytes)",
         "text.png": "cannot read image text.png",
-        "four.tif": "four.tif has 4 bands but the model takes --sar_channels 2",
-        "notes.txt": "Invalid file type",  # refused by the upload box itself
+        "four.tif": "four.tif has 4 bands, but the model scene_model (bundled demo) "
+        "reads VV and VH in dB (2 bands): upload a file with just those bands (of "
+        "this file's bands, 1 and 2 would be read as VV and VH)",
     }
     for name, message in expected.items():
-        with pytest.raises(AppError) as refused:
-            ask(client, tmp_path / name)
-        assert message in str(refused.value), (name, str(refused.value))
-    assert "reads SAR db -> dB" in str(_last_message(client, tmp_path / "four.tif"))
+        sar, result, text, files = ask(client, tmp_path / name)
+        assert (sar, result, files) == (None, None, None)
+        assert text.startswith("**Not translated.** ") and message in text, (name, text)
+    with pytest.raises(AppError, match="Invalid file type"):  # refused by the upload box
+        ask(client, tmp_path / "notes.txt")
     with pytest.raises(AppError, match="greater than maximum value 8"):  # Gradio's slider
         ask_samples(client, EXAMPLE, samples=9)
     with pytest.raises(app.PageError, match="samples 9: give a whole number from 1 to 8"):
@@ -241,12 +243,19 @@ def test_a_bad_upload_shows_a_message_and_the_next_request_works(client, page, t
     assert pixels(result).std() > 0
 
 
-def _last_message(client, path):
-    try:
-        ask(client, path)
-    except AppError as err:
-        return err
-    raise AssertionError(f"{path} was translated")
+def test_a_file_of_other_bands_gets_one_message_in_the_pages_words(client, tmp_path):
+    # a one-band 8-bit PNG, as SEN1-2 gives them, to the dual-polarisation model
+    png = tmp_path / "ROIs1868_summer_s1_59_p2.png"
+    grey = np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(png)
+    sar, result, mean, spread, text, files = ask_samples(client, png, samples=1)
+    assert (sar, result, mean, spread, files) == (None,) * 5  # no output in error
+    assert text.count("Not translated") == 1
+    assert "VV and VH in dB (2 bands)" in text and "has 1 band" in text
+    assert "choose a model" in text and "upload a file" in text
+    assert "--" not in text  # no script flag: the page has none to give
+    _, result, _, _ = ask(client, EXAMPLE)  # the page goes on
+    assert pixels(result).std() > 0
 
 
 def test_the_models_offered_and_the_two_kept_loaded(tmp_path):

@@ -129,3 +129,26 @@ def test_upload_translate_see_and_download(served, tmp_path):
     assert picture.size == (VIEWPORT["width"], VIEWPORT["height"])
     target = SCREENSHOT if os.environ.get("UPDATE_ASSETS") == "1" else tmp_path / "app.png"
     picture.save(target, optimize=True)
+
+
+def test_a_file_the_model_cannot_read_shows_one_message(served, tmp_path):
+    url, _ = served
+    png = tmp_path / "s1_one_band.png"  # one band; the bundled model reads two
+    Image.fromarray(np.full((32, 32), 90, np.uint8), "L").save(png)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.goto(url)
+            page.locator("#sar-upload input[type=file]").set_input_files(str(png))
+            page.locator("#info", has_text="1 band").wait_for(timeout=60_000)
+            page.click("#translate")
+            answered = page.locator("#info", has_text="Not translated")
+            answered.or_(page.locator(".toast-body")).first.wait_for(timeout=60_000)
+            page.wait_for_timeout(1000)  # anything else the answer shows, shown
+            errors = page.get_by_text("Error", exact=True)
+            shown = [errors.nth(i).is_visible() for i in range(errors.count())]
+            assert sum(shown) == 0, f"{sum(shown)} 'Error' labels"
+            assert page.get_by_text("Not translated").count() == 1
+        finally:
+            browser.close()
