@@ -28,7 +28,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import settings, uncertainty
+from . import atomic, settings, uncertainty
 from .image_datasets import DataError
 from .rasters import Scaling
 from .sampling import NON_OUTPUT_FLAGS
@@ -131,12 +131,10 @@ def claim_folder(out_dir, run, pairs, outputs):
 
 
 def write_atomic(path, write):
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``."""
+    """Call ``write(file)`` on a temporary file, then rename it to ``path``, durably
+    (:func:`atomic.write_atomic`, in a folder made if missing)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    atomic.write_atomic(path, write)
 
 
 def write_png(out_dir, kind, out_name, image):

@@ -37,6 +37,7 @@ import numpy as np
 import torch as th
 
 from . import samplers
+from .atomic import write_atomic, write_json
 from .seeds import hashed_seed, hashed_words
 from .tiling import axis_window, max_shift, tile_grid
 
@@ -154,13 +155,12 @@ class SceneArrays:
     def save(self, name, path):
         """Copy an array into a file of raw float32, band by band (each band
         (C, h, W) in turn), durably."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
+
+        def write(f):
             for rows in bands(self.shapes[name][1]):
                 f.write(self.read(name, rows).numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+        write_atomic(path, write)
 
     def load(self, name, path):
         """Fill an array from a file :meth:`save` wrote."""
@@ -425,19 +425,12 @@ class SceneSampler:
         files["generators"] = f"generators-{self.step:06d}.pt"
         for name in STATE_ARRAYS:
             self.arrays.save(name, os.path.join(folder, files[name]))
-        tmp = os.path.join(folder, files["generators"] + ".tmp")
-        with open(tmp, "wb") as f:
-            th.save([g.get_state() for g in self.generators], f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, files["generators"]))
+        states = [g.get_state() for g in self.generators]
+        write_atomic(
+            os.path.join(folder, files["generators"]), lambda f: th.save(states, f)
+        )
         job = {"step": self.step, "key": self.key, "files": files}
-        tmp = os.path.join(folder, "job.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(job, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(folder, "job.json"))
+        write_json(os.path.join(folder, "job.json"), job, indent=1)
         for name in os.listdir(folder):
             if name.endswith((".f32", ".pt")) and name not in files.values():
                 os.remove(os.path.join(folder, name))

@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger, samplers
+from .atomic import write_atomic, write_json
 from .rasters import (
     GeoTiffWriter,
     RasterRows,
@@ -409,12 +410,7 @@ def record_sample_done(args, key, k):
 
 def _write_json(path, value):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, value, indent=1)
 
 
 def load_scene_model(args, flags):
@@ -850,7 +846,8 @@ def remove_work_dir(folder):
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name == "job.json" or name.endswith((".f32", ".pt", ".tmp", ".tif")):
+        temporary = ".tmp" in name  # a write that was killed half way
+        if name == "job.json" or name.endswith((".f32", ".pt", ".tif")) or temporary:
             os.remove(os.path.join(folder, name))
     try:
         os.rmdir(folder)
@@ -1008,9 +1005,7 @@ def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
         both = both.resize(
             (width, max(1, round(both.height * width / both.width))), Image.BOX
         )
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    both.save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: both.save(f, format="PNG"))
 
 
 
@@ -1108,8 +1103,6 @@ def write_spread_outputs(args, scaling, count):
     picture, _ = spread_picture(
         sums / np.maximum(pixels, 1), vmax=vmax, valid=pixels > 0, title=title
     )
-    tmp = f"{paths['picture']}.tmp-{os.getpid()}.png"
-    picture.save(tmp)
-    os.replace(tmp, paths["picture"])
+    write_atomic(paths["picture"], lambda f: picture.save(f, format="PNG"))
     logger.log(f"wrote {paths['picture']}")
     return paths
