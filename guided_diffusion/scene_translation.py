@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import dist_util, logger, samplers
-from .atomic import write_atomic, write_json
+from .atomic import DiskFull, write_atomic, write_json
 from .rasters import (
     GeoTiffWriter,
     RasterRows,
@@ -776,9 +776,8 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
             "rerun the same command to continue it"
             if saved else "nothing was saved yet"
         )  # fmt: skip
-        raise SceneError(
-            f"{err.strerror or err} ({err.filename or args.work_dir}); {kept}"
-        ) from None
+        where = "" if isinstance(err, DiskFull) else f" ({err.filename or args.work_dir})"
+        raise SceneError(f"{err.strerror or err}{where}; {kept}") from None
     finally:
         bar.close()
         for signum, handler in handlers.items():

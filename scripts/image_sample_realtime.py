@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.atomic import DiskFull  # noqa: E402
 from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
@@ -237,4 +238,11 @@ if __name__ == "__main__":
         main()
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except DiskFull as err:
+        print(
+            f"error: {err}; the images written before it are kept: free space and "
+            "rerun the same command to continue",
+            file=sys.stderr,
+        )
         sys.exit(2)
