@@ -127,12 +127,11 @@ def test_full_disk_at_checkpoint_ends_in_one_line_and_resume_works(
         # As on a full disk: the file's write fails with ENOSPC, then torch's zip
         # writer fails to finish the archive.
         if "000004" in getattr(f, "name", str(f)):
-            try:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            except OSError:
-                raise RuntimeError(
-                    "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"
-                )
+            failed = RuntimeError(
+                "[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"
+            )
+            failed.__context__ = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise failed
         return real_save(obj, f, *args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -153,3 +152,47 @@ def test_full_disk_at_checkpoint_ends_in_one_line_and_resume_works(
     assert proc.returncode == 0, proc.stderr
     state = th.load(run / "state000004.pt", weights_only=False)
     assert state["step"] == 4
+
+
+def test_full_disk_while_translating_a_folder_ends_in_one_line(
+    tmp_path, monkeypatch, run_in_process
+):
+    """The second image's write hits a full disk: one line; the rerun finishes the folder."""
+    import shutil
+
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    examples = os.path.join(repo, "assets", "examples")
+    (tmp_path / "data" / "sar").mkdir(parents=True)
+    for name in ("fields", "river"):
+        shutil.copy(
+            os.path.join(examples, f"{name}_32.tif"),
+            tmp_path / "data" / "sar" / f"{name}.tif",
+        )
+    script = os.path.join(repo, "scripts", "image_sample_realtime.py")
+    args = ["--data_dir", tmp_path / "data", "--model_path",
+            os.path.join(repo, "assets", "scene_model", "model.pt"), "--sampler", "ddim",
+            "--timestep_respacing", 2, "--batch_size", 1]  # fmt: skip
+    log = tmp_path / "log"
+    real_open = builtins.open
+
+    def full_for_river(path, mode="r", *rest, **kwargs):
+        if "river.png.tmp-" in str(path) and "gen_opt" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *rest, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic, "open", full_for_river, raising=False)
+        proc = run_in_process(script, args, env={"OPENAI_LOGDIR": log})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, proc.stderr  # after the progress bars
+    written = log / "sample_results" / "ddim2" / "gen_opt"
+    assert "error: disk full: could not write" in lines[0]
+    assert str(written / "river.png") in lines[0] and "disk at" in lines[0]
+    assert "rerun the same command" in lines[0]
+    assert os.listdir(written) == ["fields.png"]
+
+    proc = run_in_process(script, args, env={"OPENAI_LOGDIR": log})
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(written)) == ["fields.png", "river.png"]
