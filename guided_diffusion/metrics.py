@@ -17,7 +17,7 @@ the module imports without them.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import math
 import os
 import warnings
@@ -27,6 +27,7 @@ import torch as th
 from PIL import Image
 
 from . import image_files
+from .atomic import write_json, write_text
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "SAR2OPT_INCEPTION"
@@ -309,14 +310,12 @@ def write_report(out_dir, summary, records, **extra):
     report = {**extra, **summary}
     if not math.isfinite(report["psnr"]):
         report["psnr"] = None
-    json_path = os.path.join(out_dir, "metrics.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=2)
-    csv_path = os.path.join(out_dir, "per_image.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_FIELDS)
-        writer.writeheader()
-        writer.writerows(records)
+    json_path = write_json(os.path.join(out_dir, "metrics.json"), report, indent=2)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=RECORD_FIELDS)
+    writer.writeheader()
+    writer.writerows(records)
+    csv_path = write_text(os.path.join(out_dir, "per_image.csv"), table.getvalue())
     return json_path, csv_path
 
 
