@@ -43,6 +43,7 @@ import torch as th
 from PIL import Image
 
 from . import dist_util, logger, samplers, scene_translation
+from .atomic import DiskFull, write_atomic
 from .image_files import IMAGE_EXTENSIONS, list_images
 from .rasters import (
     DataError,
@@ -528,6 +529,8 @@ class Translator:
         except (DataError, ValueError, FileNotFoundError, JobMismatch,
                 scene_translation.SceneError) as err:  # fmt: skip
             raise PageError(self._message(err, path, model_name)) from None
+        except DiskFull as err:
+            raise PageError(f"{err}: free space on the server and try again") from None
         shown = [script, *(_shown_path(a) if a in (path, model_path) else a for a in argv)]
         if route == "patch":
             name = os.path.basename(path)
@@ -664,7 +667,7 @@ class Translator:
         if warning:
             notes.append(warning.replace(path, name))
         png = os.path.join(folder, os.path.splitext(name)[0] + "_optical.png")
-        Image.fromarray(image).save(png)
+        write_png(png, image)
         geotiff = output if georeference(path) else None
         os.remove(scene_translation.quicklook_path(output))
         if geotiff is None:
@@ -718,7 +721,7 @@ def _scene_spread_files(result, output, count, *, georeferenced):
         with scene_translation.rasterio_open(paths["mean"]) as src:
             mean = np.ascontiguousarray(src.read().transpose(1, 2, 0))
     result.mean = os.path.splitext(paths["mean"])[0] + ".png"
-    Image.fromarray(mean).save(result.mean)
+    write_png(result.mean, mean)
     result.spread = paths["picture"]
     result.files = [result.mean, *([paths["mean"]] if georeferenced else []),
                     result.spread, paths["spread"]]  # fmt: skip
@@ -755,7 +758,7 @@ def _write_result(folder, name, image, source):
     :return: (png path, GeoTIFF path or None).
     """
     stem = os.path.join(folder, os.path.splitext(name)[0] + "_optical")
-    Image.fromarray(image).save(stem + ".png")
+    write_png(stem + ".png", image)
     georef = georeference(source)
     if not georef:
         return stem + ".png", None
@@ -929,3 +932,8 @@ def launch(page, translator, examples=(), *, host="127.0.0.1", port=7860, quiet=
             "another page, uses the port); give a free port with --port"
         ) from None
     return page.local_url
+
+
+def write_png(path, image):
+    """Write ``image`` ((H, W, C) uint8) as a PNG at ``path``, atomically."""
+    write_atomic(path, lambda f: Image.fromarray(image).save(f, format="PNG"))

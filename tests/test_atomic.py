@@ -196,3 +196,26 @@ def test_full_disk_while_translating_a_folder_ends_in_one_line(
     proc = run_in_process(script, args, env={"OPENAI_LOGDIR": log})
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(written)) == ["fields.png", "river.png"]
+
+
+def test_full_disk_on_the_page_is_one_message(tmp_path, monkeypatch):
+    """The page's patch route out of space: one message naming the file, no traceback."""
+    pytest.importorskip("gradio")
+    from guided_diffusion import app
+
+    translator = app.Translator(app.find_models(), work_dir=str(tmp_path / "work"))
+    example = os.path.join(
+        os.path.dirname(__file__), "..", "assets", "examples", "fields_32.tif"
+    )
+    real_open = builtins.open
+
+    def full(path, mode="r", *rest, **kwargs):
+        if "w" in mode:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_open(path, mode, *rest, **kwargs)
+
+    monkeypatch.setattr(atomic, "open", full, raising=False)
+    with pytest.raises(app.PageError, match="disk full: could not write") as err:
+        translator.translate(example, "scene_model (bundled demo)", "ddim", 2, 0)
+    assert str(tmp_path / "work") in str(err.value)
+    assert "free space on the server" in str(err.value)
