@@ -25,6 +25,7 @@ import warnings
 import torch as th
 
 from guided_diffusion import image_files, metrics, uncertainty
+from guided_diffusion.atomic import DiskFull, write_text
 
 
 def fail(message):
@@ -80,8 +81,7 @@ def main():
     written = [json_path, "per_image.csv"]
     if spread is not None:
         text = uncertainty.format_calibration(spread)
-        with open(os.path.join(out, "calibration.txt"), "w", encoding="utf-8") as f:
-            f.write(text)
+        write_text(os.path.join(out, "calibration.txt"), text)
         print(f"\n{text}", end="")
         written.append("calibration.txt")
     print(f"wrote {', '.join(written[:-1])} and {written[-1]}")
@@ -160,4 +160,7 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DiskFull as err:
+        fail(f"{err}: free space and run the evaluation again")

@@ -14,7 +14,6 @@ and whether TF32 was in effect: --use_tf32 on a CUDA GPU) to $OPENAI_LOGDIR, els
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,6 +23,7 @@ import torch as th
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger, settings  # noqa: E402
+from guided_diffusion.atomic import DiskFull, write_json  # noqa: E402
 from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
@@ -122,18 +122,14 @@ def main():
     if dist_util.is_main_process():
         mean = float(np.mean([r["bpd"] for r in gathered.values()]))
         path = os.path.join(logger.get_dir(), "nll.json")
-        with open(path, "w") as f:
-            json.dump(
-                {
-                    "model_path": args.model_path,
-                    "use_tf32": tf32_in_effect(args.use_tf32, dist_util.dev()),
-                    "num_images": len(gathered),
-                    "bpd": mean,
-                    "per_image": gathered,
-                },
-                f,
-                indent=2,
-            )
+        report = {
+            "model_path": args.model_path,
+            "use_tf32": tf32_in_effect(args.use_tf32, dist_util.dev()),
+            "num_images": len(gathered),
+            "bpd": mean,
+            "per_image": gathered,
+        }
+        write_json(path, report, indent=2)
         logger.log(f"{len(gathered)} images: {mean:.4f} bits/dim; written to {path}")
     dist_util.barrier()
     dist_util.cleanup()
@@ -142,5 +138,5 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, DiskFull) as err:
         sys.exit(f"error: {err}")
