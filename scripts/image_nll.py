@@ -41,27 +41,7 @@ from guided_diffusion.sampling import (  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    settings.add_to_parser(
-        parser,
-        "sampling",
-        "run",
-        only=(
-            "data_dir",
-            "model_path",
-            "batch_size",
-            "num_samples",
-            "clip_denoised",
-            "seed",
-        ),
-        overrides={"batch_size": 8},
-    )
-    settings.add_to_parser(parser, "speed", only=("use_tf32",))
-    settings.add_to_parser(parser, "inputs", unset=True)
-    add_model_flags(parser)
-    args = parser.parse_args()
+    args = create_argparser().parse_args()
     if not os.path.isfile(args.model_path):
         raise FileNotFoundError(
             f"--model_path {args.model_path!r}: no such file (a model or EMA checkpoint)"
@@ -133,6 +113,31 @@ def main():
         logger.log(f"{len(gathered)} images: {mean:.4f} bits/dim; written to {path}")
     dist_util.barrier()
     dist_util.cleanup()
+
+
+def create_argparser():
+    """The script's flags: the run's, the speed and inputs groups, the model's."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    settings.add_to_parser(
+        parser,
+        "sampling",
+        "run",
+        only=(
+            "data_dir",
+            "model_path",
+            "batch_size",
+            "num_samples",
+            "clip_denoised",
+            "seed",
+        ),
+        overrides={"batch_size": 8},
+    )
+    settings.add_to_parser(parser, "speed", only=("use_tf32",))
+    settings.add_to_parser(parser, "inputs", unset=True)
+    add_model_flags(parser)
+    return parser
 
 
 if __name__ == "__main__":
