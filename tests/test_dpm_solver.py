@@ -1,6 +1,7 @@
 """
 Tests of DPM-Solver++(2M) (guided_diffusion.samplers), and a common base that
-every sampler of the project passes: DDPM, DDIM and DPM-Solver++(2M).
+every sampler registered in guided_diffusion.samplers.SAMPLERS passes through
+the tiny U-Net (tests/test_sampler_contract.py holds the samplers' contract).
 
 The solver is checked against the exact solution of the probability-flow ODE
 for Gaussian data, where the exact noise and data predictors have closed forms.
@@ -17,6 +18,7 @@ from conftest import (
 )
 
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion import samplers
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 
@@ -26,6 +28,7 @@ def dpm_solver_sample_loop(diffusion, model, shape, **kwargs):
 
 def dpm_solver_sample_loop_progressive(diffusion, model, shape, **kwargs):
     return diffusion.sample_loop_progressive(model, shape, "dpm++2m", **kwargs)
+
 
 # The Gaussian toy problem: x_0 ~ N(MU, S^2) in every dimension, on the
 # 1000-step linear schedule.
@@ -349,25 +352,18 @@ def test_runs_the_tiny_unet_with_20_model_evaluations():
 # ---------------------------------------------------------------- a common base for samplers
 
 
-def _ddpm(diffusion, model, shape, **kwargs):
-    return diffusion.p_sample_loop(model, shape, **kwargs)
-
-
-SAMPLERS = [
-    pytest.param(_ddpm, id="ddpm"),
-    pytest.param(_ddim, id="ddim"),
-    pytest.param(dpm_solver_sample_loop, id="dpm++2m"),
-]
-
-
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_sampler_shape_determinism_and_finite_output(sampler):
+@pytest.mark.parametrize("name", list(samplers.SAMPLERS))
+def test_sampler_shape_determinism_and_finite_output(name):
+    # every registered sampler, run as the project runs one: x_T and every later
+    # draw from the per-image generators
     model, diffusion = _tiny_unet("4")
     sar = th.randn(2, 3, 16, 16, generator=th.Generator().manual_seed(12))
+    denoiser = samplers.Denoiser(diffusion, model, sar)
 
     def run(*seeds):
         gens = [th.Generator().manual_seed(s) for s in seeds]
-        return sampler(diffusion, model, (2, 3, 16, 16), condition=sar, generator=gens)
+        x_T = samplers.noise_of_shape((2, 3, 16, 16), gens, "cpu")
+        return samplers.run(name, denoiser, x_T, generator=gens)
 
     first = run(20, 21)
     assert first.shape == (2, 3, 16, 16)
