@@ -27,5 +27,7 @@ setup(
         # the web page (scripts/app.py) and its tests: gradio_client drives it over
         # HTTP, playwright drives a real Chromium (the system's: apt-get install chromium)
         "app": ["gradio", "gradio_client", "playwright"],
+        # the documentation site (mkdocs build --strict; 1.6 for generated pages)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5"],
     },
 )
