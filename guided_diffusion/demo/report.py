@@ -26,7 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .. import metrics
+from ..atomic import write_atomic, write_text
 from ..image_datasets import load_opt
+from ..pictures import columns_side_by_side, write_png
 
 # Picture layout, in pixels of the written PNG.
 SEPARATOR = 2
@@ -223,14 +225,8 @@ def write_metrics(path, rows, **extra):
         }
         for label, scores in rows
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({**extra, "rows": finite}, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return write_text(path, json.dumps({**extra, "rows": finite}, indent=2) + "\n")
 
 
 def _rgb(images):
@@ -238,14 +234,6 @@ def _rgb(images):
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     return sar_baseline(images) if images.ndim == 3 else images
-
-
-def _write_png_atomic(image, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def make_picture(sar, gen, gt, path, n=8, scale=4):
@@ -276,17 +264,14 @@ def make_picture(sar, gen, gt, path, n=8, scale=4):
     rows = min(n, len(columns[0]))
     if rows < 1 or scale < 1:
         raise ValueError(f"need at least one image and scale >= 1, got {rows}, {scale}")
-    h, w = columns[0].shape[1] * scale, columns[0].shape[2] * scale
-    width = 3 * w + 4 * SEPARATOR
-    height = TITLE_HEIGHT + rows * h + (rows + 1) * SEPARATOR
-    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
-    for r in range(rows):
-        top = TITLE_HEIGHT + SEPARATOR + r * (h + SEPARATOR)
-        for c, images in enumerate(columns):
-            left = SEPARATOR + c * (w + SEPARATOR)
-            tile = images[r].repeat(scale, axis=0).repeat(scale, axis=1)
-            canvas[top : top + h, left : left + w] = tile
-    picture = Image.fromarray(canvas)
+    w = columns[0].shape[2] * scale
+    grid = columns_side_by_side(
+        [c[:rows] for c in columns], gap=SEPARATOR, margin=SEPARATOR, scale=scale
+    )
+    # the titles' band above the grid's top margin
+    picture = Image.fromarray(
+        np.pad(grid, ((TITLE_HEIGHT, 0), (0, 0), (0, 0)), constant_values=255)
+    )
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
     for c, title in enumerate(COLUMN_TITLES):
@@ -295,7 +280,8 @@ def make_picture(sar, gen, gt, path, n=8, scale=4):
         draw.text(
             (left, (TITLE_HEIGHT - (y1 - y0)) // 2 - y0), title, fill=0, font=font
         )
-    _write_png_atomic(picture, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_png(path, picture)
     return picture.size
 
 
@@ -307,12 +293,9 @@ def copy_to_assets(picture, target):
     :param target: destination file, e.g. ``assets/demo.png``.
     :return: the target path.
     """
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(target)}.tmp-{os.getpid()}")
-    shutil.copyfile(picture, tmp)
-    os.replace(tmp, target)
-    return target
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    with open(picture, "rb") as source:
+        return write_atomic(target, lambda f: shutil.copyfileobj(source, f))
 
 
 def bundle_model(checkpoint, folder):
@@ -326,20 +309,23 @@ def bundle_model(checkpoint, folder):
     :param checkpoint: a model or EMA file with ``config.json`` beside it.
     :return: the path of the copied model.
     """
-    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "config.json")
+    config_path = os.path.join(
+        os.path.dirname(os.path.abspath(checkpoint)), "config.json"
+    )
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     here = os.path.abspath(os.curdir)
     for key, value in config.items():
         if isinstance(value, str) and os.path.isabs(value):
             inside = os.path.commonpath([here, value]) == here
-            config[key] = os.path.relpath(value, here) if inside else os.path.basename(value)
+            config[key] = (
+                os.path.relpath(value, here) if inside else os.path.basename(value)
+            )
     os.makedirs(folder, exist_ok=True)
     target = os.path.join(folder, "model.pt")
     copy_to_assets(checkpoint, target)
-    tmp = os.path.join(folder, f".config.json.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, "config.json"))
+    write_text(
+        os.path.join(folder, "config.json"),
+        json.dumps(config, indent=2, sort_keys=True) + "\n",
+    )
     return target
