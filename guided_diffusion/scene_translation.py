@@ -37,7 +37,7 @@ import torch as th
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import dist_util, logger, samplers
+from . import dist_util, logger, pictures, samplers
 from .atomic import DiskFull, write_atomic, write_json
 from .rasters import (
     GeoTiffWriter,
@@ -997,14 +997,12 @@ def write_outputs(args, scaling, rows, height, width, *, quicklook=True):
 def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
     """SAR | result side by side, downscaled so the pair is at most ``width`` wide."""
     result = np.where(valid[..., None], result, 0).astype(np.uint8)
-    sar = np.broadcast_to(sar, result.shape)
-    gap = np.full((result.shape[0], 4, 3), 255, np.uint8)
-    both = Image.fromarray(np.concatenate([sar, gap, result], axis=1))
+    both = Image.fromarray(pictures.side_by_side([[sar, result]], gap=4))
     if both.width > width:
         both = both.resize(
             (width, max(1, round(both.height * width / both.width))), Image.BOX
         )
-    write_atomic(path, lambda f: both.save(f, format="PNG"))
+    pictures.write_png(path, both)
 
 
 

@@ -8,10 +8,10 @@ import os
 
 import numpy as np
 import torch as th
-from PIL import Image
 
 from . import metrics
 from .image_datasets import DataError, find_test_pairs, load_opt
+from .pictures import columns_side_by_side, write_png
 from .rasters import Scaling, load_sar_patch
 from .sampling import make_generators, sar_for_display, to_uint8, translate
 
@@ -109,21 +109,5 @@ def save_grid(columns, path, scale=1, gap=2):
     :param scale: nearest-neighbour upscaling, so small images stay visible.
     :param gap: white pixels between images.
     """
-    columns = [np.asarray(c) for c in columns]
-    columns = [np.repeat(c, 3, axis=-1) if c.shape[-1] == 1 else c for c in columns]
-    n, h, w = columns[0].shape[:3]
-    grid = np.full(
-        (n * (h + gap) - gap, len(columns) * (w + gap) - gap, 3), 255, dtype=np.uint8
-    )
-    for j, column in enumerate(columns):
-        for i in range(n):
-            grid[
-                i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w
-            ] = column[i]
-    image = Image.fromarray(grid)
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    # the gaps are enlarged with the images, as the whole grid was before
+    return write_png(path, columns_side_by_side(columns, gap=gap * scale, scale=scale))
