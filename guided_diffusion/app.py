@@ -44,45 +44,27 @@ from PIL import Image
 
 from . import dist_util, logger, samplers, scene_translation
 from .atomic import DiskFull, write_atomic
+from .checkpoints import newest_sampling_checkpoint
+from .folder import translate_items
 from .image_files import IMAGE_EXTENSIONS, list_images
+from .jobs import FolderJob, Sampling, SceneJob, resolve
 from .rasters import (
     DataError,
     RasterRows,
     georeference,
     is_eight_bit,
-    load_sar_patch,
     sar_bands_scaled,
     write_geotiff,
 )
-from .results import (
-    ARRAYS_DIR,
-    MEAN_DIR,
-    SAMPLES_DIR,
-    SPREAD_DIR,
-    arrays_name,
-    write_spread_result,
-)
-from .sampling import (
-    BatchedModel,
-    add_sampling_flags,
-    checkpoint_settings,
-    load_model,
-    prepare_model,
-    read_sampling_args,
-    sar_for_display,
-    to_uint8,
-)
+from .results import write_spread_files
+from .sampling import BatchedModel, load_prepared_model, sar_for_display, to_uint8
 from .scene import JobMismatch, SceneArrays
-from .train_util import newest_sampling_checkpoint
-from .uncertainty import SpreadAccumulator, grey_levels, translate_samples
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The generated SAR scenes for the bundled model, offered as examples.
 EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 # The files an upload may be: the images the scripts read (image_files.py).
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS
-# The setting groups of scripts/image_sample_realtime.py's flags (its SAMPLING_GROUPS).
-SAMPLING_SCRIPT_GROUPS = ("sampling", "samples", "run", "speed")
 # The page's names of samplers in samplers.SAMPLERS, in the order it shows them; a
 # sampler registered without one here is offered under its registered name, after these.
 SAMPLER_LABELS = {"dpm++2m": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM"}
@@ -120,7 +102,7 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     :param model_paths: model or EMA files (--model_path).
     :param runs_dir: a folder of training runs (--runs_dir): each run folder in it
         (or the folder itself) that holds checkpoints gives its newest one
-        (:func:`~guided_diffusion.train_util.newest_sampling_checkpoint`).
+        (:func:`~guided_diffusion.checkpoints.newest_sampling_checkpoint`).
     :param bundled: offer the bundled demo model too, last.
     :return: an ordered dict, name shown -> checkpoint path.
     :raises PageError: a --model_path that is no file, or a --runs_dir with no run.
@@ -171,24 +153,22 @@ class ModelCache:
         self._models = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, args, flags):
+    def get(self, job, flags):
         """
-        The model of ``args.model_path`` loaded as the sampling scripts load it
-        (:func:`~guided_diffusion.sampling.load_model`, then
-        :func:`~guided_diffusion.sampling.prepare_model` with the speed flags).
+        The model of a job loaded as the sampling scripts load it
+        (:func:`~guided_diffusion.sampling.load_prepared_model`).
 
-        :param args: the parsed flags of a sampling script.
-        :param flags: the model flags of :func:`checkpoint_settings`.
+        :param job: a jobs.FolderJob or jobs.SceneJob.
+        :param flags: the model flags of its checkpoint (jobs.resolve).
         """
-        path = os.path.abspath(args.model_path)
+        path = os.path.abspath(job.model_path)
         key = (path, os.path.getmtime(path), repr(sorted(flags.items())),
-               args.use_bf16, args.channels_last, args.compile)  # fmt: skip
+               job.use_bf16, job.channels_last, job.compile)  # fmt: skip
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = load_model(path, flags, dist_util.dev(), use_bf16=args.use_bf16)
-            model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
+            model = load_prepared_model(job, flags, dist_util.dev())
             self._models[key] = model
             while len(self._models) > self.size:
                 self._models.popitem(last=False)
@@ -391,16 +371,12 @@ class Translator:
             raise PageError(f"no model {name!r}: choose one of {', '.join(self.models)}")
         return self.models[name]
 
-    def _message(self, err, path, model_name):
-        """An error of the scripts' code as the page shows it: the upload by its
-        name, and for a file that does not fit, what the model reads."""
+    def _message(self, err, path, model_name, scaling=None):
+        """An error of the library as the page shows it: the upload by its name,
+        and for a file that does not fit, what the model reads."""
         text = str(err).replace(path, os.path.basename(path))
-        if isinstance(err, DataError) and "cannot read" not in text:
-            try:
-                _, scaling, _, _ = checkpoint_settings(self.models[model_name], {}, {})
-                text += f". The model {model_name} reads {scaling.describe()}"
-            except (ValueError, OSError):
-                pass
+        if isinstance(err, DataError) and "cannot read" not in text and scaling:
+            text += f". The model {model_name} reads {scaling.describe()}"
         return text
 
     def _check_bands(self, path, model_name, flags, scaling):
@@ -446,22 +422,54 @@ class Translator:
                 shutil.rmtree(old, ignore_errors=True)
         return folder
 
-    def command(self, route, path, model_path, sampler, steps, seed, samples=1):
+    def job(self, route, path, model_path, sampler, steps, seed, samples=1, folder=""):
         """
-        The flags of the script that translates ``path`` this way.
+        The job that translates ``path`` this way: the folder job of
+        scripts/image_sample_realtime.py for the file's folder (route "patch"), or
+        the scene job of scripts/translate_scene.py (route "scene") writing into
+        ``folder`` what the page offers (no quick-look, samples 1..K-1 not kept,
+        a GeoTIFF only for a file with a place, full-size PNGs).
 
-        :param samples: K; above 1 adds --samples_per_input K.
-        :return: (the script, its arguments).
+        :param samples: K (--samples_per_input).
+        :return: a jobs.FolderJob or jobs.SceneJob.
         """
-        common = ["--model_path", model_path, "--sampler", sampler,
-                  "--timestep_respacing", str(steps), "--seed", str(seed)]  # fmt: skip
-        if samples > 1:
-            common += ["--samples_per_input", str(samples)]
+        common = dict(
+            model_path=model_path, sampler=sampler, seed=seed, samples_per_input=samples,
+            model_flags={"timestep_respacing": str(steps)},
+        )  # fmt: skip
         if route == "patch":
-            return "scripts/image_sample_realtime.py", common
+            return FolderJob(**common, data_dir=os.path.dirname(path), out_dir=folder)
+        output = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + "_optical.tif")
         # tiles per network call change the speed, never the pixels
-        batch = ["--batch_size", str(SCENE_BATCH)]
-        return "scripts/translate_scene.py", ["--input", path, *common, *batch]
+        return SceneJob(
+            **common, input=path, output=output, batch_size=SCENE_BATCH,
+            quicklook=False, geotiff=bool(georeference(path)), png=True,
+            keep_samples=False,
+        ).placed()  # fmt: skip
+
+    def command(self, job, path):
+        """The command line of the script that runs ``job`` on the upload ``path``,
+        as the page shows it: the upload by its name, paths under here relative, the
+        page's own folders as placeholders."""
+        shown = {job.model_path: _shown_path(job.model_path)}
+        if isinstance(job, FolderJob):
+            shown[job.data_dir] = "DATA"
+            argv = job.command(shown) + [f"  # with {os.path.basename(path)} in DATA/sar/"]
+        else:
+            shown.update({job.input: _shown_path(job.input), job.output: "OUT.tif"})
+            argv = job.command(shown)
+        return " ".join(a if a.startswith("  #") else shlex.quote(a) for a in argv)
+
+    def settings(self, model_path, steps=None):
+        """
+        The settings of a model, resolved from its checkpoint once per request
+        (jobs.resolve).
+
+        :param steps: the respaced steps, None for the training run's.
+        :return: a jobs.CheckpointSettings.
+        """
+        flags = {} if steps is None else {"timestep_respacing": str(steps)}
+        return resolve(Sampling(model_path=model_path, model_flags=flags))
 
     def describe(self, path, model_name):
         """
@@ -472,12 +480,13 @@ class Translator:
         """
         check_upload(path)
         model_path = self.model_path(model_name)
+        scaling = None
         try:
-            flags, scaling, _, _ = checkpoint_settings(model_path, {}, {})
+            flags, scaling, _, _ = self.settings(model_path)
             self._check_bands(path, model_name, flags, scaling)
             sar, _ = sar_preview(path, scaling, flags["sar_channels"])
         except (DataError, ValueError) as err:
-            raise PageError(self._message(err, path, model_name)) from None
+            raise PageError(self._message(err, path, model_name, scaling)) from None
         height, width = sar.shape[:2]
         size = flags["image_size"]
         how = (
@@ -512,34 +521,28 @@ class Translator:
         if samples is None or int(samples) != samples or not 1 <= samples <= MAX_SAMPLES:
             raise PageError(f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}")
         steps, seed, samples = int(steps), int(seed), int(samples)
+        scaling = None
         try:
             probe = RasterRows(path)
-            flags, scaling, _, _ = checkpoint_settings(model_path, {}, {})
+            checkpoint = self.settings(model_path, steps)  # once per request
+            flags, scaling = checkpoint.flags, checkpoint.scaling
             self._check_bands(path, model_name, flags, scaling)
             size = flags["image_size"]
             route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
-            script, argv = self.command(
-                route, path, model_path, sampler, steps, seed, samples
-            )
+            folder = self._request_dir()
+            job = self.job(route, path, model_path, sampler, steps, seed, samples, folder)
+            job.check()
             translate = self._patch if route == "patch" else self._scene
             result = self._within_memory(
-                lambda: translate(path, argv, self._request_dir(), progress),
+                lambda: translate(path, job, checkpoint, folder, progress),
                 route, path, model_path, model_name,
             )  # fmt: skip
         except (DataError, ValueError, FileNotFoundError, JobMismatch,
                 scene_translation.SceneError) as err:  # fmt: skip
-            raise PageError(self._message(err, path, model_name)) from None
+            raise PageError(self._message(err, path, model_name, scaling)) from None
         except DiskFull as err:
             raise PageError(f"{err}: free space on the server and try again") from None
-        shown = [script, *(_shown_path(a) if a in (path, model_path) else a for a in argv)]
-        if route == "patch":
-            name = os.path.basename(path)
-            shown += ["--data_dir", "DATA", f"  # with {name} in DATA/sar/"]
-        else:
-            shown += ["--output", "OUT.tif"]
-        result.command = "python " + " ".join(
-            a if a.startswith("  #") else shlex.quote(a) for a in shown
-        )
+        result.command = self.command(job, path)
         result.seconds = time.perf_counter() - began
         return result
 
@@ -582,58 +585,48 @@ class Translator:
         logger.warn(message)
         raise PageError(message)
 
-    def _patch(self, path, argv, folder, progress):
-        """An image at the model's size, as scripts/image_sample_realtime.py does it."""
-        parser = _sampling_parser()
-        args = read_sampling_args(parser, [*argv, "--data_dir", os.path.dirname(path)])
-        flags, scaling, diffusion, _ = checkpoint_settings(
-            args.model_path, args.explicit, args.inputs
-        )
-        model = self.cache.get(args, flags)
+    def _patch(self, path, job, checkpoint, folder, progress):
+        """An image at the model's size, as scripts/image_sample_realtime.py
+        translates a file of that name (folder.translate_items)."""
+        flags, scaling, diffusion, _ = checkpoint
+        model = self.cache.get(job, flags)
         name = os.path.basename(path)
-        arr, valid, stats = load_sar_patch(path, flags["image_size"], scaling)
-        sar = th.from_numpy(np.stack([arr])).to(dist_util.dev())
-        count = args.samples_per_input
+        count = job.samples_per_input
         steps = diffusion.num_timesteps * count  # the calls of every sample
         counter = StepCounter(model, lambda done: progress and progress(done, steps))
-        # the sampling script's samples of each input (sample 0: the seed and the
-        # file's name seed the noise; the others: those and k)
-        images, spread = [], SpreadAccumulator()
-        for _, generated in translate_samples(
-            counter, diffusion, sar, [name], seed=args.seed, samples_per_input=count,
-            sampler=args.sampler, clip_denoised=args.clip_denoised, progress=False,
-            use_bf16=args.use_bf16, **args.options,
-        ):  # fmt: skip
-            # no SAR there, so no translation: nodata (black), as the script writes it
-            images.append(np.where(valid[..., None], to_uint8(generated)[0], 0).astype(np.uint8))
-            if count > 1:
-                spread.add(np.where(valid[..., None], grey_levels(generated)[0], 0))
-        image = images[0]
+        (done,) = translate_items(
+            counter, diffusion, [(path, None, name)], job, flags["image_size"], scaling,
+            device=dist_util.dev(),
+        )  # fmt: skip
+        image = done.samples[0]
         notes = []
-        if not valid.all():
-            notes.append(f"{int((~valid).sum())} nodata SAR pixels are black.")
-        warning = stats.clipping_warning()
+        if not done.valid.all():
+            notes.append(f"{int((~done.valid).sum())} nodata SAR pixels are black.")
+        warning = done.stats.clipping_warning()
         if warning:
             notes.append(warning.replace(path, name))
-        shown = sar_for_display(to_uint8(sar))[0]
-        shown = np.ascontiguousarray(np.broadcast_to(shown, (*shown.shape[:2], 3)))
+        shown = np.ascontiguousarray(np.broadcast_to(done.sar, (*done.sar.shape[:2], 3)))
         png, geotiff = _write_result(folder, name, image, path)
         result = Result(shown, image, png, geotiff, 0.0, "patch", "", notes, samples=count)
         if count > 1:
-            _patch_spread_files(result, folder, name, images, *spread.result(), valid)
+            # the sampling script's files of K samples, named after the result
+            stem = os.path.join(folder, os.path.splitext(name)[0] + "_optical")
+            result.files = [stem + "_mean.png", stem + "_spread.png", stem + "_spread.npz"]
+            write_spread_files(
+                *result.files, count, done.mean, done.spread, valid=done.valid
+            )
+            result.mean, result.spread = result.files[:2]
         return result
 
-    def _scene(self, path, argv, folder, progress):
-        """Any other size, as scripts/translate_scene.py does it."""
-        name = os.path.basename(path)
-        output = os.path.join(folder, os.path.splitext(name)[0] + "_optical.tif")
-        args = scene_translation.parse_args([*argv, "--output", output], announce=False)
-        flags, scaling, diffusion, _ = scene_translation.scene_settings(args)
+    def _scene(self, path, job, checkpoint, folder, progress):
+        """Any other size, as scripts/translate_scene.py translates it
+        (scene_translation.translate_scene), writing what the page offers."""
+        flags, scaling, _, _ = checkpoint
         sar, stats = sar_preview(path, scaling, scaling.sar_channels)
         # this request's tiles per call, halved (and kept for its samples) when a
         # call does not fit in the GPU's memory
-        model = BatchedModel(self.cache.get(args, flags), args.batch_size, pad=args.compile)
-        count = args.samples_per_input
+        model = BatchedModel(self.cache.get(job, flags), job.batch_size, pad=job.compile)
+        count = job.samples_per_input
         current = {"sample": 0}
 
         def tiles(done, total, step, steps):
@@ -644,16 +637,11 @@ class Translator:
         def starts(k, samples):
             current["sample"] = k
 
-        scene_translation.translate_scene_file(
-            args, flags, scaling, diffusion, model=model, progress=tiles,
-            on_sample=starts,
-        )  # fmt: skip
-        from rasterio.errors import NotGeoreferencedWarning
-
-        with warnings.catch_warnings():  # an input without a place gives one too
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with scene_translation.rasterio_open(output) as src:
-                image = np.ascontiguousarray(src.read().transpose(1, 2, 0))
+        scene_translation.translate_scene(
+            job, checkpoint, model=model, progress=tiles, on_sample=starts
+        )
+        png = scene_translation.png_path(job.output)
+        image = np.asarray(Image.open(png).convert("RGB"))
         notes = []
         if model.shrunk:
             first, last = model.shrunk[0][0], model.batch_size
@@ -665,70 +653,16 @@ class Translator:
             notes.append(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata (black).")
         warning = stats.clipping_warning()
         if warning:
-            notes.append(warning.replace(path, name))
-        png = os.path.join(folder, os.path.splitext(name)[0] + "_optical.png")
-        write_png(png, image)
-        geotiff = output if georeference(path) else None
-        os.remove(scene_translation.quicklook_path(output))
-        if geotiff is None:
-            os.remove(output)
+            notes.append(warning.replace(path, os.path.basename(path)))
+        geotiff = job.output if job.geotiff else None
         result = Result(sar, image, png, geotiff, 0.0, "scene", "", notes, samples=count)
         if count > 1:
-            _scene_spread_files(result, output, count, georeferenced=geotiff is not None)
+            paths = scene_translation.spread_paths(job.output)
+            result.mean = scene_translation.png_path(paths["mean"])
+            result.spread = paths["picture"]
+            result.files = [result.mean, *([paths["mean"]] if job.geotiff else []),
+                            result.spread, paths["spread"]]  # fmt: skip
         return result
-
-
-def _patch_spread_files(result, folder, name, images, mean, spread, valid):
-    """
-    The files of K samples of a patch, made by the sampling script's own writer
-    (:func:`~guided_diffusion.results.write_spread_result`) and named after the
-    result: the mean rounded to 8 bits (NAME_optical_mean.png), the spread picture
-    (NAME_optical_spread.png) and the arrays of its ``spread_arrays/`` file, mean
-    and spread in grey levels (NAME_optical_spread.npz); set on ``result``.
-
-    :param images: the K samples, (H, W, 3) uint8 each.
-    """
-    stem = os.path.splitext(name)[0]
-    out_name = stem + ".png"
-    write_spread_result(folder, out_name, images, mean, spread, valid=valid)
-    made = {
-        "_mean.png": os.path.join(folder, MEAN_DIR, out_name),
-        "_spread.png": os.path.join(folder, SPREAD_DIR, out_name),
-        "_spread.npz": os.path.join(folder, ARRAYS_DIR, arrays_name(out_name)),
-    }
-    result.files = []
-    for suffix, path in made.items():
-        target = os.path.join(folder, stem + "_optical" + suffix)
-        os.replace(path, target)
-        result.files.append(target)
-    for sub in (SAMPLES_DIR, MEAN_DIR, SPREAD_DIR, ARRAYS_DIR):
-        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
-    result.mean, result.spread = result.files[:2]
-
-
-def _scene_spread_files(result, output, count, *, georeferenced):
-    """
-    The files of K translations of a scene, as scripts/translate_scene.py writes
-    them (:func:`~guided_diffusion.scene_translation.spread_paths`): the mean
-    (GeoTIFF when the input has a place, and a PNG to show), the spread picture and
-    the spread GeoTIFF (its values); samples 1..K-1 are not kept. Set on ``result``.
-    """
-    from rasterio.errors import NotGeoreferencedWarning
-
-    paths = scene_translation.spread_paths(output)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with scene_translation.rasterio_open(paths["mean"]) as src:
-            mean = np.ascontiguousarray(src.read().transpose(1, 2, 0))
-    result.mean = os.path.splitext(paths["mean"])[0] + ".png"
-    write_png(result.mean, mean)
-    result.spread = paths["picture"]
-    result.files = [result.mean, *([paths["mean"]] if georeferenced else []),
-                    result.spread, paths["spread"]]  # fmt: skip
-    if not georeferenced:
-        os.remove(paths["mean"])
-    for k in range(1, count):
-        os.remove(scene_translation.sample_path(output, k))
 
 
 def _shown_path(path):
@@ -738,16 +672,6 @@ def _shown_path(path):
     if not rel.startswith(".."):
         return rel
     return path if not path.startswith(tempfile.gettempdir()) else os.path.basename(path)
-
-
-def _sampling_parser():
-    """The flags of scripts/image_sample_realtime.py (tests/test_app.py checks that
-    they are its flags, with its defaults)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(add_help=False)
-    add_sampling_flags(parser, SAMPLING_SCRIPT_GROUPS, {"batch_size": 8})
-    return parser
 
 
 def _write_result(folder, name, image, source):

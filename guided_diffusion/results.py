@@ -209,17 +209,33 @@ def write_spread_result(out_dir, out_name, samples, mean, spread, valid=None):
     """
     for k, sample in enumerate(samples[1:], 1):
         write_png(out_dir, os.path.join(SAMPLES_DIR, str(k)), out_name, sample)
-    write_png(out_dir, MEAN_DIR, out_name, np.rint(mean).clip(0, 255).astype(np.uint8))
-    title = f"spread of {len(samples)} samples (standard deviation), grey levels"
+    write_spread_files(
+        os.path.join(out_dir, MEAN_DIR, out_name),
+        os.path.join(out_dir, SPREAD_DIR, out_name),
+        os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name)),
+        len(samples), mean, spread, valid=valid,
+    )  # fmt: skip
+
+
+def write_spread_files(mean_path, picture_path, arrays_path, count, mean, spread,
+                       valid=None):  # fmt: skip
+    """
+    The files of one input's K samples' statistics, at the paths given (the results
+    folder's, or the web page's): the mean rounded to 8 bits (PNG), the spread as a
+    colour-scale picture with its legend (PNG) and both as float32 arrays (npz:
+    ``mean``, ``spread`` and ``valid``).
+
+    :param count: K. :param mean, spread, valid: as :func:`write_spread_result`.
+    """
+    rounded = np.rint(mean).clip(0, 255).astype(np.uint8)
+    write_atomic(mean_path, lambda f: Image.fromarray(rounded).save(f, format="PNG"))
+    title = f"spread of {count} samples (standard deviation), grey levels"
     picture, _ = uncertainty.spread_picture(spread, valid=valid, title=title)
-    write_png(out_dir, SPREAD_DIR, out_name, np.asarray(picture))
+    write_atomic(picture_path, lambda f: picture.save(f, format="PNG"))
     arrays = dict(mean=mean.astype(np.float32), spread=spread.astype(np.float32))
     if valid is not None:
         arrays["valid"] = np.asarray(valid, bool)
-    write_atomic(
-        os.path.join(out_dir, ARRAYS_DIR, arrays_name(out_name)),
-        lambda f: np.savez(f, **arrays),
-    )
+    write_atomic(arrays_path, lambda f: np.savez(f, **arrays))
 
 
 def write_result(out_dir, out_name, sar, generated, ground_truth=None):

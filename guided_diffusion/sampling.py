@@ -10,14 +10,15 @@ image's name) through a stable hash, so its result does not depend on the batch
 it shares, on the number of ranks or on the order the images are visited in.
 """
 
-import json
 import os
 from dataclasses import replace
 
 import numpy as np
 import torch as th
 
-from . import dist_util, logger, samplers, settings
+from . import logger, samplers, settings
+from .checkpoints import load_state_dict as _load_state_dict
+from .checkpoints import read_run_config
 from .rasters import FILE_SETTINGS, Scaling
 from .script_util import (
     OPT_CHANNELS,
@@ -346,34 +347,6 @@ def explicit_model_flags(args):
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
-def read_run_config(model_path) -> dict | None:
-    """
-    The training flags saved with a checkpoint's run, every declared setting included:
-    one an older ``config.json`` lacks takes its default (settings.read_record).
-
-    :param model_path: a model or EMA file.
-    :return: the record in ``config.json`` beside it, or None when there is none.
-    :raises ValueError: the file exists but is not a JSON object.
-    """
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(
-            f"{path} cannot be read as JSON ({err}); fix or remove it and pass the "
-            "model flags on the command line"
-        ) from None
-    if not isinstance(config, dict):
-        raise ValueError(
-            f"{path} is not a JSON object of flags; fix or remove it and pass the "
-            "model flags on the command line"
-        )
-    return settings.read_record(config)
-
-
 def resolve_model_flags(explicit, run_config):
     """
     The model and diffusion flags to sample with.
@@ -632,17 +605,6 @@ def write_log(lines):
         (logger.warn if is_warning else logger.log)(text)
 
 
-def _load_state_dict(model_path):
-    """The checkpoint's state dict; a one-line error when it holds something else."""
-    state_dict = dist_util.load_state_dict(model_path, map_location="cpu")
-    if not isinstance(state_dict, dict):
-        raise ValueError(
-            f"{model_path} holds a {type(state_dict).__name__}, not a model state dict; "
-            "pass a model or EMA file (model010000.pt, ema_0.9999_010000.pt)"
-        )
-    return state_dict
-
-
 def runs_in_fp16(use_fp16, device, use_bf16=False):
     """
     Whether a model trained with ``use_fp16`` samples in float16 (see
@@ -660,6 +622,17 @@ def tf32_in_effect(use_tf32, device):
     """Whether --use_tf32 changes the arithmetic: on CUDA devices only (a CPU's
     float32 is IEEE float32 whatever the setting)."""
     return bool(use_tf32) and th.device(device).type == "cuda"
+
+
+def load_prepared_model(job, flags, device):
+    """
+    The model of a job (jobs.Sampling), loaded (:func:`load_model`) and prepared
+    with its speed settings (:func:`prepare_model`).
+
+    :param flags: the model flags (jobs.resolve).
+    """
+    model = load_model(job.model_path, flags, device, use_bf16=job.use_bf16)
+    return prepare_model(model, channels_last=job.channels_last, compile=job.compile)
 
 
 def load_model(model_path, model_flags, device, *, use_bf16=False):

@@ -1,36 +1,33 @@
 """
-Translating a whole SAR scene file into an optical GeoTIFF: the core of
-scripts/translate_scene.py, shared with the web page (guided_diffusion/app.py).
+Translating a whole SAR scene file into an optical GeoTIFF: the scene job
+(jobs.SceneJob), which scripts/translate_scene.py builds from its flags and the web
+page (guided_diffusion/app.py) from its controls; both call :func:`translate_scene`,
+so they give the same pixels for the same job by construction.
 
-The script parses its flags (:func:`parse_args`), sets up its processes and log,
-and calls :func:`translate_scene_file`; the page parses the command line the
-script would get with the same parser and calls the same function from a worker
-thread, with one process, no signal handlers and a model it keeps loaded. So the
-two give the same pixels for the same flags by construction.
-
-:func:`translate_scene_file` reads the scene into scene-sized arrays
-(:func:`load_scene`), runs the job (:class:`~guided_diffusion.scene.SceneSampler`,
-:func:`sample_scene`) and writes the GeoTIFF and the quick-look PNG
-(:func:`write_outputs`). With ``--samples_per_input K`` above 1
+:func:`translate_scene` reads the scene into scene-sized arrays (:func:`load_scene`),
+runs the job (:class:`~guided_diffusion.scene.SceneSampler`, :func:`sample_scene`)
+and writes what the job asks for (:func:`write_outputs`: the GeoTIFF, the quick-look
+PNG, a full-size PNG). With ``samples_per_input`` K above 1
 (:func:`translate_scene_samples`) it translates the scene K times, each a whole
-job of its own seeded by :func:`~guided_diffusion.scene.scene_sample_seed` (sample
-0 is the translation of K = 1, written to ``--output`` as always; sample k > 0
-goes to :func:`sample_path`), then reads the K GeoTIFFs a band of rows at a time
-into their mean, their spread and a picture of the spread
-(:func:`write_spread_outputs`, files named by :func:`spread_paths`).
+job of its own (:func:`sample_job`) seeded by
+:func:`~guided_diffusion.scene.scene_sample_seed` (sample 0 is the translation of
+K = 1, written to the output as always; sample k > 0 goes to :func:`sample_path`),
+then reads the K GeoTIFFs a band of rows at a time into their mean, their spread
+and a picture of the spread (:func:`write_spread_outputs`, files named by
+:func:`spread_paths`).
 """
 
-import argparse
 import hashlib
 import json
 import math
 import os
 import signal
+import shutil
 import socket
-import sys
 import time
 import warnings
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch as th
@@ -39,6 +36,8 @@ from tqdm.auto import tqdm
 
 from . import dist_util, logger, pictures, samplers
 from .atomic import DiskFull, write_atomic, write_json
+from .checkpoints import read_run_config
+from .jobs import resolve
 from .rasters import (
     GeoTiffWriter,
     RasterRows,
@@ -49,14 +48,9 @@ from .rasters import (
     warp_to_grid,
 )
 from .sampling import (
+    load_prepared_model,
     BatchedModel,
     Bfloat16Model,
-    add_sampling_flags,
-    checkpoint_settings,
-    load_model,
-    prepare_model,
-    read_run_config,
-    read_sampling_args,
     runs_in_fp16,
     sar_for_display,
     tf32_in_effect,
@@ -72,7 +66,6 @@ from .scene import (
     scene_bytes,
     scene_sample_seed,
 )
-from .settings import str2bool
 from .uncertainty import (
     SPREAD_MAX,
     check_samples_per_input,
@@ -98,6 +91,8 @@ SPREAD_PASS_BYTES = 64 * 2**20
 # The file in the work folder that lists the finished samples of a run with
 # --samples_per_input above 1 (and the settings they were made with).
 SAMPLES_FILE = "samples.json"
+# The work folder's subfolder of the samples a job does not keep beside its output.
+SAMPLES_SUBDIR = "samples"
 
 
 class SceneError(RuntimeError):
@@ -112,126 +107,34 @@ def _ask_to_stop(signum, frame):
     STOP["signal"] = signum
 
 
-# -- flags --------------------------------------------------------------------------
-
-
-def build_parser(description=None):
+def scene_settings(job):
     """
-    The parser of scripts/translate_scene.py's flags.
+    The checkpoint's flags, input scaling and diffusion for a scene job
+    (:func:`~guided_diffusion.jobs.resolve`).
 
-    :param description: the help's text (the script's docstring).
-    :return: an argparse.ArgumentParser.
-    """
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--input", required=True, help="the SAR scene (GeoTIFF)")
-    parser.add_argument("--output", required=True, help="the optical GeoTIFF to write")
-    parser.add_argument("--overlap", type=int, default=-1,
-                        help="pixels shared by neighbouring tiles (-1: half a tile)")  # fmt: skip
-    parser.add_argument("--shift_tiles", type=str2bool, default=True,
-                        help="move the inner tiles by a few pixels (up to a quarter "
-                             "tile) at every step, so that no tile border stays in "
-                             "one place; False keeps the grid fixed")  # fmt: skip
-    parser.add_argument("--output_units", choices=("uint8", "optical"), default="uint8",
-                        help="8-bit RGB, or the training data's optical values (float32)")  # fmt: skip
-    parser.add_argument("--resample", action="store_true",
-                        help="translate at the training data's pixel size (from its "
-                             "config.json), and bring the result back to the input's grid")  # fmt: skip
-    parser.add_argument("--save_every", type=int, default=5,
-                        help="save the job every N steps (and when stopped, and at the "
-                             "end); rerunning the command continues it (0: only then)")  # fmt: skip
-    parser.add_argument("--work_dir", default="",
-                        help="where the saved job (and memory-mapped arrays) live; "
-                             "default OUTPUT.work beside the output, removed when done")  # fmt: skip
-    parser.add_argument("--memory", choices=("auto", "ram", "mmap"), default="auto",
-                        help="keep the scene's arrays in memory (ram) or in "
-                             "memory-mapped files in the work folder (mmap); auto: "
-                             f"mmap when they would take over {MEMORY_SHARE:.0%}% of "
-                             "the available memory")  # fmt: skip
-    add_sampling_flags(
-        parser, ("sampling", "samples", "run", "speed"), overrides={"batch_size": 8},
-        skip=("data_dir", "num_samples"),
-    )  # fmt: skip
-    parser.set_defaults(model_path=BUNDLED_MODEL)
-    helps = {
-        "model_path": "a model or EMA file; its run's config.json gives the model and "
-        "the input scaling (default: the bundled demo model, "
-        "assets/scene_model/model.pt)",
-        "samples_per_input": "translate the scene K times: OUTPUT is sample 0 (the "
-        "translation of K = 1), OUTPUT_sample1.tif ... the others (seeds from --seed "
-        "and k), then OUTPUT_mean.tif, OUTPUT_spread.tif (per-pixel standard "
-        "deviation, divisor K - 1) and OUTPUT_spread.png; K times the time",
-    }  # fmt: skip
-    for action in parser._actions:
-        if action.dest in helps:
-            action.help = helps[action.dest]
-    return parser
-
-
-def parse_args(argv=None, description=None, *, announce=True):
-    """
-    Parse and check the script's flags.
-
-    :param argv: the arguments (default: the command line's).
-    :param description: the help's text.
-    :param announce: say on stderr when the bundled demo model is used.
-    :return: the namespace of :func:`~guided_diffusion.sampling.read_sampling_args`,
-        ``output`` and ``work_dir`` made absolute (the output's folder is made).
-    :raises ValueError: a one-line message naming the flag.
-    """
-    args = read_sampling_args(build_parser(description), argv)
-    if announce and os.path.abspath(args.model_path) == BUNDLED_MODEL:
-        print(
-            f"--model_path: the bundled demo model {os.path.relpath(BUNDLED_MODEL)}, "
-            "trained on generated scenes only: give your own for real data",
-            file=sys.stderr,
-        )
-    if not os.path.isfile(args.input):
-        raise ValueError(f"--input {args.input}: no such file")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise ValueError("--output must not be the --input file")
-    if args.batch_size < 1:
-        raise ValueError("--batch_size (tiles per network call) must be positive")
-    if args.save_every < 0:
-        raise ValueError("--save_every must be 0 (save only when stopped and at the end) or more")
-    args.samples_per_input = check_samples_per_input(args.samples_per_input)
-    # the folder is made now: a missing one must not fail the job at its end
-    args.output = os.path.abspath(args.output)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    args.work_dir = os.path.abspath(args.work_dir or args.output + ".work")
-    return args
-
-
-def scene_settings(args):
-    """
-    The checkpoint's flags, input scaling and diffusion for the parsed flags.
-
-    :return: (flags, scaling, diffusion, log lines) of
-        :func:`~guided_diffusion.sampling.checkpoint_settings`.
+    :param job: a :class:`~guided_diffusion.jobs.SceneJob`.
+    :return: its :class:`~guided_diffusion.jobs.CheckpointSettings`.
     :raises ValueError: --output_units optical for a model of 8-bit optical images.
     """
-    flags, scaling, diffusion, notes = checkpoint_settings(
-        args.model_path, args.explicit, args.inputs
-    )
-    if args.output_units == "optical" and not scaling.opt_range:
+    checkpoint = resolve(job)
+    if job.output_units == "optical" and not checkpoint.scaling.opt_range:
         raise ValueError(
             "--output_units optical: the training run mapped 8-bit optical images, "
             "so there are no other units to write; use --output_units uint8"
         )
-    return flags, scaling, diffusion, notes
+    return checkpoint
 
 
 # -- the job --------------------------------------------------------------------------
 
 
-def translate_scene_file(args, flags, scaling, diffusion, *, on_sample=None, **options):
+def translate_scene(job, checkpoint, *, on_sample=None, **options):
     """
-    Translate ``args.input`` into ``args.output`` (see :func:`_translate_scene_file`
-    for the arguments), with GDAL's block cache held to :func:`gdal_cache_bytes`:
+    Translate ``job.input`` into ``job.output`` and the other files the job asks
+    for (see :func:`_translate_scene_file` for the arguments), with GDAL's block cache held to :func:`gdal_cache_bytes`:
     its default (5% of the machine's memory) would otherwise fill up while a
     large scene is read and written, and memory-mapped scenes would no longer run
-    in a flat amount of memory. With ``args.samples_per_input`` above 1, the K
+    in a flat amount of memory. With ``job.samples_per_input`` above 1, the K
     samples and their mean and spread (:func:`translate_scene_samples`).
 
     :param on_sample: called as on_sample(k, K) when sample k starts to be
@@ -240,16 +143,17 @@ def translate_scene_file(args, flags, scaling, diffusion, *, on_sample=None, **o
     """
     import rasterio
 
-    width = RasterRows(args.input).width
+    flags, scaling, diffusion, _ = checkpoint
+    width = RasterRows(job.input).width
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(width)):
-        if getattr(args, "samples_per_input", 1) > 1:
+        if job.samples_per_input > 1:
             return translate_scene_samples(
-                args, flags, scaling, diffusion, on_sample=on_sample, **options
+                job, flags, scaling, diffusion, on_sample=on_sample, **options
             )
-        return _translate_scene_file(args, flags, scaling, diffusion, **options)
+        return _translate_scene_file(job, flags, scaling, diffusion, **options)
 
 
-def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
+def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
                             model=None, catch_signals=False, progress=None,
                             on_sample=None):  # fmt: skip
     """
@@ -257,16 +161,16 @@ def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
     mean, spread and spread picture (:func:`write_spread_outputs`).
 
     Sample k is a whole job of :func:`_translate_scene_file` with the seed
-    :func:`~guided_diffusion.scene.scene_sample_seed` (``args.seed`` for k = 0, so
-    ``args.output`` is the translation of K = 1), written to :func:`sample_path`,
-    saved in a work folder of its own (``args.work_dir`` for sample 0, its
-    subfolder ``sample<k>`` for the others). ``args.work_dir`` lists the finished
+    :func:`~guided_diffusion.scene.scene_sample_seed` (``job.seed`` for k = 0, so
+    ``job.output`` is the translation of K = 1), written to :func:`sample_path`,
+    saved in a work folder of its own (``job.work_dir`` for sample 0, its
+    subfolder ``sample<k>`` for the others). ``job.work_dir`` lists the finished
     samples in :data:`SAMPLES_FILE` with the settings that made them: a rerun of
     the same command skips those, continues the sample that was stopped and
     translates the rest; a rerun with other settings is refused. The model is
     loaded once for every sample; a signal that stops a sample stops the run.
 
-    :param args, flags, scaling, diffusion, rank, world, model, catch_signals,
+    :param job, flags, scaling, diffusion, rank, world, model, catch_signals,
         progress: as :func:`_translate_scene_file` (progress counts the tiles of
         the sample being translated).
     :param on_sample: see :func:`translate_scene_file`.
@@ -275,13 +179,13 @@ def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
     :raises SceneError: as :func:`_translate_scene_file`, or the mean and spread
         could not be written.
     """
-    count = args.samples_per_input
-    tile, overlap = tile_overlap(args, flags)
-    key = job_key(args, tile, overlap, flags)
+    count = job.samples_per_input
+    tile, overlap = tile_overlap(job, flags)
+    key = job_key(job, tile, overlap, flags)
     problem, done = None, []
     if dist_util.is_main_process():
         try:
-            done = samples_done(args, key)
+            done = samples_done(job, key)
         except JobMismatch as err:
             problem = str(err)
     problem, done = dist_util.broadcast_object((problem, done))
@@ -291,14 +195,14 @@ def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
     if done:
         logger.log(
             f"{len(done)} of {count} samples already translated ("
-            + ", ".join(os.path.basename(sample_path(args.output, k)) for k in done)
+            + ", ".join(os.path.basename(sample_path(job, k)) for k in done)
             + ")"
         )
     for i, k in enumerate(todo):
-        part = sample_args(args, k, later=len(todo) - i - 1, warned=i > 0)
+        part = sample_job(job, k, later=len(todo) - i - 1, warned=i > 0)
         logger.log(f"sample {k} of {count} (seed {part.seed}): {part.output}")
         if model is None:  # once, for every sample
-            model = load_scene_model(args, flags)
+            model = load_scene_model(job, flags)
         if on_sample is not None:
             on_sample(k, count)
         finished = _translate_scene_file(
@@ -308,37 +212,42 @@ def translate_scene_samples(args, flags, scaling, diffusion, *, rank=0, world=1,
         if not finished:
             return False
         if dist_util.is_main_process():
-            record_sample_done(args, key, k)
+            record_sample_done(job, key, k)
     if dist_util.is_main_process():
         try:
-            written = write_spread_outputs(args, scaling, count)
+            written = write_spread_outputs(job, scaling, count)
         except OSError as err:
             raise SceneError(
-                f"cannot write the mean and spread of {args.output} "
+                f"cannot write the mean and spread of {job.output} "
                 f"({err.strerror or err}); the {count} samples are kept: free space "
                 "and rerun the same command to write them"
             ) from None
-        os.remove(os.path.join(args.work_dir, SAMPLES_FILE))
-        remove_work_dir(args.work_dir)
-        others = ", ".join(sample_path(args.output, k) for k in range(1, count))
+        os.remove(os.path.join(job.work_dir, SAMPLES_FILE))
+        shutil.rmtree(os.path.join(job.work_dir, SAMPLES_SUBDIR), ignore_errors=True)
+        remove_work_dir(job.work_dir)
+        kept = f"{job.output} (sample 0)" if job.geotiff else ""
+        if job.keep_samples:
+            kept += ", " + ", ".join(sample_path(job, k) for k in range(1, count))
+        mean = written["mean"] if job.geotiff else png_path(written["mean"])
         logger.log(
-            f"{count} samples: {args.output} (sample 0), {others}; their mean "
-            f"{written['mean']}, spread {written['spread']} and its picture "
-            f"{written['picture']}"
+            f"{count} samples: {kept.lstrip(', ') or 'not kept'}; their mean {mean}, "
+            f"spread {written['spread']} and its picture {written['picture']}"
         )
     dist_util.barrier()
     return True
 
 
-def sample_path(output, k):
+def sample_path(job, k):
     """
-    The GeoTIFF of sample k of a run with --samples_per_input: ``output`` itself
-    for k = 0, ``OUTPUT_sample<k>.tif`` beside it (the output's extension) otherwise.
+    The GeoTIFF of sample k of a job with K samples: ``job.output`` itself for
+    k = 0, ``OUTPUT_sample<k>.tif`` beside it (the output's extension) otherwise.
+    What the job does not keep (``keep_samples``, ``geotiff``) is written to its
+    work folder's ``samples/``, removed with it.
     """
-    if k == 0:
-        return output
-    stem, ext = os.path.splitext(output)
-    return f"{stem}_sample{k}{ext}"
+    stem, ext = os.path.splitext(job.output)
+    if (k == 0 and job.geotiff) or (k and job.keep_samples):
+        return job.output if k == 0 else f"{stem}_sample{k}{ext}"
+    return os.path.join(job.work_dir, SAMPLES_SUBDIR, f"sample{k}{ext}")
 
 
 def spread_paths(output):
@@ -354,36 +263,35 @@ def spread_paths(output):
     }
 
 
-def sample_args(args, k, later=0, warned=False):
+def sample_job(job, k, later=0, warned=False):
     """
-    The flags of sample k's job: its output (:func:`sample_path`), work folder
-    (``args.work_dir``, or its subfolder ``sample<k>``) and seed
-    (:func:`~guided_diffusion.scene.scene_sample_seed`), and ``sample`` (k),
-    ``run_seed`` (``args.seed``), ``samples_after`` (``later``: the samples
+    The job of sample k: its output (:func:`sample_path`), work folder
+    (``job.work_dir``, or its subfolder ``sample<k>``) and seed
+    (:func:`~guided_diffusion.scene.scene_sample_seed`), with ``sample`` (k),
+    ``run_seed`` (the run's seed), ``samples_after`` (``later``: the samples
     still to translate after this one, for the time estimate) and ``warned``
     (True: the input's warnings were given for an earlier sample, not again).
     """
-    part = argparse.Namespace(**vars(args))
-    part.sample, part.run_seed, part.samples_after = k, args.seed, later
-    part.warned = warned
+    part = replace(job, sample=k, run_seed=job.seed, samples_after=later, warned=warned)
     if k:
-        part.output = sample_path(args.output, k)
-        part.work_dir = os.path.join(args.work_dir, f"sample{k}")
-        part.seed = scene_sample_seed(args.seed, k)
+        part = replace(
+            part, output=sample_path(job, k), seed=scene_sample_seed(job.seed, k),
+            work_dir=os.path.join(job.work_dir, f"sample{k}"),
+        )  # fmt: skip
     return part
 
 
-def samples_done(args, key):
+def samples_done(job, key):
     """
     The samples a stopped run of these settings finished (their GeoTIFFs there),
-    from ``args.work_dir``'s :data:`SAMPLES_FILE` (written when the first sample
+    from ``job.work_dir``'s :data:`SAMPLES_FILE` (written when the first sample
     is done).
 
     :param key: :func:`job_key` of the run (sample 0's).
     :return: a sorted list of sample indices.
     :raises JobMismatch: the file lists samples made with other settings.
     """
-    path = os.path.join(args.work_dir, SAMPLES_FILE)
+    path = os.path.join(job.work_dir, SAMPLES_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -391,16 +299,16 @@ def samples_done(args, key):
     shown = key_differences(saved["key"], key)
     if shown:
         raise JobMismatch(
-            f"{args.work_dir} holds {len(saved['done'])} finished sample(s) of a run "
+            f"{job.work_dir} holds {len(saved['done'])} finished sample(s) of a run "
             f"with other settings ({shown}); rerun with those to continue it, or "
             "delete the folder to start over"
         )
-    return sorted(k for k in saved["done"] if os.path.exists(sample_path(args.output, k)))
+    return sorted(k for k in saved["done"] if os.path.exists(sample_path(job, k)))
 
 
-def record_sample_done(args, key, k):
-    """Add sample k to the finished samples in ``args.work_dir``'s :data:`SAMPLES_FILE`."""
-    path = os.path.join(args.work_dir, SAMPLES_FILE)
+def record_sample_done(job, key, k):
+    """Add sample k to the finished samples in ``job.work_dir``'s :data:`SAMPLES_FILE`."""
+    path = os.path.join(job.work_dir, SAMPLES_FILE)
     done = []
     if os.path.exists(path):
         with open(path) as f:
@@ -413,29 +321,28 @@ def _write_json(path, value):
     write_json(path, value, indent=1)
 
 
-def load_scene_model(args, flags):
+def load_scene_model(job, flags):
     """
-    The model of ``args.model_path``, loaded and prepared as the flags say, called
-    on at most --batch_size tiles at a time (:class:`~guided_diffusion.sampling.
+    The model of ``job.model_path``, loaded and prepared as the job says, called
+    on at most ``job.batch_size`` tiles at a time (:class:`~guided_diffusion.sampling.
     BatchedModel`: under --compile always that many, so that the last tiles of a
     step, whose count changes as the tiles move, compile nothing new).
     """
-    model = load_model(args.model_path, flags, dist_util.dev(), use_bf16=args.use_bf16)
-    model = prepare_model(model, channels_last=args.channels_last, compile=args.compile)
-    return BatchedModel(model, args.batch_size, pad=args.compile)
+    model = load_prepared_model(job, flags, dist_util.dev())
+    return BatchedModel(model, job.batch_size, pad=job.compile)
 
 
-def tile_overlap(args, flags):
+def tile_overlap(job, flags):
     """
     (tile, overlap) in pixels: the model's size and --overlap (-1: half a tile).
 
     :raises ValueError: an overlap of a tile or more, naming the flag.
     """
     tile = flags["image_size"]
-    overlap = tile // 2 if args.overlap < 0 else args.overlap
+    overlap = tile // 2 if job.overlap < 0 else job.overlap
     if not 0 <= overlap < tile:
         raise ValueError(
-            f"--overlap {args.overlap}: give 0..{tile - 1} pixels (-1: half a tile)"
+            f"--overlap {job.overlap}: give 0..{tile - 1} pixels (-1: half a tile)"
         )
     return tile, overlap
 
@@ -450,18 +357,18 @@ def gdal_cache_bytes(width):
     return max(64 * 2**20, 2 * width * 256 * 4 * 4)
 
 
-def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
+def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
                           model=None, catch_signals=False, progress=None):  # fmt: skip
     """
-    Translate ``args.input`` into ``args.output`` (and its quick-look PNG), saving
-    the job in ``args.work_dir`` as it goes and removing it when done.
+    Translate ``job.input`` into ``job.output`` (and its quick-look PNG), saving
+    the job in ``job.work_dir`` as it goes and removing it when done.
 
-    :param args: :func:`parse_args`'s namespace.
+    :param job: :func:`parse_args`'s namespace.
     :param flags, scaling, diffusion: :func:`scene_settings`'s.
     :param rank, world: this process and the number of processes (set up by the
         caller; more than one needs torch.distributed).
     :param model: the checkpoint already loaded (and prepared) for
-        ``args.model_path``; None loads it.
+        ``job.model_path``; None loads it.
     :param catch_signals: stop at the end of the step on SIGINT and SIGTERM, saved
         (only from the main thread).
     :param progress: called as progress(tiles done, tiles in all, steps done,
@@ -470,26 +377,26 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
     :raises SceneError: the arrays or the output could not be written, saying
         what survived.
     """
-    tile, overlap = tile_overlap(args, flags)
+    tile, overlap = tile_overlap(job, flags)
 
     # -- the scene, into scene-sized arrays ----------------------------------------------
-    source = RasterRows(args.input)
-    trained = ((read_run_config(args.model_path) or {}).get("inputs") or {}).get("pixel_size")
-    if args.resample:
-        reader = resample_input(args, source, trained)
+    source = RasterRows(job.input)
+    trained = ((read_run_config(job.model_path) or {}).get("inputs") or {}).get("pixel_size")
+    if job.resample:
+        reader = resample_input(job, source, trained)
     else:
         reader = source
-        if not getattr(args, "warned", False):
-            check_pixel_size(source, trained, args.input)
+        if not job.warned:
+            check_pixel_size(source, trained, job.input)
     height, width = reader.height, reader.width
     sar_channels = scaling.sar_channels
     # a scene smaller than a tile is padded to one (edge pixels repeated)
     padded = (max(height, tile), max(width, tile))
     need = scene_bytes(*padded, sar_channels, flags["learn_sigma"])
     ranks_here = ranks_on_this_machine()
-    use_disk = arrays_on_disk(args.memory, need, available_memory(), ranks_here)
+    use_disk = arrays_on_disk(job.memory, need, available_memory(), ranks_here)
     arrays = SceneArrays(
-        os.path.join(args.work_dir, f"arrays-rank{rank}") if use_disk else None
+        os.path.join(job.work_dir, f"arrays-rank{rank}") if use_disk else None
     )
     each = f" in each of {ranks_here} processes on this machine" if ranks_here > 1 else ""
     logger.log(
@@ -505,37 +412,34 @@ def _translate_scene_file(args, flags, scaling, diffusion, *, rank=0, world=1,
                 f"({err.strerror or err}): free space there, or give --work_dir on "
                 "a larger disk"
             ) from None
-        if not getattr(args, "warned", False):  # once for K samples
+        if not job.warned:  # once for K samples
             if stats.nodata:
                 logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
             warning = stats.clipping_warning()
             if warning:
                 logger.warn(warning)
         finished = sample_scene(
-            args, flags, diffusion, arrays, tile, overlap, rank, world, model=model,
+            job, flags, diffusion, arrays, tile, overlap, rank, world, model=model,
             catch_signals=catch_signals, progress=progress,
         )  # fmt: skip
         if finished and dist_util.is_main_process():
             try:
-                if args.resample:
-                    rows = resampled_rows(args, scaling, arrays, reader, source)
+                if job.resample:
+                    rows = resampled_rows(job, scaling, arrays, reader, source)
                 else:
                     rows = array_rows(arrays, width)
-                write_outputs(
-                    args, scaling, rows, source.height, source.width,
-                    quicklook=not getattr(args, "sample", 0),
-                )  # fmt: skip
+                write_outputs(job, scaling, rows, source.height, source.width)
             except OSError as err:
                 raise SceneError(
-                    f"cannot write {args.output} ({err.strerror or err}); the finished "
-                    f"job is saved in {args.work_dir}: free space and rerun the same "
+                    f"cannot write {job.output} ({err.strerror or err}); the finished "
+                    f"job is saved in {job.work_dir}: free space and rerun the same "
                     "command to write it"
                 ) from None
     finally:
         arrays.remove()
     dist_util.barrier()
     if finished and dist_util.is_main_process():
-        remove_work_dir(args.work_dir)
+        remove_work_dir(job.work_dir)
     return finished
 
 
@@ -562,14 +466,14 @@ def ranks_on_this_machine():
     return sum(name == here for name in dist_util.all_gather_object(here))
 
 
-def saved_job_view(job, folder):
+def saved_job_view(run, folder):
     """
     What this process reads in ``folder``, for :func:`check_saved_jobs_agree`:
     None (no saved job), (step, digest of job.json) or ("refused", the message of
     a job saved with other settings).
     """
     try:
-        step = job.saved_step(folder)
+        step = run.saved_step(folder)
     except JobMismatch as err:
         return ("refused", str(err))
     if step is None:
@@ -659,27 +563,27 @@ def load_scene(reader, scaling, arrays, padded, sar_channels):
     return SarStats.combined(parts)
 
 
-def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
+def sample_scene(job, flags, diffusion, arrays, tile, overlap, rank, world, *,
                  model=None, catch_signals=False, progress=None):  # fmt: skip
     """
     Run (or continue) the job on the scene in ``arrays``.
 
-    :param model: the loaded model, or None to load ``args.model_path``.
+    :param model: the loaded model, or None to load ``job.model_path``.
     :param catch_signals: see :func:`translate_scene_file`.
     :param progress: see :func:`translate_scene_file`.
     :return: True when it finished, False when a signal stopped it (saved).
     """
     device = dist_util.dev()
     if model is None:
-        model = load_scene_model(args, flags)
+        model = load_scene_model(job, flags)
     if not isinstance(model, BatchedModel):
-        model = BatchedModel(model, args.batch_size, pad=args.compile)
-    net = Bfloat16Model(model) if args.use_bf16 else model
+        model = BatchedModel(model, job.batch_size, pad=job.compile)
+    net = Bfloat16Model(model) if job.use_bf16 else model
     keep = ("pred_xstart", "log_variance") if flags["learn_sigma"] else ("pred_xstart",)
 
     def denoise(xs, sar, t):
         denoiser = samplers.Denoiser(
-            diffusion, net, sar.to(device), clip_denoised=args.clip_denoised
+            diffusion, net, sar.to(device), clip_denoised=job.clip_denoised
         )
         out = denoiser(xs.to(device), t)
         return {k: out[k].float().cpu() for k in keep}
@@ -690,15 +594,15 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
         bar.update(count)
         timing["tiles"] += count
         if progress is not None and dist_util.is_main_process():
-            progress(timing["tiles"], timing["total"], job.step, steps)
+            progress(timing["tiles"], timing["total"], run.step, steps)
         if "first" not in timing:  # the estimate, from the first batch of tiles
             timing["first"] = time.perf_counter() - timing["began"]
-            total = timing["first"] * calls * (steps - job.step)
-            later = getattr(args, "samples_after", 0)
+            total = timing["first"] * calls * (steps - run.step)
+            later = job.samples_after
             if later:  # the samples after this one, from their first step
                 whole = total + later * timing["first"] * calls * steps
                 scene = f"this sample, {_duration(whole)} for it and {later} more"
-            elif getattr(args, "samples_per_input", 1) > 1:
+            elif job.samples_per_input > 1:
                 scene = "this sample, the last"
             else:
                 scene = "the scene"
@@ -708,41 +612,41 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
             )
 
     fuser_args = dict(
-        denoise=denoise, tile=tile, overlap=overlap, batch_size=args.batch_size,
+        denoise=denoise, tile=tile, overlap=overlap, batch_size=job.batch_size,
         rank=rank, world=world, learned_variance=flags["learn_sigma"],
         progress=tiles_done,
     )  # fmt: skip
-    job = SceneSampler(
-        arrays, fuser_args, diffusion, args.sampler, args.options, args.seed,
-        all_reduce=all_reduce if world > 1 else None, shift_tiles=args.shift_tiles,
-        key=job_key(args, tile, overlap, flags),
+    run = SceneSampler(
+        arrays, fuser_args, diffusion, job.sampler, job.options, job.seed,
+        all_reduce=all_reduce if world > 1 else None, shift_tiles=job.shift_tiles,
+        key=job_key(job, tile, overlap, flags),
     )  # fmt: skip
-    steps = len(job.timesteps)
-    views = dist_util.all_gather_object(saved_job_view(job, args.work_dir))
-    saved = check_saved_jobs_agree(views, args.work_dir)
+    steps = len(run.timesteps)
+    views = dist_util.all_gather_object(saved_job_view(run, job.work_dir))
+    saved = check_saved_jobs_agree(views, job.work_dir)
     if saved is None:
-        job.start()
+        run.start()
     else:
-        job.resume(args.work_dir)
-        logger.log(f"continuing the job saved at step {saved} of {steps} in {args.work_dir}")
-    calls = math.ceil(len(job.fuser.mine) / args.batch_size)
+        run.resume(job.work_dir)
+        logger.log(f"continuing the job saved at step {saved} of {steps} in {job.work_dir}")
+    calls = math.ceil(len(run.fuser.mine) / job.batch_size)
     moving = (
-        f", inner tiles moved by up to {job.fuser.max_shift} px every step"
-        if args.shift_tiles and job.fuser.max_shift else ""
+        f", inner tiles moved by up to {run.fuser.max_shift} px every step"
+        if job.shift_tiles and run.fuser.max_shift else ""
     )  # fmt: skip
     logger.log(
-        f"{len(job.fuser.grid)} tiles of {tile} px (overlap {overlap}{moving}), {steps} "
-        f"{args.sampler} steps, {calls} network calls of up to {args.batch_size} tiles "
-        f"per step on {world} process(es); saved every {args.save_every} steps in "
-        f"{args.work_dir}"
+        f"{len(run.fuser.grid)} tiles of {tile} px (overlap {overlap}{moving}), {steps} "
+        f"{job.sampler} steps, {calls} network calls of up to {job.batch_size} tiles "
+        f"per step on {world} process(es); saved every {job.save_every} steps in "
+        f"{job.work_dir}"
     )
-    timing["total"] = job.tiles_left()
+    timing["total"] = run.tiles_left()
     which = ""
-    if getattr(args, "samples_per_input", 1) > 1:
-        which = f"sample {args.sample} of {args.samples_per_input}, "
+    if job.samples_per_input > 1:
+        which = f"sample {job.sample} of {job.samples_per_input}, "
     bar = tqdm(
         total=timing["total"], unit="tile",
-        desc=f"{which}step {job.step + 1}/{steps}", disable=not dist_util.is_main_process(),
+        desc=f"{which}step {run.step + 1}/{steps}", disable=not dist_util.is_main_process(),
     )  # fmt: skip
 
     def should_stop():
@@ -764,19 +668,19 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     timing["began"] = time.perf_counter()
     try:
         with th.no_grad():
-            finished = job.run(
-                save_every=args.save_every,
-                folder=args.work_dir if dist_util.is_main_process() else None,
+            finished = run.run(
+                save_every=job.save_every,
+                folder=job.work_dir if dist_util.is_main_process() else None,
                 should_stop=should_stop if catch_signals else None, on_step=on_step,
             )  # fmt: skip
     except OSError as err:  # a full disk, a folder gone
-        saved = job.saved_step(args.work_dir)
+        saved = run.saved_step(job.work_dir)
         kept = (
-            f"the job saved at step {saved} of {steps} in {args.work_dir} survives: "
+            f"the job saved at step {saved} of {steps} in {job.work_dir} survives: "
             "rerun the same command to continue it"
             if saved else "nothing was saved yet"
         )  # fmt: skip
-        where = "" if isinstance(err, DiskFull) else f" ({err.filename or args.work_dir})"
+        where = "" if isinstance(err, DiskFull) else f" ({err.filename or job.work_dir})"
         raise SceneError(f"{err.strerror or err}{where}; {kept}") from None
     finally:
         bar.close()
@@ -785,16 +689,16 @@ def sample_scene(args, flags, diffusion, arrays, tile, overlap, rank, world, *,
     if not finished:
         name = signal.Signals(STOP["signal"]).name
         logger.log(
-            f"stopped by {name} after step {job.step} of {steps}; the job is saved in "
-            f"{args.work_dir}: run the same command again to continue it"
+            f"stopped by {name} after step {run.step} of {steps}; the job is saved in "
+            f"{job.work_dir}: run the same command again to continue it"
         )
     return finished
 
 
-def job_key(args, tile, overlap, flags):
+def job_key(job, tile, overlap, flags):
     """
     The settings that decide the result: a saved job continues only under them.
-    Sample k > 0 of --samples_per_input (``args.sample``, :func:`sample_args`) adds
+    Sample k > 0 of --samples_per_input (``job.sample``, :func:`sample_args`) adds
     "sample": k to the run's seed; sample 0's are those of a run with one sample.
     The precisions the network runs in on this process's device are added where
     they are not IEEE float32 (so a job saved before they were recorded, all in
@@ -803,26 +707,26 @@ def job_key(args, tile, overlap, flags):
 
     :param flags: the model flags (``use_fp16``: the model trained in float16).
     """
-    stat = os.stat(args.input)
-    model = os.stat(args.model_path)
+    stat = os.stat(job.input)
+    model = os.stat(job.model_path)
     key = {
-        "input": os.path.abspath(args.input), "input_bytes": stat.st_size,
-        "input_mtime": stat.st_mtime, "model": os.path.abspath(args.model_path),
-        "model_mtime": model.st_mtime, "sampler": args.sampler,
-        "options": args.options, "timestep_respacing": args.timestep_respacing,
-        "seed": getattr(args, "run_seed", args.seed), "tile": tile, "overlap": overlap,
-        "shift_tiles": args.shift_tiles,
-        "clip_denoised": args.clip_denoised, "use_bf16": args.use_bf16,
-        "resample": args.resample,
-        "inputs": {k: v for k, v in args.inputs.items() if v is not None},
+        "input": os.path.abspath(job.input), "input_bytes": stat.st_size,
+        "input_mtime": stat.st_mtime, "model": os.path.abspath(job.model_path),
+        "model_mtime": model.st_mtime, "sampler": job.sampler,
+        "options": job.options, "timestep_respacing": job.timestep_respacing,
+        "seed": job.seed if job.run_seed is None else job.run_seed, "tile": tile, "overlap": overlap,
+        "shift_tiles": job.shift_tiles,
+        "clip_denoised": job.clip_denoised, "use_bf16": job.use_bf16,
+        "resample": job.resample,
+        "inputs": {k: v for k, v in job.inputs.items() if v is not None},
     }  # fmt: skip
     device = dist_util.dev()
-    if runs_in_fp16(flags["use_fp16"], device, args.use_bf16):
+    if runs_in_fp16(flags["use_fp16"], device, job.use_bf16):
         key["use_fp16"] = True
-    if tf32_in_effect(args.use_tf32, device):
+    if tf32_in_effect(job.use_tf32, device):
         key["use_tf32"] = True
-    if getattr(args, "sample", 0):
-        key["sample"] = args.sample
+    if job.sample:
+        key["sample"] = job.sample
     return key
 
 
@@ -869,18 +773,18 @@ def check_pixel_size(raster, trained, path):
         )
 
 
-def resample_input(args, source, trained):
+def resample_input(job, source, trained):
     """--resample: the scene warped to the training pixel size, in the work folder."""
     if not trained:
         raise ValueError(
             "--resample: the training run recorded no pixel size (its data were not "
             "georeferenced), so there is nothing to resample to; leave --resample out"
         )
-    transform, width, height = grid_at_pixel_size(args.input, trained)
-    path = os.path.join(args.work_dir, "input_resampled.tif")
+    transform, width, height = grid_at_pixel_size(job.input, trained)
+    path = os.path.join(job.work_dir, "input_resampled.tif")
     if dist_util.is_main_process():
-        os.makedirs(args.work_dir, exist_ok=True)
-        warp_to_grid(args.input, path, transform, width, height)
+        os.makedirs(job.work_dir, exist_ok=True)
+        warp_to_grid(job.input, path, transform, width, height)
     dist_util.barrier()
     px = source.pixel_size
     logger.log(
@@ -904,13 +808,13 @@ def array_rows(arrays, width):
     return rows
 
 
-def resampled_rows(args, scaling, arrays, reader, source):
+def resampled_rows(job, scaling, arrays, reader, source):
     """
     --resample: the result written on the training grid, warped back onto the
     input's grid; validity and the SAR from the input itself.
     """
-    on_grid = os.path.join(args.work_dir, "result_resampled.tif")
-    back = os.path.join(args.work_dir, "result_back.tif")
+    on_grid = os.path.join(job.work_dir, "result_resampled.tif")
+    back = os.path.join(job.work_dir, "result_back.tif")
     georef = georeference(reader.path)
     with GeoTiffWriter(
         on_grid, 3, reader.height, reader.width, np.float32, georef, nodata=float("nan")
@@ -919,7 +823,7 @@ def resampled_rows(args, scaling, arrays, reader, source):
             image = x.numpy().copy()
             image[:, ~valid] = np.nan
             out.write(top, image)
-    with rasterio_open(args.input) as src:
+    with rasterio_open(job.input) as src:
         transform = src.transform
     warp_to_grid(on_grid, back, transform, source.width, source.height)
 
@@ -950,35 +854,54 @@ def quicklook_path(output):
     return os.path.splitext(output)[0] + "_quicklook.png"
 
 
-def write_outputs(args, scaling, rows, height, width, *, quicklook=True):
+def png_path(path):
+    """The full-size 8-bit PNG of a job with ``png`` set, beside ``path``."""
+    return os.path.splitext(path)[0] + ".png"
+
+
+def write_outputs(job, scaling, rows, height, width):
     """
-    The GeoTIFF and the quick-look PNG, a band of rows at a time.
+    The result, a band of rows at a time: the GeoTIFF (unless ``job.geotiff`` is
+    False and this is not a sample a later pass reads), the quick-look PNG
+    (``job.quicklook``, sample 0 only) and the full-size PNG (``job.png``).
 
     :param rows: (top, bottom) -> the result (3, h, W) in [-1, 1], valid (h, W)
         and the scaled SAR (C, h, W) of those rows.
-    :param quicklook: write the quick-look PNG too (not for samples k > 0 of
-        --samples_per_input).
     """
-    if args.output_units == "optical":
+    if job.output_units == "optical":
         lo, hi = scaling.opt_range
         dtype, nodata = np.float32, float("nan")
     else:
         dtype, nodata = np.uint8, 0
+    quicklook = job.quicklook and not job.sample
+    # a sample's GeoTIFF is read by the pass over the samples, kept or not
+    geotiff = job.geotiff or job.samples_per_input > 1
+    png = job.png and not job.sample
     # the quick-look keeps every step-th row and column (then shrinks to its width)
     step = max(1, (2 * width + 4) // QUICKLOOK_WIDTH)
     looks = {"sar": [], "result": [], "valid": []}
-    with GeoTiffWriter(
-        args.output, 3, height, width, dtype, georeference(args.input), nodata=nodata,
-        names=("red", "green", "blue"),
-    ) as out:  # fmt: skip
+    full = []
+    # sample 0's GeoTIFF, when the job keeps none, is written to its work folder
+    target = job.output if job.sample else sample_path(job, 0)
+    writer = nullcontext()
+    if geotiff:
+        os.makedirs(os.path.dirname(target), exist_ok=True)  # the work folder's samples/
+        writer = GeoTiffWriter(
+            target, 3, height, width, dtype, georeference(job.input), nodata=nodata,
+            names=("red", "green", "blue"),
+        )  # fmt: skip
+    with writer as out:
         for top, bottom, x, valid, sar in _rows_of(rows, height):
-            if args.output_units == "optical":
+            if job.output_units == "optical":
                 image = ((x.double().numpy() + 1) / 2 * (hi - lo) + lo).astype(np.float32)
                 image[:, ~valid] = np.nan
             else:
                 image = to_uint8(x[None])[0].transpose(2, 0, 1).copy()
                 image[:, ~valid] = 0
-            out.write(top, image)
+            if out is not None:
+                out.write(top, image)
+            if png:
+                full.append(np.where(valid[..., None], to_uint8(x[None])[0], 0))
             if not quicklook:
                 continue
             keep = [r - top for r in range(top, bottom) if r % step == 0]
@@ -986,12 +909,23 @@ def write_outputs(args, scaling, rows, height, width, *, quicklook=True):
             looks["sar"].append(sar_for_display(to_uint8(sar[None]))[0])
             looks["result"].append(to_uint8(x[None, :, keep, ::step])[0])
             looks["valid"].append(valid[keep, ::step])
-    logger.log(f"wrote {args.output} ({width}x{height}, {np.dtype(dtype).name})")
+    if geotiff:
+        logger.log(f"wrote {target} ({width}x{height}, {np.dtype(dtype).name})")
+    if png:
+        path = png_path(job.output)
+        write_png(path, np.concatenate(full).astype(np.uint8))
+        logger.log(f"wrote {path}")
     if not quicklook:
         return
-    path = quicklook_path(args.output)
+    path = quicklook_path(job.output)
     write_quicklook(path, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid")))
     logger.log(f"wrote {path}")
+
+
+def write_png(path, image):
+    """An (H, W, 3) uint8 image as a PNG, written atomically."""
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
 def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
@@ -1006,7 +940,7 @@ def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
 
 
 
-def write_spread_outputs(args, scaling, count):
+def write_spread_outputs(job, scaling, count):
     """
     The mean and spread of the K sample GeoTIFFs of a run with --samples_per_input,
     read a band of rows at a time (the memory does not grow with the scene's
@@ -1032,11 +966,11 @@ def write_spread_outputs(args, scaling, count):
     """
     from rasterio.errors import NotGeoreferencedWarning
 
-    paths = spread_paths(args.output)
-    source = RasterRows(args.input)
+    paths = spread_paths(job.output)
+    source = RasterRows(job.input)
     height, width = source.height, source.width
-    optical = args.output_units == "optical"
-    georef = georeference(args.input)
+    optical = job.output_units == "optical"
+    georef = georeference(job.input)
     names = ("red", "green", "blue")
     rows = max(1, min(BAND_ROWS, SPREAD_PASS_BYTES // (8 * 3 * count * width)))
     step = max(1, math.ceil(width / QUICKLOOK_WIDTH))
@@ -1046,19 +980,22 @@ def write_spread_outputs(args, scaling, count):
         with warnings.catch_warnings():  # an input without a place gives one too
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             samples = [
-                stack.enter_context(rasterio_open(sample_path(args.output, k)))
+                stack.enter_context(rasterio_open(sample_path(job, k)))
                 for k in range(count)
             ]
         for k, src in enumerate(samples):
             if (src.count, src.height, src.width) != (3, height, width):
                 raise ValueError(
                     f"{src.name} holds {src.count} bands of {src.width}x{src.height}, "
-                    f"not sample {k} of {args.input}: delete it and rerun"
+                    f"not sample {k} of {job.input}: delete it and rerun"
                 )
-        mean_out = stack.enter_context(GeoTiffWriter(
-            paths["mean"], 3, height, width, np.float32 if optical else np.uint8, georef,
-            nodata=float("nan") if optical else 0, names=names,
-        ))  # fmt: skip
+        mean_out = None
+        if job.geotiff:
+            mean_out = stack.enter_context(GeoTiffWriter(
+                paths["mean"], 3, height, width, np.float32 if optical else np.uint8,
+                georef, nodata=float("nan") if optical else 0, names=names,
+            ))  # fmt: skip
+        mean_rows = []  # the mean as an 8-bit picture, for job.png
         spread_out = stack.enter_context(GeoTiffWriter(
             paths["spread"], 3, height, width, np.float32, georef,
             nodata=float("nan"), names=names,
@@ -1075,7 +1012,10 @@ def write_spread_outputs(args, scaling, count):
             else:
                 mean = np.rint(mean).astype(np.uint8)
                 mean[:, ~valid] = 0
-            mean_out.write(top, mean)
+            if mean_out is not None:
+                mean_out.write(top, mean)
+            if job.png:
+                mean_rows.append(mean_picture_rows(mean, valid, optical, scaling))
             spread_out.write(top, spread.astype(np.float32))
             # the picture's blocks of step x step pixels: their sums and counts
             shown = spread.mean(axis=0)
@@ -1086,8 +1026,11 @@ def write_spread_outputs(args, scaling, count):
             part_count = np.pad(finite, extra).reshape(block).sum(2)
             np.add.at(sums, np.arange(top, bottom) // step, part_sum)
             np.add.at(pixels, np.arange(top, bottom) // step, part_count)
-    for name in ("mean", "spread"):
+    for name in ("mean", "spread") if job.geotiff else ("spread",):
         logger.log(f"wrote {paths[name]}")
+    if job.png:
+        write_png(png_path(paths["mean"]), np.concatenate(mean_rows))
+        logger.log(f"wrote {png_path(paths['mean'])}")
     title = f"spread of {count} samples (standard deviation), grey levels"
     vmax = SPREAD_MAX
     if optical:
@@ -1103,3 +1046,15 @@ def write_spread_outputs(args, scaling, count):
     write_atomic(paths["picture"], lambda f: picture.save(f, format="PNG"))
     logger.log(f"wrote {paths['picture']}")
     return paths
+
+
+def mean_picture_rows(mean, valid, optical, scaling):
+    """Rows of the samples' mean as 8-bit RGB, (h, W, 3), black where the SAR has
+    no data: as written for 8-bit output, optical values mapped back through the
+    training run's --opt_range."""
+    if optical:
+        lo, hi = scaling.opt_range
+        x = (np.nan_to_num(mean.astype(np.float64), nan=lo) - lo) / (hi - lo) * 2 - 1
+        mean = to_uint8(x[None])[0].transpose(2, 0, 1)
+    image = np.where(valid[None], mean, 0).astype(np.uint8)
+    return np.ascontiguousarray(image.transpose(1, 2, 0))

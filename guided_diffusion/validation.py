@@ -10,10 +10,12 @@ import numpy as np
 import torch as th
 
 from . import metrics
+from .folder import load_batch, translate_batch
 from .image_datasets import DataError, find_test_pairs, load_opt
+from .jobs import Sampling
 from .pictures import columns_side_by_side, write_png
-from .rasters import Scaling, load_sar_patch
-from .sampling import make_generators, sar_for_display, to_uint8, translate
+from .rasters import Scaling
+from .sampling import sar_for_display, to_uint8
 
 
 class Validator:
@@ -51,11 +53,9 @@ class Validator:
         pairs = pairs[:num]
         self.names = [name for _, _, name in pairs]
         scaling = scaling or Scaling(sar_channels=sar_channels)
-        loaded = [load_sar_patch(sar, image_size, scaling) for sar, _, _ in pairs]
-        self.sar = th.from_numpy(np.stack([arr for arr, _, _ in loaded]))
         # nodata stays nodata: black in the generated image, as sampling writes it
         # (the ground truth is kept, so nodata counts against the scores)
-        self.valid = np.stack([valid for _, valid, _ in loaded])
+        self.sar, self.valid, _ = load_batch([p for p, _, _ in pairs], image_size, scaling)
         self.gt = to_uint8(
             th.from_numpy(
                 np.stack(
@@ -67,8 +67,8 @@ class Validator:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.diffusion = diffusion
-        self.sampler = sampler
-        self.seed = seed
+        # the sampler's defaults, one sample, each pair's noise from (seed, name)
+        self.job = Sampling(sampler=sampler, seed=seed, batch_size=len(pairs))
 
     def __call__(self, state_dict, step, folder):
         """
@@ -79,15 +79,10 @@ class Validator:
         """
         self.model.load_state_dict(state_dict)
         device = next(self.model.parameters()).device
-        generated = translate(
-            self.model,
-            self.diffusion,
-            self.sar.to(device),
-            sampler=self.sampler,
-            generators=make_generators(self.seed, self.names),
-        )
-        generated = np.where(self.valid[..., None], to_uint8(generated), 0)
-        generated = generated.astype(np.uint8)
+        (generated,), _ = translate_batch(
+            self.model, self.diffusion, self.sar.to(device), self.valid, self.names,
+            self.job,
+        )  # fmt: skip
         ssim = [metrics.ssim_rgb(g, t) for g, t in zip(generated, self.gt)]
         psnr = [metrics.psnr(g, t) for g, t in zip(generated, self.gt)]
         finite = [p for p in psnr if np.isfinite(p)]

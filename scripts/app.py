@@ -41,7 +41,8 @@ from guided_diffusion.app import (  # noqa: E402
 )
 
 
-def parse_args(argv=None):
+def create_argparser():
+    """The page's flags."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -66,6 +67,12 @@ def parse_args(argv=None):
     parser.add_argument("--work_dir", default=None,
                         help="where the results of requests are kept for download "
                              "(default: a new temporary folder)")  # fmt: skip
+    return parser
+
+
+def parse_args(argv=None):
+    """The checked flags."""
+    parser = create_argparser()
     args = parser.parse_args(argv)
     if args.no_bundled and not (args.model_path or args.runs_dir):
         parser.error("--no_bundled needs --model_path or --runs_dir: a model to offer")

@@ -38,46 +38,109 @@ generated scenes) is used. image_sample_realtime.py, by contrast, translates a
 folder of patches at the model's size, resizing larger inputs as training did.
 """
 
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, scene_translation  # noqa: E402
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.jobs import SceneJob  # noqa: E402
 from guided_diffusion.rasters import DataError  # noqa: E402
-from guided_diffusion.sampling import write_log  # noqa: E402
+from guided_diffusion.sampling import add_sampling_flags, write_log  # noqa: E402
 from guided_diffusion.scene import JobMismatch  # noqa: E402
 from guided_diffusion.scene_translation import (  # noqa: E402
+    BUNDLED_MODEL,
+    MEMORY_SHARE,
     STOP,
     SceneError,
     scene_settings,
-    translate_scene_file,
+    translate_scene,
 )
+from guided_diffusion.settings import str2bool  # noqa: E402
 
 
 def main():
-    args = parse_args()
-    flags, scaling, diffusion, notes = scene_settings(args)
+    job = parse_args()
+    checkpoint = scene_settings(job)
     dist_util.setup_dist()
     # tiles of one size: cuDNN's search runs once per batch size (under --compile
     # once; otherwise also for each rank's last, shorter batch of a step)
-    dist_util.configure_numerics(use_tf32=args.use_tf32, cudnn_benchmark=True)
+    dist_util.configure_numerics(use_tf32=job.use_tf32, cudnn_benchmark=True)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    logger.configure(dir=os.path.dirname(args.output), format_strs=["stdout"])
-    write_log(notes)
+    logger.configure(dir=os.path.dirname(job.output), format_strs=["stdout"])
+    write_log(checkpoint.notes)
     for note in dist_util.setup_notes():  # the CPU threads of each rank under MPI
         logger.log(note)
-    finished = translate_scene_file(
-        args, flags, scaling, diffusion, rank=rank, world=world, catch_signals=True
+    finished = translate_scene(
+        job, checkpoint, rank=rank, world=world, catch_signals=True
     )
     dist_util.cleanup()
     if not finished:
         sys.exit(128 + STOP["signal"])
 
 
-def parse_args():
-    """The checked flags (guided_diffusion/scene_translation.py holds the parser)."""
-    return scene_translation.parse_args(description=__doc__)
+def create_argparser():
+    """This script's flags: the scene's own, the sampling settings (settings.py),
+    the "inputs" settings and the model and diffusion flags."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="the SAR scene (GeoTIFF)")
+    parser.add_argument("--output", required=True, help="the optical GeoTIFF to write")
+    parser.add_argument("--overlap", type=int, default=-1,
+                        help="pixels shared by neighbouring tiles (-1: half a tile)")  # fmt: skip
+    parser.add_argument("--shift_tiles", type=str2bool, default=True,
+                        help="move the inner tiles by a few pixels (up to a quarter "
+                             "tile) at every step, so that no tile border stays in "
+                             "one place; False keeps the grid fixed")  # fmt: skip
+    parser.add_argument("--output_units", choices=("uint8", "optical"), default="uint8",
+                        help="8-bit RGB, or the training data's optical values (float32)")  # fmt: skip
+    parser.add_argument("--resample", action="store_true",
+                        help="translate at the training data's pixel size (from its "
+                             "config.json), and bring the result back to the input's grid")  # fmt: skip
+    parser.add_argument("--save_every", type=int, default=5,
+                        help="save the job every N steps (and when stopped, and at the "
+                             "end); rerunning the command continues it (0: only then)")  # fmt: skip
+    parser.add_argument("--work_dir", default="",
+                        help="where the saved job (and memory-mapped arrays) live; "
+                             "default OUTPUT.work beside the output, removed when done")  # fmt: skip
+    parser.add_argument("--memory", choices=("auto", "ram", "mmap"), default="auto",
+                        help="keep the scene's arrays in memory (ram) or in "
+                             "memory-mapped files in the work folder (mmap); auto: "
+                             f"mmap when they would take over {MEMORY_SHARE:.0%}% of "
+                             "the available memory")  # fmt: skip
+    add_sampling_flags(
+        parser, ("sampling", "samples", "run", "speed"), overrides={"batch_size": 8},
+        skip=("data_dir", "num_samples"),
+    )  # fmt: skip
+    parser.set_defaults(model_path=BUNDLED_MODEL)
+    helps = {
+        "model_path": "a model or EMA file; its run's config.json gives the model and "
+        "the input scaling (default: the bundled demo model, "
+        "assets/scene_model/model.pt)",
+        "samples_per_input": "translate the scene K times: OUTPUT is sample 0 (the "
+        "translation of K = 1), OUTPUT_sample1.tif ... the others (seeds from --seed "
+        "and k), then OUTPUT_mean.tif, OUTPUT_spread.tif (per-pixel standard "
+        "deviation, divisor K - 1) and OUTPUT_spread.png; K times the time",
+    }  # fmt: skip
+    for action in parser._actions:
+        if action.dest in helps:
+            action.help = helps[action.dest]
+    return parser
+
+
+def parse_args(argv=None):
+    """The checked job of the command line (a jobs.SceneJob, its output and work
+    folder absolute, the output's folder made)."""
+    args = create_argparser().parse_args(argv)
+    if os.path.abspath(args.model_path) == BUNDLED_MODEL:
+        print(
+            f"--model_path: the bundled demo model {os.path.relpath(BUNDLED_MODEL)}, "
+            "trained on generated scenes only: give your own for real data",
+            file=sys.stderr,
+        )
+    return SceneJob.from_flags(vars(args)).placed()
 
 
 if __name__ == "__main__":

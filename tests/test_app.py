@@ -9,13 +9,14 @@ models offered and kept loaded.
 The page runs in this process; the scripts run as subprocesses, as a user runs them.
 """
 
-import argparse
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -140,20 +141,58 @@ def test_an_example_and_an_upload_get_the_sampling_scripts_pixels(client, page, 
             assert np.array_equal(ours[key], theirs[key]), key
 
 
-def test_the_page_parses_the_sampling_scripts_flags(tmp_path):
-    """The page's patch route reads its flags as image_sample_realtime.py does: the
-    same flags, the same defaults (every one but those the page sets)."""
-    script = runpy.run_path(str(ROOT / "scripts" / "image_sample_realtime.py"),
-                            run_name="the_sampling_script")  # fmt: skip
-    parser = argparse.ArgumentParser()
-    script["add_sampling_flags"](parser, script["SAMPLING_GROUPS"], script["SAMPLING_OVERRIDES"])
-    argv = ["--model_path", BUNDLED_MODEL, "--data_dir", str(tmp_path)]
-    theirs = vars(script["read_sampling_args"](parser, argv))
-    ours = vars(script["read_sampling_args"](app._sampling_parser(), argv))
-    assert set(ours) == set(theirs)
-    assert {k: v for k, v in ours.items() if k != "data_dir"} == {
-        k: v for k, v in theirs.items() if k != "data_dir"
-    }
+def script_job(script, command, **paths):
+    """The job a script builds from the page's command, its placeholders (DATA,
+    OUT.tif, the upload's name) replaced by ``paths``."""
+    parse = runpy.run_path(str(ROOT / "scripts" / script), run_name="x")["parse_args"]
+    argv = shlex.split(command, comments=True)[2:]
+    job = parse([paths.get(a, a) for a in argv])
+    return replace(job, model_path=os.path.abspath(job.model_path))
+
+
+@pytest.mark.parametrize("route", ["patch", "scene"])
+def test_the_command_the_page_shows_runs_the_pages_job(route, tmp_path, monkeypatch):
+    """The page builds its job from its controls and shows the command rendered
+    from it: the script given that command builds the same job (the page's own
+    choice of files aside)."""
+    monkeypatch.chdir(ROOT)
+    translator = app.Translator(app.find_models(), work_dir=str(tmp_path / "page"))
+    upload = EXAMPLE if route == "patch" else SCENE_EXAMPLE
+    folder = str(tmp_path / "request")
+    job = translator.job(route, str(upload), BUNDLED_MODEL, "ddim", 7, 11, 3, folder)
+    command = translator.command(job, str(upload))
+    if route == "patch":
+        assert command.startswith("python scripts/image_sample_realtime.py ")
+        theirs = script_job("image_sample_realtime.py", command, DATA=str(upload.parent))
+        assert replace(theirs, out_dir=folder) == job
+    else:
+        assert command.startswith("python scripts/translate_scene.py ")
+        shown = os.path.relpath(upload)
+        theirs = script_job("translate_scene.py", command, **{"OUT.tif": job.output,
+                                                               shown: str(upload)})  # fmt: skip
+        page_only = dict(quicklook=False, geotiff=job.geotiff, png=True, keep_samples=False)
+        assert replace(theirs, **page_only) == job
+    assert job.samples_per_input == 3 and job.seed == 11 and job.timestep_respacing == "7"
+
+
+def test_the_page_translates_both_routes_without_parsing_a_command_line(
+    tmp_path, monkeypatch
+):
+    """The page calls the library with jobs: with every argparse parser made to
+    fail, both routes still translate."""
+    import argparse
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the page parsed a command line")
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", refuse)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", refuse)
+    translator = app.Translator(app.find_models(), work_dir=str(tmp_path))
+    for upload, route in ((EXAMPLE, "patch"), (SCENE_EXAMPLE, "scene")):
+        result = translator.translate(str(upload), MODEL, "dpm++2m", 2, 0)
+        assert result.route == route
+        with rasterio.open(upload) as src:
+            assert result.image.shape == (*src.shape, 3)
 
 
 def test_the_noise_follows_the_files_name_and_the_seed(client, tmp_path):
@@ -309,13 +348,13 @@ class OnTheGpu(th.nn.Module):
 
 
 class GpuOfLimitedRoom:
-    """Stands in for prepare_model: the prepared model, :class:`OnTheGpu`."""
+    """Stands in for load_prepared_model: the prepared model, :class:`OnTheGpu`."""
 
     def __init__(self, prepare):
         self.prepare, self.room, self.calls = prepare, {"images": 64}, []
 
-    def __call__(self, model, **options):
-        return OnTheGpu(self.prepare(model, **options), self.room, self.calls)
+    def __call__(self, *args, **options):
+        return OnTheGpu(self.prepare(*args, **options), self.room, self.calls)
 
 
 def test_out_of_gpu_memory_retries_at_a_smaller_batch_and_the_page_keeps_working(
@@ -324,8 +363,8 @@ def test_out_of_gpu_memory_retries_at_a_smaller_batch_and_the_page_keeps_working
     scene = write_crop(tmp_path / "small_scene.tif", SCENE_EXAMPLE, 40, 48)
     expected = app.Translator(app.find_models(), work_dir=str(tmp_path / "plain"))
     expected = expected.translate(str(scene), MODEL, "ddim", 3, 5).image
-    gpu = GpuOfLimitedRoom(app.prepare_model)
-    monkeypatch.setattr(app, "prepare_model", gpu)
+    gpu = GpuOfLimitedRoom(app.load_prepared_model)
+    monkeypatch.setattr(app, "load_prepared_model", gpu)
     runs = tmp_path / "logs"
     (runs / "run_a").mkdir(parents=True)
     shutil.copy(BUNDLED_MODEL, runs / "run_a" / "model000100.pt")

@@ -10,14 +10,16 @@ The reference facts: the per-image outputs of the plain network (computed here),
 memory numbers chosen in each test, and per-rank answers written in the test.
 """
 
-import argparse
+
+from dataclasses import replace
 
 import pytest
 import torch as th
 from conftest import TINY_FLAGS
 
 from guided_diffusion import dist_util
-from guided_diffusion.sampling import add_sampling_flags, load_model, read_sampling_args
+from guided_diffusion.jobs import Sampling, SceneJob
+from guided_diffusion.sampling import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,41 +166,30 @@ def test_an_fp16_model_asked_for_bf16_runs_in_bfloat16_on_float32_weights(
 
 
 def test_use_fp16_and_use_bf16_given_together_are_refused(tiny_checkpoint):
-    parser = argparse.ArgumentParser()
-    add_sampling_flags(parser)
-    argv = [
-        "--model_path",
-        str(tiny_checkpoint),
-        "--use_fp16",
-        "True",
-        "--use_bf16",
-        "True",
-    ]
+    flags = {"model_path": str(tiny_checkpoint), "use_fp16": True, "use_bf16": True}
     with pytest.raises(ValueError) as err:
-        read_sampling_args(parser, argv)
+        Sampling.from_flags(flags)
     assert "--use_fp16 True" in str(err.value) and "--use_bf16 True" in str(err.value)
     assert "\n" not in str(err.value)
     # the model's own use_fp16 (its config.json) with --use_bf16: accepted
-    assert read_sampling_args(parser, argv[:2] + argv[4:]).use_bf16
+    flags["use_fp16"] = None  # not given
+    assert Sampling.from_flags(flags).use_bf16
 
 
 def test_the_precisions_a_job_runs_in_are_part_of_its_key(tmp_path, monkeypatch):
-    from guided_diffusion.scene_translation import build_parser, job_key
+    from guided_diffusion.scene_translation import job_key
 
     scene = tmp_path / "scene.tif"
     scene.write_bytes(b"a scene")
     model = tmp_path / "model.pt"
     model.write_bytes(b"a model")
-    args = read_sampling_args(
-        build_parser(), ["--input", str(scene), "--output", "o.tif", "--model_path",
-                         str(model), "--use_tf32", "True"]
-    )  # fmt: skip
+    job = SceneJob(input=str(scene), output="o.tif", model_path=str(model), use_tf32=True)
     flags = {**TINY_FLAGS, "use_fp16": True}
-    on_cpu = job_key(args, 32, 16, flags)
+    on_cpu = job_key(job, 32, 16, flags)
     # a CPU runs float16 models in float32, and TF32 is a CUDA mode
     assert "use_fp16" not in on_cpu and "use_tf32" not in on_cpu
     monkeypatch.setattr(dist_util, "dev", lambda: th.device("cuda", 0))
-    on_gpu = job_key(args, 32, 16, flags)
+    on_gpu = job_key(job, 32, 16, flags)
     assert on_gpu["use_fp16"] is True and on_gpu["use_tf32"] is True
-    args.use_bf16 = True  # bfloat16 autocast on the float32 weights instead
-    assert "use_fp16" not in job_key(args, 32, 16, flags)
+    # bfloat16 autocast on the float32 weights instead
+    assert "use_fp16" not in job_key(replace(job, use_bf16=True), 32, 16, flags)
