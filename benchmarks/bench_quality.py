@@ -26,6 +26,7 @@ import seams
 import torch as th
 
 from guided_diffusion import dist_util, metrics
+from guided_diffusion.checkpoints import read_run_config
 from guided_diffusion.image_datasets import (
     DataError,
     find_test_pairs,
@@ -37,7 +38,6 @@ from guided_diffusion.sampling import (
     input_scaling,
     load_model,
     make_generators,
-    read_run_config,
     resolve_model_flags,
     to_uint8,
     translate,

@@ -263,9 +263,9 @@ def class_colours(args, model_path):
 
     :return: (colours (K, 3), where they came from).
     """
+    from guided_diffusion.checkpoints import read_run_config
     from guided_diffusion.demo import report
     from guided_diffusion.demo.scenes import CLASSES
-    from guided_diffusion.sampling import read_run_config
 
     path = args.dataset_json
     if not path:

@@ -4,7 +4,9 @@ The training loop: steps, EMA, checkpoints that survive crashes, resume, logging
 A checkpoint at step S is the files ``model{S:06d}.pt``, ``ema_{rate}_{S:06d}.pt``
 and ``opt{S:06d}.pt`` (plain state dicts, loadable by the original code) and
 ``state{S:06d}.pt`` (everything else resume needs), written in that order, each
-atomically. A checkpoint is complete when its state file exists.
+atomically. A checkpoint is complete when its state file exists. Their names,
+finding and pruning them live in checkpoints.py; ``find_resume_checkpoint`` stays
+importable from here, where guided-diffusion's code looks for it.
 
 Training is a function of (seed, global batch) alone: the data order, the
 timesteps and the noise of every step are drawn for the whole global batch from
@@ -17,7 +19,6 @@ start of every step, so no rank's random state needs saving.
 
 import contextlib
 import os
-import re
 import signal
 import time
 import weakref
@@ -30,7 +31,14 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
 from . import dist_util, logger, settings
-from .atomic import DiskFull, write_atomic, write_json
+from .atomic import DiskFull
+from .checkpoints import (
+    checkpoint_paths,
+    find_resume_checkpoint,
+    prune_checkpoints,
+    save_atomic,
+    sibling_checkpoint_paths,
+)
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
@@ -42,10 +50,6 @@ MAX_NONFINITE_STEPS = 25
 # entries (with a long --log_interval); handing them to the logger earlier does not
 # change what it logs.
 MAX_PENDING_LOGS = 1000
-
-_CHECKPOINT_RE = re.compile(
-    r"^(?P<kind>model|opt|state|ema_(?P<rate>[0-9.eE+-]+)_)(?P<step>\d{6,})\.pt$"
-)
 
 
 def train_defaults():
@@ -658,137 +662,6 @@ def contiguous_state_dict(state_dict):
     for key in list(state_dict):
         state_dict[key] = state_dict[key].contiguous()
     return state_dict
-
-
-def save_atomic(obj, path):
-    """torch.save ``obj`` to ``path`` atomically (:func:`atomic.write_atomic`)."""
-    write_atomic(path, lambda f: th.save(obj, f))
-
-
-def checkpoint_paths(folder, step, ema_rates):
-    """The files of the checkpoint at ``step``: model, ema (a list, per rate), opt, state."""
-    return {
-        "step": step,
-        "model": os.path.join(folder, f"model{step:06d}.pt"),
-        "ema": [
-            os.path.join(folder, f"ema_{rate}_{step:06d}.pt") for rate in ema_rates
-        ],
-        "opt": os.path.join(folder, f"opt{step:06d}.pt"),
-        "state": os.path.join(folder, f"state{step:06d}.pt"),
-    }
-
-
-def sibling_checkpoint_paths(path, ema_rates):
-    """The files of the checkpoint that a model or EMA file belongs to."""
-    match = _CHECKPOINT_RE.match(os.path.basename(path))
-    if match is None or match.group("kind") in ("opt", "state"):
-        raise ValueError(
-            f"--resume_checkpoint {path}: expected a model file (model000100.pt) or an EMA file "
-            "(ema_0.9999_000100.pt) of a training run, or 'auto'"
-        )
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume_checkpoint {path}: no such file")
-    return checkpoint_paths(
-        os.path.dirname(os.path.abspath(path)), int(match.group("step")), ema_rates
-    )
-
-
-def list_checkpoints(folder):
-    """A dict step -> set of file kinds ("model", "opt", "state", "ema") present in ``folder``."""
-    found = {}
-    if not folder or not os.path.isdir(folder):
-        return found
-    for name in os.listdir(folder):
-        match = _CHECKPOINT_RE.match(name)
-        if match:
-            kind = "ema" if match.group("rate") else match.group("kind")
-            found.setdefault(int(match.group("step")), set()).add(kind)
-    return found
-
-
-def find_resume_checkpoint(folder):
-    """
-    The model file of the newest complete checkpoint in ``folder`` (its state file
-    exists); for a run of the original code, which writes no state files, its newest
-    model file. None when there is none.
-    """
-    found = list_checkpoints(folder)
-    complete = [s for s, kinds in found.items() if {"model", "state"} <= kinds]
-    if complete:
-        return checkpoint_paths(folder, max(complete), [])["model"]
-    if not any("state" in kinds for kinds in found.values()):
-        legacy = [s for s, kinds in found.items() if "model" in kinds]
-        if legacy:
-            return checkpoint_paths(folder, max(legacy), [])["model"]
-    return None
-
-
-def newest_sampling_checkpoint(folder):
-    """
-    The checkpoint to sample in a run folder: the EMA file of its newest step (the
-    slowest rate when there are several), else its newest model file; None when
-    the folder holds neither (or is no folder).
-    """
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return None
-    emas, models = [], []
-    for name in names:
-        match = _CHECKPOINT_RE.match(name)
-        if match and match.group("rate"):
-            emas.append((int(match.group("step")), float(match.group("rate")), name))
-        elif match and match.group("kind") == "model":
-            models.append((int(match.group("step")), name))
-    if emas:
-        return os.path.join(folder, max(emas)[2])
-    if models:
-        return os.path.join(folder, max(models)[1])
-    return None
-
-
-def latest_run_dir(root="logs"):
-    """The newest run folder under ``root`` that holds a checkpoint, or None."""
-    if not os.path.isdir(root):
-        return None
-    runs = [
-        os.path.join(root, d)
-        for d in os.listdir(root)
-        if os.path.isdir(os.path.join(root, d))
-    ]
-    runs = [r for r in runs if find_resume_checkpoint(r)]
-    return os.path.abspath(max(runs, key=os.path.getmtime)) if runs else None
-
-
-def prune_checkpoints(folder, keep):
-    """Delete all but the newest ``keep`` complete checkpoints (state file first)."""
-    found = list_checkpoints(folder)
-    complete = sorted(s for s, kinds in found.items() if "state" in kinds)
-    for step in complete[:-keep]:
-        files = [f"state{step:06d}.pt", f"model{step:06d}.pt", f"opt{step:06d}.pt"]
-        emas = [
-            n
-            for n in os.listdir(folder)
-            if n.startswith("ema_") and n.endswith(f"_{step:06d}.pt")
-        ]
-        for name in files + emas:
-            path = os.path.join(folder, name)
-            if os.path.exists(path):
-                os.remove(path)
-
-
-def remove_stale_temp_files(folder):
-    """Remove temporary files left by a save that was killed half way."""
-    for name in os.listdir(folder):
-        if ".pt.tmp-" in name:
-            os.remove(os.path.join(folder, name))
-
-
-def write_config(config, folder):
-    """Write the resolved configuration of a run to ``folder/config.json``."""
-    return write_json(
-        os.path.join(folder, "config.json"), config, indent=2, sort_keys=True
-    )
 
 
 def _reduce_with_stop_flag(loop_ref, bucket):

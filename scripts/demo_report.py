@@ -40,10 +40,11 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import metrics  # noqa: E402
+from guided_diffusion.checkpoints import read_run_config  # noqa: E402
 from guided_diffusion.demo import report  # noqa: E402
 from guided_diffusion.image_datasets import find_pairs  # noqa: E402
 from guided_diffusion.rasters import Scaling  # noqa: E402
-from guided_diffusion.sampling import input_scaling, read_run_config  # noqa: E402
+from guided_diffusion.sampling import input_scaling  # noqa: E402
 
 FIGURE_NAMES = {"ssim": "SSIM", "class_acc": "class accuracy"}
 ASSET = os.path.join(

@@ -26,6 +26,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger, settings  # noqa: E402
 from guided_diffusion.atomic import DiskFull  # noqa: E402
+from guided_diffusion.checkpoints import (  # noqa: E402
+    latest_run_dir,
+    remove_stale_temp_files,
+    write_config,
+)
 from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
 from guided_diffusion.rasters import Scaling, resolve  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
@@ -37,9 +42,6 @@ from guided_diffusion.train_util import (  # noqa: E402
     TRAINING_GROUPS,
     TrainLoop,
     check_precision,
-    latest_run_dir,
-    remove_stale_temp_files,
-    write_config,
 )
 from guided_diffusion.validation import Validator  # noqa: E402
 

@@ -21,7 +21,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import dist_util, logger, train_util
+from guided_diffusion import checkpoints, dist_util, logger, train_util
 from guided_diffusion.image_datasets import load_data
 from guided_diffusion.script_util import create_model_and_diffusion
 
@@ -323,7 +323,7 @@ def test_failure_during_save_keeps_previous_checkpoint(
 
     state_written = file_index == 4 and when == "after"
     expected = 6 if state_written else 3
-    assert train_util.find_resume_checkpoint(str(tmp_path)) == str(
+    assert checkpoints.find_resume_checkpoint(str(tmp_path)) == str(
         tmp_path / f"model{expected:06d}.pt"
     )
     loop = make_loop(pairs_dir, tmp_path, resume="auto", max_steps=6)
@@ -407,7 +407,7 @@ def test_keep_checkpoints_prunes_old_ones(pairs_dir, tmp_path):
     make_loop(
         pairs_dir, tmp_path, max_steps=6, save_interval=2, keep_checkpoints=2
     ).run_loop()
-    assert sorted(train_util.list_checkpoints(str(tmp_path))) == [4, 6]
+    assert sorted(checkpoints.list_checkpoints(str(tmp_path))) == [4, 6]
 
 
 def test_microbatches_match_full_batch(pairs_dir, tmp_path):
@@ -485,7 +485,7 @@ def test_sigkill_then_auto_resume(pairs_dir, tmp_path):
     finally:
         proc.kill()
     step = int(
-        Path(train_util.find_resume_checkpoint(str(tmp_path))).stem[len("model") :]
+        Path(checkpoints.find_resume_checkpoint(str(tmp_path))).stem[len("model") :]
     )
     assert step >= 4
     proc = run_script(
@@ -517,7 +517,7 @@ def test_sigint_saves_and_exits(pairs_dir, tmp_path):
         proc.kill()
     assert proc.returncode == 0, out[-2000:]
     assert "SIGINT received" in out
-    saved = train_util.list_checkpoints(str(tmp_path))
+    saved = checkpoints.list_checkpoints(str(tmp_path))
     assert len(saved) == 1 and "state" in next(iter(saved.values()))
 
 
@@ -580,7 +580,7 @@ def test_sigterm_on_one_rank_stops_both_at_the_same_step(pairs_dir, tmp_path):
     stopped = re.search(r"stopping at step (\d+) \(signal on another rank\)", out)
     assert stopped, out[-2000:]
     step = int(stopped.group(1))
-    assert train_util.list_checkpoints(str(tmp_path)) == {
+    assert checkpoints.list_checkpoints(str(tmp_path)) == {
         step: {"model", "ema", "opt", "state"}
     }
     assert load(tmp_path / f"state{step:06d}.pt")["step"] == step

@@ -21,8 +21,9 @@ from conftest import FixedOutputModel, GaussianEpsModel, RecordingModel
 
 from guided_diffusion import dist_util, logger, samplers, train_util
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.checkpoints import read_run_config
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-from guided_diffusion.sampling import checkpoint_model_flags, read_run_config
+from guided_diffusion.sampling import checkpoint_model_flags
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
