@@ -35,7 +35,7 @@ class DiskFull(OSError):
 def write_atomic(path, write, suffix=""):
     """
     Call ``write(file)`` on a temporary binary file beside ``path``, then make it
-    ``path``, durably.
+    ``path``, durably. The folder of ``path`` is made when missing.
 
     :param write: a function of one open binary file, e.g. ``lambda f: th.save(obj, f)``.
     :param suffix: ends the temporary file's name, for writers that choose the format
@@ -45,6 +45,7 @@ def write_atomic(path, write, suffix=""):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()

@@ -26,7 +26,7 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from . import image_files
+from . import image_files, results
 from .atomic import write_json, write_text
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -366,20 +366,11 @@ def find_spread_npz(choice, gen_dir):
     """
     if choice == "off":
         return None
-    folder = os.path.dirname(os.path.abspath(gen_dir)) if choice == "auto" else choice
-    if os.path.isfile(folder):
-        found = [folder]
-    else:
-        found = sorted(
-            os.path.join(folder, f)
-            for f in (os.listdir(folder) if os.path.isdir(folder) else [])
-            if f.startswith("samples_") and f.endswith(".npz")
-        )
-    with_spread = []
-    for path in found:
-        with np.load(path) as data:
-            if "spread" in data.files:
-                with_spread.append(path)
+    folder = (
+        os.path.abspath(results.results_dir(gen_dir)) if choice == "auto" else choice
+    )
+    found = [folder] if os.path.isfile(folder) else results.npz_files(folder)
+    with_spread = [path for path in found if results.has_spread(path)]
     if len(with_spread) == 1:
         return with_spread[0]
     if choice == "auto" and not with_spread:
@@ -404,15 +395,9 @@ def load_spread_inputs(npz_path, gt_dir):
         is missing.
     :raises ValueError: an input without ground truth, or of another size.
     """
-    with np.load(npz_path) as data:
-        names = [str(n) for n in data["names"]]
-        mean, spread = data["mean"], data["spread"]
-        count = (
-            int(data["samples_per_input"])
-            if "samples_per_input" in data.files
-            else None
-        )
-        valid = data["valid"] if "valid" in data.files else None
+    run = results.read_spread_npz(npz_path)
+    names, mean, spread = run["names"], run["mean"], run["spread"]
+    count, valid = run["samples_per_input"], run["valid"]
     truths = list_images(gt_dir)
     keys = [os.path.splitext(n)[0] for n in names]
     missing = [n for n, k in zip(names, keys) if k not in truths]
@@ -428,8 +413,8 @@ def load_spread_inputs(npz_path, gt_dir):
             f"the ground truth in {gt_dir} is {truth.shape[1:3]} per image but the "
             f"means in {npz_path} are {mean.shape[1:3]}; evaluate the run's gt_opt/"
         )
-    sar_dir = os.path.join(os.path.dirname(os.path.abspath(npz_path)), "cond_sar")
-    sar_paths = [os.path.join(sar_dir, k + ".png") for k in keys]
+    out_dir = os.path.dirname(os.path.abspath(npz_path))
+    sar_paths = [results.sar_picture(out_dir, k) for k in keys]
     absent = [p for p in sar_paths if not os.path.isfile(p)]
     if absent:
         note = f"no SAR image {absent[0]}: the SAR-edge baseline is skipped"

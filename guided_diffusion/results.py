@@ -1,7 +1,10 @@
 """
-The results folder of a sampling run: which file each input becomes, claiming the
-folder (or continuing a run of the same settings), writing images atomically, and
-the npz of all generated images.
+The results folder of a sampling run: its format, its writers and its readers.
+
+The writers choose which file each input becomes, claim the folder (or continue a
+run of the same settings), write the images atomically (atomic.py) and the npz of
+all generated images. The readers, at the end, are what evaluation (metrics.py,
+scripts/image_evaluate.py) and the demo report (scripts/demo_report.py) read back.
 
 Layout: ``gen_opt/``, ``cond_sar/`` and ``gt_opt/`` with one PNG per input under the
 input's name, ``run.json`` (the settings that made the images) and
@@ -28,10 +31,15 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import atomic, settings, uncertainty
+from . import settings, uncertainty
+from .atomic import write_atomic
 from .image_datasets import DataError
 from .rasters import Scaling
 from .sampling import NON_OUTPUT_FLAGS
+
+# The folders of every run: the generated images, the SAR as the model saw it and
+# the ground truth; and the file of the settings that made them.
+GEN_DIR, SAR_DIR, GT_DIR, RUN_FILE = "gen_opt", "cond_sar", "gt_opt", "run.json"
 
 # The folders of a run with several samples per input (see the layout above).
 SAMPLES_DIR, MEAN_DIR, SPREAD_DIR, ARRAYS_DIR = (
@@ -90,10 +98,12 @@ def claim_folder(out_dir, run, pairs, outputs):
     :return: (problem message or None, indices of the pairs still to translate).
     """
     run = json.loads(json.dumps(run))
-    run_path = os.path.join(out_dir, "run.json")
+    run_path = os.path.join(out_dir, RUN_FILE)
     if os.path.isfile(run_path):
-        with open(run_path, encoding="utf-8") as f:
-            previous = json.load(f)
+        try:
+            previous = read_run(out_dir)
+        except ValueError as err:
+            return f"{err}: use another $OPENAI_LOGDIR or delete {out_dir}", None
         defaults = json.loads(json.dumps(run_defaults()))
         differs = sorted(
             k
@@ -122,19 +132,12 @@ def claim_folder(out_dir, run, pairs, outputs):
         os.path.join(glob.escape(out_dir), "**", "*.tmp-*"), recursive=True
     ):
         os.remove(stale)  # left by a run that was killed mid-write
-    gen_dir = os.path.join(out_dir, "gen_opt")
+    gen_dir = os.path.join(out_dir, GEN_DIR)
     return None, [
         i
         for i, (_, _, name) in enumerate(pairs)
         if not os.path.isfile(os.path.join(gen_dir, outputs[name]))
     ]
-
-
-def write_atomic(path, write):
-    """Call ``write(file)`` on a temporary file, then rename it to ``path``, durably
-    (:func:`atomic.write_atomic`, in a folder made if missing)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic.write_atomic(path, write)
 
 
 def write_png(out_dir, kind, out_name, image):
@@ -159,7 +162,7 @@ def write_npz(out_dir, pairs, outputs, samples_per_input=1):
     images = np.stack(
         [
             np.asarray(
-                Image.open(os.path.join(out_dir, "gen_opt", outputs[n])).convert("RGB")
+                Image.open(os.path.join(out_dir, GEN_DIR, outputs[n])).convert("RGB")
             )
             for n in names
         ]
@@ -172,7 +175,7 @@ def write_npz(out_dir, pairs, outputs, samples_per_input=1):
         arrays["valid"] = np.stack([valid for _, _, valid in stats])
         arrays["samples_per_input"] = np.array(samples_per_input)
     path = os.path.join(out_dir, f"samples_{'x'.join(map(str, images.shape))}.npz")
-    for old in glob.glob(os.path.join(glob.escape(out_dir), "samples_*.npz")):
+    for old in npz_files(out_dir):
         if old != path:
             os.remove(old)  # one file, for the latest selection of inputs
     write_atomic(path, lambda f: np.savez(f, **arrays))
@@ -247,7 +250,74 @@ def write_result(out_dir, out_name, sar, generated, ground_truth=None):
     :param ground_truth: (H, W, 3) uint8, or None when the input has none.
     """
     height, width = generated.shape[:2]
-    write_png(out_dir, "cond_sar", out_name, np.broadcast_to(sar, (height, width, 3)))
+    write_png(out_dir, SAR_DIR, out_name, np.broadcast_to(sar, (height, width, 3)))
     if ground_truth is not None:
-        write_png(out_dir, "gt_opt", out_name, ground_truth)
-    write_png(out_dir, "gen_opt", out_name, generated)
+        write_png(out_dir, GT_DIR, out_name, ground_truth)
+    write_png(out_dir, GEN_DIR, out_name, generated)
+
+
+# Reading a results folder back
+
+
+def results_dir(gen_dir):
+    """The results folder that holds ``gen_dir`` (its gen_opt/ folder)."""
+    return os.path.dirname(os.path.normpath(gen_dir))
+
+
+def read_run(out_dir):
+    """
+    The settings that made a results folder's images (its run.json).
+
+    :raises ValueError: a one-line message naming the file when it cannot be read
+        or holds no JSON object.
+    """
+    path = os.path.join(out_dir, RUN_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} cannot be read ({err})") from None
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} cannot be read (not a JSON object of settings)")
+    return run
+
+
+def sar_picture(out_dir, key):
+    """The SAR picture (cond_sar/) of the input whose output is ``key`` + ".png"."""
+    return os.path.join(out_dir, SAR_DIR, key + ".png")
+
+
+def npz_files(folder):
+    """The ``samples_*.npz`` files in ``folder``, sorted; none when it is no folder."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(glob.glob(os.path.join(glob.escape(folder), "samples_*.npz")))
+
+
+def has_spread(npz_path):
+    """Whether an npz of :func:`write_npz` holds the mean and spread (K > 1)."""
+    with np.load(npz_path) as data:
+        return "spread" in data.files
+
+
+def read_spread_npz(npz_path):
+    """
+    The statistics of the K samples per input in an npz of :func:`write_npz`.
+
+    :return: a dict with names (list of the inputs' names), mean and spread
+        (N, H, W, 3) float32 in grey levels, valid ((N, H, W) bool, False where the
+        SAR had no data; None in files written before it was kept) and
+        samples_per_input (K; None in files written before it was kept).
+    """
+    with np.load(npz_path) as data:
+        return dict(
+            names=[str(n) for n in data["names"]],
+            mean=data["mean"],
+            spread=data["spread"],
+            valid=data["valid"] if "valid" in data.files else None,
+            samples_per_input=(
+                int(data["samples_per_input"])
+                if "samples_per_input" in data.files
+                else None
+            ),
+        )

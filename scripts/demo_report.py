@@ -39,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import metrics  # noqa: E402
+from guided_diffusion import metrics, results  # noqa: E402
 from guided_diffusion.checkpoints import read_run_config  # noqa: E402
 from guided_diffusion.demo import report  # noqa: E402
 from guided_diffusion.image_datasets import find_pairs  # noqa: E402
@@ -154,8 +154,9 @@ def load_sampled_test_set(gen_dir, test_dir):
     :return: uint8 arrays gen (N, H, W, 3), gt (N, H, W, 3), sar (N, H, W, 3) and
         the class maps (N, H, W), in the order of metrics.pair_folders.
     """
-    results = os.path.dirname(os.path.normpath(gen_dir))
-    gt_dir, sar_dir = (os.path.join(results, k) for k in ("gt_opt", "cond_sar"))
+    out_dir = results.results_dir(gen_dir)
+    gt_dir = os.path.join(out_dir, results.GT_DIR)
+    sar_dir = os.path.join(out_dir, results.SAR_DIR)
     for folder in (gt_dir, sar_dir):
         if not os.path.isdir(folder):
             raise ValueError(
@@ -169,11 +170,11 @@ def load_sampled_test_set(gen_dir, test_dir):
     stems = [os.path.splitext(os.path.relpath(t, gt_dir))[0] for _, _, t in pairs]
     sar = []
     for stem in stems:
-        path = os.path.join(sar_dir, stem + ".png")
+        path = results.sar_picture(out_dir, stem)
         if not os.path.isfile(path):
             raise ValueError(
                 f"{path} is missing: the sampling run wrote no SAR picture of {stem}; "
-                f"delete {results} and translate {test_dir} again"
+                f"delete {out_dir} and translate {test_dir} again"
             )
         sar.append(metrics.load_image(path))
     cls_maps = np.stack([load_grey(test_dir, "cls", s) for s in stems])
@@ -188,17 +189,16 @@ def training_scaling(gen_dir):
 
     :return: (rasters.Scaling, the file it was read from).
     """
-    results = os.path.dirname(os.path.normpath(gen_dir))
-    run_path = os.path.join(results, "run.json")
+    out_dir = results.results_dir(gen_dir)
+    run_path = os.path.join(out_dir, results.RUN_FILE)
     try:
-        with open(run_path, encoding="utf-8") as f:
-            run = json.load(f)
-        model_path, recorded = run.get("model_path"), run.get("inputs")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        run = results.read_run(out_dir)
+    except ValueError as err:
         raise ValueError(
-            f"{run_path} cannot be read ({err}); pass as --gen_dir the gen_opt/ folder "
-            "of a run of scripts/image_sample_realtime.py, which writes run.json beside it"
+            f"{err}; pass as --gen_dir the gen_opt/ folder of a run of "
+            "scripts/image_sample_realtime.py, which writes run.json beside it"
         ) from None
+    model_path, recorded = run.get("model_path"), run.get("inputs")
     config = read_run_config(model_path) if model_path else None
     if config is not None:
         scaling, _ = input_scaling(config, {}, config.get("sar_channels", 3))
