@@ -34,7 +34,7 @@ import numpy as np
 import seams
 from PIL import Image, ImageDraw, ImageFont
 
-from guided_diffusion import metrics, uncertainty
+from guided_diffusion import calibration, metrics, pictures
 from guided_diffusion.demo import report
 
 REPO = os.path.dirname(common.BENCH_DIR)
@@ -180,7 +180,7 @@ def score_run(args, variant, seed, colours):
     m, s, t, sar, count, valid, _ = metrics.load_spread_inputs(
         npz, os.path.join(out, "gt_opt")
     )
-    scores["spread"] = uncertainty.calibration_report(
+    scores["spread"] = calibration.calibration_report(
         m, s, t, sar, samples_per_input=count, valid=valid
     )
     return scores
@@ -324,7 +324,7 @@ def spread_error_figure(args, variant, path, rows=4, scale=4):
         mean, spread, valid = data["mean"], data["spread"], data["valid"]
     # the first scenes with data everywhere, so the maps are not half black
     chosen = [i for i in range(len(names)) if valid[i].all()][:rows]
-    vmax = uncertainty.SPREAD_MAX
+    vmax = pictures.SPREAD_MAX
     titles = ["SAR", "truth", "sample 0", f"mean of {args.samples}", "error of the mean",
               f"spread of {args.samples}"]  # fmt: skip
     font = ImageFont.load_default()
@@ -349,17 +349,17 @@ def spread_error_figure(args, variant, path, rows=4, scale=4):
             truth,
             metrics.load_image(os.path.join(out, "gen_opt", stem + ".png")),
             np.rint(mean[i]).clip(0, 255),
-            uncertainty.colour_map(error / vmax),
-            uncertainty.colour_map(spread[i].mean(axis=2) / vmax),
+            pictures.colour_map(error / vmax),
+            pictures.colour_map(spread[i].mean(axis=2) / vmax),
         ]
         y = head + r * (size + gap)
         for c, tile in enumerate(tiles):
             canvas.paste(block(tile), (pad + c * (size + gap), y))
     # one colour bar for both maps: vmax at the top
     bar_h = len(chosen) * (size + gap) - gap
-    bar = uncertainty.colour_map(np.linspace(1, 0, bar_h))[:, None, :].repeat(16, axis=1)
+    bar = pictures.colour_map(np.linspace(1, 0, bar_h))[:, None, :].repeat(16, axis=1)
     canvas.paste(Image.fromarray(bar), (bar_left, head))
-    for value in uncertainty.tick_values(vmax):
+    for value in pictures.tick_values(vmax):
         row = head + int(round((1 - value / vmax) * (bar_h - 1)))
         draw.line([(bar_left + 16, row), (bar_left + 20, row)], fill="black")
         label = f"{value:g}" + ("+" if value == vmax else "")

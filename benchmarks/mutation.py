@@ -56,7 +56,7 @@ R, SC, SCENE, TILING = (
     "guided_diffusion/tiling.py",
 )
 UNC, GD, TRAIN, APP = (
-    "guided_diffusion/uncertainty.py",
+    "guided_diffusion/samples.py",
     "guided_diffusion/gaussian_diffusion.py",
     "guided_diffusion/train_util.py",
     "guided_diffusion/app.py",
@@ -152,7 +152,7 @@ BUGS = [
         'arrays["valid"] = np.stack([valid | True for _, _, valid in stats])', NODATA_TESTS),
     Bug("image_evaluate.py drops the mask", EVALUATE,
         "        valid=valid,\n    )", "        valid=None,\n    )", NODATA_TESTS),
-    Bug("calibration counts nodata", UNC,
+    Bug("calibration counts nodata", "guided_diffusion/calibration.py",
         "    mean, spread, truth = mean[valid], spread[valid], truth[valid]",
         "    valid = np.ones_like(valid)\n"
         "    mean, spread, truth = mean[valid], spread[valid], truth[valid]",
@@ -165,7 +165,7 @@ BUGS = [
         "np.sqrt(np.maximum(self._m2, 0) / (self.count - 1))",
         "np.sqrt(np.maximum(self._m2, 0) / self.count)",
         (T + "test_uncertainty.py", T + "test_nodata_scripts.py")),
-    Bug("spread picture shows the largest channel", UNC,
+    Bug("spread picture shows the largest channel", "guided_diffusion/pictures.py",
         "spread = spread.mean(axis=2)", "spread = spread.max(axis=2)",
         (T + "test_independent_values.py", T + "test_uncertainty.py")),
     # -- the diffusion and training ----------------------------------------------

@@ -8,21 +8,20 @@ with a progress bar over the sampling steps, the time it took and the downloads
 samples (the scripts' --samples_per_input K) the page shows sample 0 (the result
 of K = 1), the samples' mean and a picture of their spread, and offers their files.
 
-The same numbers as the scripts, by construction: :class:`Translator` writes the
-command line of the script that would translate the upload, parses it with that
-script's own parser and calls the same library functions.
+The same numbers as the scripts, by construction: :class:`Translator` builds the
+job a script would build (jobs.FolderJob, jobs.SceneJob) from the page's controls,
+runs it with the same library function, and shows the command line rendered from
+the job (:meth:`Translator.command`).
 
 * An image at the model's size (``image_size`` x ``image_size``) is translated as
   ``scripts/image_sample_realtime.py`` translates a file of the same base name in
-  ``DATA/sar/``: :func:`~guided_diffusion.rasters.load_sar_patch`, the noise of
-  :func:`~guided_diffusion.sampling.make_generators` (seeded by --seed and the
-  file's name), :func:`~guided_diffusion.sampling.translate`,
-  :func:`~guided_diffusion.sampling.to_uint8`, nodata black; with K samples
-  :func:`~guided_diffusion.uncertainty.translate_samples` and the script's mean,
-  spread picture and arrays (:func:`~guided_diffusion.results.write_spread_result`).
-* Any other size goes through the whole-scene translator,
-  :func:`~guided_diffusion.scene_translation.translate_scene_file`, the core of
-  ``scripts/translate_scene.py``, with the flags that script would get.
+  ``DATA/sar/`` (:func:`~guided_diffusion.folder.translate_items`: the noise seeded
+  by --seed and the file's name, nodata black, K samples, their mean and spread),
+  and written under the page's names (:func:`~guided_diffusion.results.
+  write_spread_files` for the samples' files).
+* Any other size is a scene job, :func:`~guided_diffusion.scene_translation.
+  translate_scene`, the function of ``scripts/translate_scene.py``, asked to write
+  what the page offers and nothing else.
 
 Gradio is imported only by :func:`build_page`; the rest runs without it.
 """
@@ -34,7 +33,6 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 

@@ -33,6 +33,7 @@ from .results import (
     write_result,
     write_spread_result,
 )
+from .samples import SpreadAccumulator, grey_levels, translate_samples
 from .sampling import (
     BatchedModel,
     load_prepared_model,
@@ -42,7 +43,6 @@ from .sampling import (
     to_uint8,
     write_log,
 )
-from .uncertainty import SpreadAccumulator, grey_levels, translate_samples
 
 
 class UsageError(ValueError):

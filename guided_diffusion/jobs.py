@@ -21,9 +21,9 @@ from typing import NamedTuple
 
 from . import settings
 from .samplers import SAMPLERS, sampler_options
+from .samples import check_samples_per_input
 from .sampling import check_sampler, checkpoint_settings, sampler_settings
 from .script_util import model_and_diffusion_defaults
-from .uncertainty import check_samples_per_input
 
 
 def _default(name):

@@ -8,10 +8,17 @@ sampling (a 32-pixel tile shows its pixels, not a blur), and panels sit ``gap``
 pixels apart, with an optional ``margin`` around the whole. :func:`write_png` writes
 one through :func:`~guided_diffusion.atomic.write_atomic`, so a reader never sees
 half a picture.
+
+The spread of several samples is drawn here too (:func:`spread_picture`): a colour
+scale (viridis, from anchor colours defined here) with a colour bar and its values,
+on a fixed scale (:data:`SPREAD_MAX`) so that two pictures compare by eye.
 """
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .atomic import write_atomic
 
@@ -94,3 +101,146 @@ def _rgb(panel):
             f"a panel is (H, W), (H, W, 1) or (H, W, 3), got {panel.shape}"
         )
     return np.repeat(panel, 3, axis=-1) if panel.shape[-1] == 1 else panel
+
+
+# -- the spread of several samples as a colour scale ------------------------------
+
+# The top of the spread pictures' fixed colour scale, in grey levels: one scale for
+# every image of a run, so that two pictures can be compared by eye. Larger spreads
+# take the top colour (the legend says "64+"). The standard deviation of values in
+# [0, 255] is at most 127.5; a model that knows the colour of a field within a
+# quarter of the range is already unsure.
+SPREAD_MAX = 64.0
+
+# Viridis (van der Walt and Smith, matplotlib's default colour map) at 0, 1/8, ...,
+# 1: a perceptually ordered scale, dark to light, that reads in grey and for the
+# colour blind. Between anchors the colours are interpolated linearly in sRGB.
+VIRIDIS_ANCHORS = (
+    (0x44, 0x01, 0x54),
+    (0x47, 0x2D, 0x7B),
+    (0x3B, 0x52, 0x8B),
+    (0x2C, 0x72, 0x8E),
+    (0x21, 0x90, 0x8C),
+    (0x27, 0xAD, 0x81),
+    (0x5D, 0xC8, 0x63),
+    (0xAA, 0xDC, 0x32),
+    (0xFD, 0xE7, 0x25),
+)
+
+def colour_map(values):
+    """
+    The viridis colour of values in [0, 1] (clipped), from a 256-entry table.
+
+    :param values: an array of any shape.
+    :return: uint8 array of shape ``values.shape + (3,)``.
+    """
+    index = np.rint(np.clip(np.asarray(values, dtype=np.float64), 0, 1) * 255)
+    return _colour_table()[index.astype(np.intp)]
+
+
+def _colour_table():
+    anchors = np.asarray(VIRIDIS_ANCHORS, dtype=np.float64)
+    position = np.linspace(0, len(anchors) - 1, 256)
+    below = np.minimum(np.floor(position).astype(int), len(anchors) - 2)
+    weight = (position - below)[:, None]
+    table = anchors[below] * (1 - weight) + anchors[below + 1] * weight
+    return np.rint(table).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Legend:
+    """
+    Where a spread picture's colour bar is and what its ticks say.
+
+    :param bar: (left, top, right, bottom) of the colour bar, pixel rows and
+        columns, bottom and right exclusive; the top row is ``vmax``, the bottom 0.
+    :param ticks: (value, row, label) per tick, from 0 up.
+    :param vmax: the value of the top colour.
+    """
+
+    bar: tuple
+    ticks: tuple
+    vmax: float
+
+
+def tick_values(vmax, count=5):
+    """:return: ``count`` evenly spaced values from 0 to ``vmax``."""
+    return tuple(float(v) for v in np.linspace(0, vmax, count))
+
+
+def _label(value, vmax):
+    text = f"{value:g}" if value == int(value) else f"{value:.1f}"
+    return text + "+" if value == vmax else text
+
+
+def spread_picture(spread, *, vmax=SPREAD_MAX, valid=None, title=None, min_side=256):
+    """
+    The spread of one image as a colour-scale picture with its legend.
+
+    The map (the spread averaged over the channels when it has three) is enlarged by
+    a whole factor until its shorter side reaches ``min_side`` pixels (nearest
+    neighbour, so every model pixel stays one block), and a colour bar with tick
+    values stands to its right, under a title line.
+
+    :param spread: (H, W) or (H, W, C) spread in grey levels.
+    :param vmax: the value of the top colour; larger spreads take it too.
+    :param valid: (H, W) bool, False where the input has no data (drawn black), or
+        None.
+    :param title: the line above the map (default: what the colours measure).
+    :param min_side: the shorter side of the map as drawn, at least.
+    :return: (PIL RGB image, :class:`Legend`).
+    """
+    spread = np.asarray(spread, dtype=np.float64)
+    if spread.ndim == 3:
+        spread = spread.mean(axis=2)
+    if spread.ndim != 2:
+        raise ValueError(
+            f"expected a spread of shape (H, W) or (H, W, C), got {spread.shape}"
+        )
+    height, width = spread.shape
+    scale = max(1, math.ceil(min_side / min(height, width)))
+    colours = colour_map(spread / vmax)
+    if valid is not None:
+        colours[~np.asarray(valid, dtype=bool)] = 0
+    big = np.repeat(np.repeat(colours, scale, axis=0), scale, axis=1)
+
+    font = ImageFont.load_default()
+    title = title or "spread: standard deviation of the samples, grey levels"
+    ticks = tick_values(vmax)
+    labels = [_label(v, vmax) for v in ticks]
+    draw_probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_h = max(_text_size(draw_probe, t, font)[1] for t in [title, *labels])
+    label_w = max(_text_size(draw_probe, t, font)[0] for t in labels)
+    pad, gap, bar_w, tick_w = 8, 12, 16, 5
+    top = pad + text_h + 6
+    map_h, map_w = big.shape[:2]
+    bar_left = pad + map_w + gap
+    canvas_w = max(
+        bar_left + bar_w + tick_w + 3 + label_w + pad,
+        pad + _text_size(draw_probe, title, font)[0] + pad,
+    )
+    canvas_h = top + map_h + pad + text_h // 2
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (255, 255, 255))
+    canvas.paste(Image.fromarray(big), (pad, top))
+
+    # The bar: row top holds vmax, row top + map_h - 1 holds 0, linearly between.
+    rows = np.linspace(1, 0, map_h)
+    bar = np.repeat(colour_map(rows)[:, None, :], bar_w, axis=1)
+    canvas.paste(Image.fromarray(bar), (bar_left, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    placed = []
+    for value, label in zip(ticks, labels):
+        row = top + int(round((1 - value / vmax) * (map_h - 1)))
+        x0 = bar_left + bar_w
+        draw.line([(x0, row), (x0 + tick_w - 1, row)], fill=(0, 0, 0))
+        w, h = _text_size(draw, label, font)
+        draw.text((x0 + tick_w + 3, row - h // 2 - 1), label, fill=(0, 0, 0), font=font)
+        placed.append((value, row, label))
+    legend = Legend((bar_left, top, bar_left + bar_w, top + map_h), tuple(placed), vmax)
+    return canvas, legend
+
+
+def _text_size(draw, text, font):
+    left, top_, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top_

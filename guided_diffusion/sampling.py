@@ -34,23 +34,7 @@ from .script_util import (
     read_unet_flags,
 )
 from .seeds import hashed_seed
-
-# Flags of model_and_diffusion_defaults() that describe how to sample, not what
-# was trained: never taken from the training run's config.json.
-SAMPLING_FLAGS = ("timestep_respacing",)
-
-# Flags that change how a model trains or how fast it runs, but not what a trained
-# model samples: dropout is off in eval mode, the loss type and its weighting only
-# enter training, checkpointing and the fused attention kernel compute the same
-# function.
-NON_OUTPUT_FLAGS = (
-    "dropout",
-    "use_checkpoint",
-    "use_sdpa",
-    "use_kl",
-    "rescale_learned_sigmas",
-    "snr_gamma",
-)
+from .settings import NON_OUTPUT_FLAGS, SAMPLING_FLAGS
 
 # What a checkpoint without config.json must be given: the weights do not tell
 # them, a default would give other images without a word, and the original's
@@ -292,19 +276,24 @@ def translate(
     shape = (sar.shape[0], OPT_CHANNELS, *sar.shape[2:])
     was_training = model.training
     model.eval()
+    denoiser = samplers.Denoiser(
+        diffusion, Bfloat16Model(model) if use_bf16 else model, sar,
+        clip_denoised=clip_denoised,
+    )  # fmt: skip
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=diffusion.num_timesteps, desc="sampling", unit="step", leave=False)
     try:
-        return diffusion.sample_loop(
-            Bfloat16Model(model) if use_bf16 else model,
-            shape,
-            sampler,
-            condition=sar,
-            generator=generators,
-            clip_denoised=clip_denoised,
-            progress=progress,
-            device=sar.device,
-            options=options,
-        )
+        x_T = samplers.noise_of_shape(shape, generators, sar.device)
+        return samplers.run(
+            sampler, denoiser, x_T, generator=generators,
+            callback=bar and (lambda i, out: bar.update()), **options,
+        )  # fmt: skip
     finally:
+        if bar is not None:
+            bar.close()
         model.train(was_training)
 
 
@@ -529,42 +518,6 @@ def add_sampling_flags(
     settings.add_to_parser(parser, *groups, overrides=overrides, only=only)
     settings.add_to_parser(parser, "inputs", unset=True)
     add_model_flags(parser)
-
-
-def read_sampling_args(parser, argv=None):
-    """
-    Parse a sampling script's command line and check the flags every such script
-    has: the sampler and its options, and the checkpoint.
-
-    :param argv: the arguments to parse (default: the command line's).
-    :return: the namespace, with ``sampler`` resolved (--use_ddim), ``options`` (the
-        sampler's), ``explicit`` (the model and diffusion flags given) and
-        ``inputs`` (the "inputs" settings, None where not given).
-    :raises ValueError: a one-line message naming the flag.
-    """
-    args = parser.parse_args(argv)
-    args.explicit = explicit_model_flags(args)
-    args.inputs = {k: getattr(args, k) for k in settings.names("inputs")}
-    if args.use_ddim and args.sampler not in ("", "ddim"):
-        raise ValueError(
-            f"--use_ddim True contradicts --sampler {args.sampler}; give one"
-        )
-    args.sampler = args.sampler or ("ddim" if args.use_ddim else "ddpm")
-    if args.explicit.get("use_fp16") and args.use_bf16:
-        raise ValueError(
-            "--use_fp16 True and --use_bf16 True ask for two precisions; give one "
-            "(a model trained with --use_fp16 samples in bfloat16 with --use_bf16 "
-            "True alone)"
-        )
-    if not args.model_path:
-        raise ValueError(
-            "--model_path is required: a model or EMA file of a training run"
-        )
-    if not os.path.isfile(args.model_path):
-        raise ValueError(f"--model_path {args.model_path}: no such file")
-    args.options = sampler_settings(args.sampler, vars(args))
-    check_sampler(args.sampler, **args.options)
-    return args
 
 
 def checkpoint_settings(model_path, explicit, given_inputs):

@@ -21,8 +21,8 @@ import hashlib
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 import socket
 import time
 import warnings
@@ -38,6 +38,7 @@ from . import dist_util, logger, pictures, samplers
 from .atomic import DiskFull, write_atomic, write_json
 from .checkpoints import read_run_config
 from .jobs import resolve
+from .pictures import SPREAD_MAX, spread_picture
 from .rasters import (
     GeoTiffWriter,
     RasterRows,
@@ -47,10 +48,11 @@ from .rasters import (
     sar_bands_scaled,
     warp_to_grid,
 )
+from .samples import mean_and_spread
 from .sampling import (
-    load_prepared_model,
     BatchedModel,
     Bfloat16Model,
+    load_prepared_model,
     runs_in_fp16,
     sar_for_display,
     tf32_in_effect,
@@ -65,12 +67,6 @@ from .scene import (
     key_differences,
     scene_bytes,
     scene_sample_seed,
-)
-from .uncertainty import (
-    SPREAD_MAX,
-    check_samples_per_input,
-    mean_and_spread,
-    spread_picture,
 )
 
 # Pixel sizes that differ by more than this share from the training data's are warned of.
@@ -131,12 +127,15 @@ def scene_settings(job):
 def translate_scene(job, checkpoint, *, on_sample=None, **options):
     """
     Translate ``job.input`` into ``job.output`` and the other files the job asks
-    for (see :func:`_translate_scene_file` for the arguments), with GDAL's block cache held to :func:`gdal_cache_bytes`:
-    its default (5% of the machine's memory) would otherwise fill up while a
-    large scene is read and written, and memory-mapped scenes would no longer run
-    in a flat amount of memory. With ``job.samples_per_input`` above 1, the K
+    for (see :func:`_translate_scene_file` for the arguments), with GDAL's block
+    cache held to :func:`gdal_cache_bytes`: its default (5% of the machine's
+    memory) would otherwise fill up while a large scene is read and written, and
+    memory-mapped scenes would no longer run in a flat amount of memory. With ``job.samples_per_input`` above 1, the K
     samples and their mean and spread (:func:`translate_scene_samples`).
 
+    :param job: a :class:`~guided_diffusion.jobs.SceneJob` (placed: its output and
+        work folder absolute, :meth:`~guided_diffusion.jobs.SceneJob.placed`).
+    :param checkpoint: its :func:`scene_settings`.
     :param on_sample: called as on_sample(k, K) when sample k starts to be
         translated (K above 1 only), on every process; None for nothing.
     :return: True when the job finished, False when a signal stopped it (saved).
@@ -173,7 +172,7 @@ def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
     :param job, flags, scaling, diffusion, rank, world, model, catch_signals,
         progress: as :func:`_translate_scene_file` (progress counts the tiles of
         the sample being translated).
-    :param on_sample: see :func:`translate_scene_file`.
+    :param on_sample: see :func:`translate_scene`.
     :return: True when every file is written, False when a signal stopped it.
     :raises JobMismatch: the work folder lists samples made with other settings.
     :raises SceneError: as :func:`_translate_scene_file`, or the mean and spread
@@ -569,8 +568,8 @@ def sample_scene(job, flags, diffusion, arrays, tile, overlap, rank, world, *,
     Run (or continue) the job on the scene in ``arrays``.
 
     :param model: the loaded model, or None to load ``job.model_path``.
-    :param catch_signals: see :func:`translate_scene_file`.
-    :param progress: see :func:`translate_scene_file`.
+    :param catch_signals: see :func:`translate_scene`.
+    :param progress: see :func:`translate_scene`.
     :return: True when it finished, False when a signal stopped it (saved).
     """
     device = dist_util.dev()
@@ -698,7 +697,7 @@ def sample_scene(job, flags, diffusion, arrays, tile, overlap, rank, world, *,
 def job_key(job, tile, overlap, flags):
     """
     The settings that decide the result: a saved job continues only under them.
-    Sample k > 0 of --samples_per_input (``job.sample``, :func:`sample_args`) adds
+    Sample k > 0 of --samples_per_input (``job.sample``, :func:`sample_job`) adds
     "sample": k to the run's seed; sample 0's are those of a run with one sample.
     The precisions the network runs in on this process's device are added where
     they are not IEEE float32 (so a job saved before they were recorded, all in
@@ -913,19 +912,13 @@ def write_outputs(job, scaling, rows, height, width):
         logger.log(f"wrote {target} ({width}x{height}, {np.dtype(dtype).name})")
     if png:
         path = png_path(job.output)
-        write_png(path, np.concatenate(full).astype(np.uint8))
+        pictures.write_png(path, np.concatenate(full).astype(np.uint8))
         logger.log(f"wrote {path}")
     if not quicklook:
         return
     path = quicklook_path(job.output)
     write_quicklook(path, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid")))
     logger.log(f"wrote {path}")
-
-
-def write_png(path, image):
-    """An (H, W, 3) uint8 image as a PNG, written atomically."""
-    picture = Image.fromarray(np.ascontiguousarray(image))
-    write_atomic(path, lambda f: picture.save(f, format="PNG"))
 
 
 def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
@@ -950,12 +943,12 @@ def write_spread_outputs(job, scaling, count):
     * the mean, in the output's units and type (8-bit values rounded to the
       nearest, or float32 optical values), nodata as the output's;
     * the spread, float32: per channel the standard deviation of the K samples
-      (divisor K - 1, :func:`~guided_diffusion.uncertainty.mean_and_spread`), in
+      (divisor K - 1, :func:`~guided_diffusion.samples.mean_and_spread`), in
       the output's units (grey levels for 8-bit output), NaN where the input has
       no data;
     * its picture: the spread averaged over the channels and over blocks of pixels
       down to at most :data:`QUICKLOOK_WIDTH` columns, drawn by
-      :func:`~guided_diffusion.uncertainty.spread_picture` (nodata black) with its
+      :func:`~guided_diffusion.pictures.spread_picture` (nodata black) with its
       colour bar; the top colour is 64 grey levels (for optical units, their
       equivalent through --opt_range, which the title says).
 
@@ -1029,7 +1022,7 @@ def write_spread_outputs(job, scaling, count):
     for name in ("mean", "spread") if job.geotiff else ("spread",):
         logger.log(f"wrote {paths[name]}")
     if job.png:
-        write_png(png_path(paths["mean"]), np.concatenate(mean_rows))
+        pictures.write_png(png_path(paths["mean"]), np.concatenate(mean_rows))
         logger.log(f"wrote {png_path(paths['mean'])}")
     title = f"spread of {count} samples (standard deviation), grey levels"
     vmax = SPREAD_MAX

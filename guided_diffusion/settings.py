@@ -53,6 +53,23 @@ class Setting:
 # name -> Setting, in declaration order.
 SETTINGS = {}
 
+# Flags of model_and_diffusion_defaults() that describe how to sample, not what
+# was trained: never taken from the training run's config.json.
+SAMPLING_FLAGS = ("timestep_respacing",)
+
+# Flags that change how a model trains or how fast it runs, but not what a trained
+# model samples: dropout is off in eval mode, the loss type and its weighting only
+# enter training, checkpointing and the fused attention kernel compute the same
+# function.
+NON_OUTPUT_FLAGS = (
+    "dropout",
+    "use_checkpoint",
+    "use_sdpa",
+    "use_kl",
+    "rescale_learned_sigmas",
+    "snr_gamma",
+)
+
 
 def declare(group, name, default, help, choices=None):
     """Declare a setting; a name may be declared once."""

@@ -24,7 +24,7 @@ import warnings
 
 import torch as th
 
-from guided_diffusion import image_files, metrics, uncertainty
+from guided_diffusion import calibration, image_files, metrics
 from guided_diffusion.atomic import DiskFull, write_text
 
 
@@ -80,7 +80,7 @@ def main():
     print(metrics.format_summary(summary, fid))
     written = [json_path, "per_image.csv"]
     if spread is not None:
-        text = uncertainty.format_calibration(spread)
+        text = calibration.format_calibration(spread)
         write_text(os.path.join(out, "calibration.txt"), text)
         print(f"\n{text}", end="")
         written.append("calibration.txt")
@@ -92,7 +92,7 @@ def score_spread(npz_path, args):
     mean, spread, truth, sar, count, valid, note = metrics.load_spread_inputs(
         npz_path, args.gt_dir
     )
-    report = uncertainty.calibration_report(
+    report = calibration.calibration_report(
         mean, spread, truth, sar, samples_per_input=count, bins=args.spread_bins,
         valid=valid,
     )

@@ -346,7 +346,7 @@ HOST_SITES = {
     ("samplers.py", "noise_of_shape", "randn"):
         "per-image noise drawn on the host: the same numbers on any device",
     ("sampling.py", "to_uint8", "as_tensor"): "images become 8-bit files on the host",
-    ("uncertainty.py", "grey_levels", "as_tensor"): "grey levels of files, on the host",
+    ("samples.py", "grey_levels", "as_tensor"): "grey levels of files, on the host",
     ("validation.py", "Validator.__init__", "from_numpy"):
         "the validation pairs, loaded once on the host",
     ("train_util.py", "TrainLoop.__init__", "zeros"):

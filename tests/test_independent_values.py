@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from guided_diffusion import calibration, pictures
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion import uncertainty
 
 
 def test_calibration_report_of_four_pixels_by_hand():
@@ -21,7 +21,7 @@ def test_calibration_report_of_four_pixels_by_hand():
     truth = np.array([101.0, 110.0, 130.0, 100.0]).reshape(1, 2, 2, 1).repeat(3, axis=3)
     spread = np.array([1.0, 4.0, 20.0, 50.0]).reshape(1, 2, 2, 1).repeat(3, axis=3)
     valid = np.array([[[True, True], [True, False]]])
-    report = uncertainty.calibration_report(mean, spread, truth, bins=3, valid=valid)
+    report = calibration.calibration_report(mean, spread, truth, bins=3, valid=valid)
     # errors 1, 10, 30; within 2 spreads: 1 <= 2 yes, 10 <= 8 no, 30 <= 40 yes
     assert report["num_pixels"] == 3 and report["nodata_pixels"] == 1
     assert report["coverage_2sd"] == pytest.approx(2 / 3)
@@ -38,7 +38,7 @@ def test_calibration_report_of_four_pixels_by_hand():
     assert report["spread"]["spearman"] == pytest.approx(1.0)
     assert report["spread"]["top_bottom_error_ratio"] == pytest.approx(30.0)
     # every pixel counted: the nodata pixel (error 0, spread 50) joins the top bin
-    everything = uncertainty.calibration_report(mean, spread, truth, bins=3)
+    everything = calibration.calibration_report(mean, spread, truth, bins=3)
     assert everything["coverage_2sd"] == pytest.approx(3 / 4)
     assert everything["mean_abs_error"] == pytest.approx(41 / 4)
 
@@ -107,7 +107,7 @@ def test_the_spread_picture_shows_the_channel_mean_on_viridis():
     spread[1, 1] = (32, 32, 32)
     valid = np.ones((2, 3), bool)
     valid[1, 2] = False  # no data: black
-    picture, legend = uncertainty.spread_picture(
+    picture, legend = pictures.spread_picture(
         spread, vmax=64, valid=valid, min_side=8
     )
     image = np.asarray(picture).astype(int)

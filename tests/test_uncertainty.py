@@ -1,6 +1,6 @@
 """
-Several samples per input (guided_diffusion/uncertainty.py) and the evaluation of
-their spread.
+Several samples per input (guided_diffusion/samples.py), the spread's picture
+(pictures.py) and the evaluation of the spread (calibration.py).
 
 The reference facts: for a toy model whose sampler output is a known Gaussian, the
 mean and spread of K samples are its mean and standard deviation within the
@@ -28,7 +28,8 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion import metrics, sampling, uncertainty
+from guided_diffusion import calibration, metrics, pictures, sampling
+from guided_diffusion import samples as k_samples
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
 )
@@ -106,7 +107,7 @@ def toy_samples(toy, names, count, seed=5):
     return th.stack(
         [
             x.double()
-            for _, x in uncertainty.translate_samples(
+            for _, x in k_samples.translate_samples(
                 model,
                 diffusion,
                 sar,
@@ -123,7 +124,7 @@ def toy_samples(toy, names, count, seed=5):
 def test_mean_and_spread_of_k_samples_match_the_closed_form(toy):
     count, names = 16, ["a.png", "b.png"]
     samples = toy_samples(toy, names, count).numpy()
-    mean, spread = uncertainty.mean_and_spread(samples)
+    mean, spread = k_samples.mean_and_spread(samples)
     expected_mean, expected_std = ddim_closed_form(toy[1])
     assert 0.25 < expected_std < 0.6  # DDIM with 8 steps is not the data's S exactly
 
@@ -141,7 +142,7 @@ def test_mean_and_spread_of_k_samples_match_the_closed_form(toy):
     assert abs(ratio - 1) < 4 * math.sqrt(2 / ((count - 1) * pixels))
 
     # The streaming accumulator gives the same numbers as the stack.
-    acc = uncertainty.SpreadAccumulator()
+    acc = k_samples.SpreadAccumulator()
     for sample in samples:
         acc.add(sample)
     streamed_mean, streamed_spread = acc.result()
@@ -150,11 +151,11 @@ def test_mean_and_spread_of_k_samples_match_the_closed_form(toy):
 
 
 def test_one_sample_has_no_spread():
-    acc = uncertainty.SpreadAccumulator()
+    acc = k_samples.SpreadAccumulator()
     acc.add(np.full((2, 2), 7.0))
     mean, spread = acc.result()
     assert (mean == 7).all() and (spread == 0).all()
-    assert (uncertainty.mean_and_spread(np.ones((1, 3)))[1] == 0).all()
+    assert (k_samples.mean_and_spread(np.ones((1, 3)))[1] == 0).all()
     with pytest.raises(ValueError, match="shape"):
         acc.add(np.zeros(3))
 
@@ -169,8 +170,8 @@ def test_samples_depend_on_seed_name_and_k_only(toy):
     assert not th.equal(together[0], together[1])
     assert not th.equal(together[1], together[2])
     # the seeds: sample 0's is the single sample's, the others new and stable
-    assert uncertainty.seed_of_sample(4, "a.png", 0) == sampling.sample_seed(4, "a.png")
-    seeds = {uncertainty.seed_of_sample(4, n, k) for n in names for k in range(4)}
+    assert k_samples.seed_of_sample(4, "a.png", 0) == sampling.sample_seed(4, "a.png")
+    seeds = {k_samples.seed_of_sample(4, n, k) for n in names for k in range(4)}
     assert len(seeds) == 12 and all(0 <= s < 2**63 for s in seeds)
 
 
@@ -185,7 +186,7 @@ def test_sample_zero_is_the_single_sample_to_the_bit():
     )  # fmt: skip
     samples = [
         x
-        for _, x in uncertainty.translate_samples(
+        for _, x in k_samples.translate_samples(
             model, diffusion, sar, names, seed=7, samples_per_input=2, sampler="ddpm"
         )
     ]
@@ -205,12 +206,12 @@ def test_a_calibrated_spread_covers_95_percent_and_its_error_grows():
     n = truth.size
     expected = math.erf(2 / math.sqrt(2))  # P(|z| <= 2) = 0.9545
     se = math.sqrt(expected * (1 - expected) / n)
-    assert abs(uncertainty.coverage(mean, spread, truth) - expected) < 4 * se
-    assert abs(uncertainty.coverage(mean, 2 * spread, truth) - 0.99994) < 1e-3
+    assert abs(calibration.coverage(mean, spread, truth) - expected) < 4 * se
+    assert abs(calibration.coverage(mean, 2 * spread, truth) - 0.99994) < 1e-3
 
     # Per pixel, the channels averaged: the error of a calibrated Gaussian spread
     # is sqrt(2 / pi) s per channel, so the table's error follows its spread.
-    report = uncertainty.calibration_report(mean, spread, truth, bins=5)
+    report = calibration.calibration_report(mean, spread, truth, bins=5)
     table = report["spread"]["table"]
     assert len(table) == 5 and sum(r["pixels"] for r in table) == 8 * 64 * 64
     errors = [r["mean_abs_error"] for r in table]
@@ -236,45 +237,45 @@ def test_nodata_pixels_are_left_out_of_the_calibration():
     mean[2], spread[2] = 0, 0
     valid = np.ones((3, 16, 16), bool)
     valid[2] = False
-    masked = uncertainty.calibration_report(mean, spread, truth, sar, bins=4, valid=valid)
-    alone = uncertainty.calibration_report(mean[:2], spread[:2], truth[:2], sar[:2], bins=4)
+    masked = calibration.calibration_report(mean, spread, truth, sar, bins=4, valid=valid)
+    alone = calibration.calibration_report(mean[:2], spread[:2], truth[:2], sar[:2], bins=4)
     assert masked["num_pixels"] == alone["num_pixels"] == 2 * 16 * 16
     assert masked["nodata_pixels"] == 16 * 16 and alone["nodata_pixels"] == 0
     for key in ("coverage_2sd", "mean_spread", "mean_abs_error"):
         assert masked[key] == pytest.approx(alone[key])
     for method in ("spread", "sar_edges"):
         assert_tables_close(masked[method]["table"], alone[method]["table"])
-    counted = uncertainty.calibration_report(mean, spread, truth, sar, bins=4)
+    counted = calibration.calibration_report(mean, spread, truth, sar, bins=4)
     assert counted["coverage_2sd"] < masked["coverage_2sd"] - 0.2
-    assert "256 nodata pixels left out" in uncertainty.format_calibration(masked)
+    assert "256 nodata pixels left out" in calibration.format_calibration(masked)
     with pytest.raises(ValueError, match="every pixel is nodata"):
-        uncertainty.calibration_report(mean, spread, truth, valid=np.zeros((3, 16, 16), bool))
+        calibration.calibration_report(mean, spread, truth, valid=np.zeros((3, 16, 16), bool))
 
 
 def test_expected_coverage_with_k_samples_matches_a_simulation():
     rng = np.random.default_rng(1)
     count, pixels = 4, 40_000
     draws = rng.standard_normal((count + 1, pixels))  # the truth and K samples
-    mean, spread = uncertainty.mean_and_spread(draws[1:])
-    observed = uncertainty.coverage(mean, spread, draws[0])
-    expected = uncertainty.expected_coverage(count)
+    mean, spread = k_samples.mean_and_spread(draws[1:])
+    observed = calibration.coverage(mean, spread, draws[0])
+    expected = calibration.expected_coverage(count)
     assert 0.8 < expected < 0.86  # a perfect model's, with only 4 samples
     assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / pixels)
-    assert uncertainty.expected_coverage(10**7) == pytest.approx(0.9545, abs=1e-4)
-    assert uncertainty.expected_coverage(1) is None
+    assert calibration.expected_coverage(10**7) == pytest.approx(0.9545, abs=1e-4)
+    assert calibration.expected_coverage(1) is None
 
 
 def test_calibration_bins_are_quantiles_that_keep_ties_together():
     u = np.arange(1000.0)
-    table = uncertainty.calibration_table(u, u * 2, bins=4)
+    table = calibration.calibration_table(u, u * 2, bins=4)
     assert [r["pixels"] for r in table] == [250] * 4
     assert [r["lo"] for r in table] == [0, 250, 500, 750]
     assert table[1]["mean_abs_error"] == pytest.approx(2 * 374.5)
     ties = np.concatenate([np.zeros(600), np.arange(1.0, 401.0)])
-    table = uncertainty.calibration_table(ties, ties, bins=4)
+    table = calibration.calibration_table(ties, ties, bins=4)
     assert table[0]["pixels"] == 600 and table[0]["hi"] == 0
     assert sum(r["pixels"] for r in table) == 1000
-    one = uncertainty.method_summary(np.ones(10), np.arange(10.0), bins=4)
+    one = calibration.method_summary(np.ones(10), np.arange(10.0), bins=4)
     assert len(one["table"]) == 1 and one["spearman"] is None
     assert one["top_bottom_error_ratio"] is None
 
@@ -286,10 +287,10 @@ def test_box_blur_and_sobel_against_direct_sums():
     direct = np.array(
         [[padded[i : i + 5, j : j + 5].mean() for j in range(11)] for i in range(9)]
     )
-    np.testing.assert_allclose(uncertainty.box_blur(image, 2), direct, atol=1e-9)
+    np.testing.assert_allclose(calibration.box_blur(image, 2), direct, atol=1e-9)
     step = np.zeros((6, 8))
     step[:, 4:] = 10.0  # a step of 10 between columns 3 and 4
-    sobel = uncertainty.sobel_magnitude(step)
+    sobel = calibration.sobel_magnitude(step)
     assert (sobel[:, 3:5] == 40).all()
     assert (sobel[:, :3] == 0).all() and (sobel[:, 5:] == 0).all()
 
@@ -307,10 +308,10 @@ def test_the_sar_edge_baseline_finds_known_edges():
     mean = truth + error * rng.choice([-1, 1], (4, 32, 32, 3))
     spread = rng.uniform(5, 10, mean.shape)
 
-    edges = uncertainty.sar_edge_magnitude(sar[0])
+    edges = calibration.sar_edge_magnitude(sar[0])
     assert edges[:, 15].max() == pytest.approx(edges.max())
     assert (edges[:, :10] == 0).all() and (edges[:, 22:] == 0).all()
-    report = uncertainty.calibration_report(mean, spread, truth, sar, bins=8)
+    report = calibration.calibration_report(mean, spread, truth, sar, bins=8)
     baseline, model = report["sar_edges"], report["spread"]
     assert baseline["spearman"] > 0.6 and baseline["top_bottom_error_ratio"] == 15
     assert abs(model["spearman"]) < 0.15
@@ -319,7 +320,7 @@ def test_the_sar_edge_baseline_finds_known_edges():
     assert baseline["table"][0]["pixels"] == 22 * 32 * 4
     assert baseline["table"][0]["mean_abs_error"] == pytest.approx(2)
     assert baseline["table"][-1]["mean_abs_error"] == pytest.approx(30)
-    text = uncertainty.format_calibration(report)
+    text = calibration.format_calibration(report)
     assert "SAR edges" in text and "Spearman" in text
 
 
@@ -335,20 +336,20 @@ def cie_lightness(rgb):
 
 
 def test_the_colour_scale_gets_lighter_with_the_value():
-    colours = uncertainty.colour_map(np.linspace(0, 1, 256))
+    colours = pictures.colour_map(np.linspace(0, 1, 256))
     lightness = cie_lightness(colours)
     # rising everywhere but for the 8-bit rounding of the colours (< 0.05 L*)
     assert np.diff(lightness).min() > -0.05
     assert (np.diff(lightness[::8]) > 0).all()
     assert lightness[0] < 20 and lightness[-1] > 85
-    for i, anchor in enumerate(uncertainty.VIRIDIS_ANCHORS):
-        assert tuple(uncertainty.colour_map(i / 8)) == anchor
-    assert tuple(uncertainty.colour_map(7.0)) == uncertainty.VIRIDIS_ANCHORS[-1]
+    for i, anchor in enumerate(pictures.VIRIDIS_ANCHORS):
+        assert tuple(pictures.colour_map(i / 8)) == anchor
+    assert tuple(pictures.colour_map(7.0)) == pictures.VIRIDIS_ANCHORS[-1]
 
 
 def inverse_colour(rgb):
     """The value in [0, 1] whose colour is nearest to ``rgb``."""
-    table = uncertainty.colour_map(np.linspace(0, 1, 256)).astype(int)
+    table = pictures.colour_map(np.linspace(0, 1, 256)).astype(int)
     return np.argmin(((table - np.asarray(rgb, int)) ** 2).sum(axis=1)) / 255
 
 
@@ -358,7 +359,7 @@ def test_the_legend_reads_back_its_values():
     )  # 0..80 grey levels, left to right
     valid = np.ones((32, 32), bool)
     valid[0, 0] = False
-    picture, legend = uncertainty.spread_picture(spread, vmax=64, valid=valid)
+    picture, legend = pictures.spread_picture(spread, vmax=64, valid=valid)
     image = np.asarray(picture)
     left, top, right, bottom = legend.bar
     assert bottom - top >= 256  # the map is enlarged to be read
@@ -381,7 +382,7 @@ def test_the_legend_reads_back_its_values():
         assert inverse_colour(block[3, j]) * 64 == pytest.approx(
             min(spread[3, j], 64), abs=64 / 255
         )
-    assert tuple(block[3, -1]) == uncertainty.VIRIDIS_ANCHORS[-1]
+    assert tuple(block[3, -1]) == pictures.VIRIDIS_ANCHORS[-1]
 
 
 # -- the sampling script and the evaluation -----------------------------------------
@@ -481,12 +482,12 @@ def test_the_script_writes_k_samples_their_mean_and_spread(
     report = json.loads((three_dir / "metrics.json").read_text())["spread"]
     truth = np.stack([read_png(three_dir / "gt_opt" / n) for n in names])
     sar = np.stack([read_png(three_dir / "cond_sar" / n) for n in names])
-    direct = uncertainty.calibration_report(
+    direct = calibration.calibration_report(
         npz["mean"], npz["spread"], truth, sar, samples_per_input=3, bins=4
     )
     assert report["coverage_2sd"] == pytest.approx(direct["coverage_2sd"])
     assert report["coverage_2sd_calibrated"] == pytest.approx(
-        uncertainty.expected_coverage(3)
+        calibration.expected_coverage(3)
     )
     for method in ("spread", "sar_edges"):
         assert_tables_close(report[method]["table"], direct[method]["table"])
