@@ -31,11 +31,11 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import settings, uncertainty
+from . import pictures, settings
 from .atomic import write_atomic
 from .image_datasets import DataError
 from .rasters import Scaling
-from .sampling import NON_OUTPUT_FLAGS
+from .settings import NON_OUTPUT_FLAGS
 
 # The folders of every run: the generated images, the SAR as the model saw it and
 # the ground truth; and the file of the settings that made them.
@@ -233,7 +233,7 @@ def write_spread_files(mean_path, picture_path, arrays_path, count, mean, spread
     rounded = np.rint(mean).clip(0, 255).astype(np.uint8)
     write_atomic(mean_path, lambda f: Image.fromarray(rounded).save(f, format="PNG"))
     title = f"spread of {count} samples (standard deviation), grey levels"
-    picture, _ = uncertainty.spread_picture(spread, valid=valid, title=title)
+    picture, _ = pictures.spread_picture(spread, valid=valid, title=title)
     write_atomic(picture_path, lambda f: picture.save(f, format="PNG"))
     arrays = dict(mean=mean.astype(np.float32), spread=spread.astype(np.float32))
     if valid is not None:
