@@ -1,17 +1,20 @@
 """
 Atomic writes: every file the project writes is either its old self or its new self.
 
-The one recipe: write into a temporary file in the same folder, flush it, fsync it,
-rename it over the destination and fsync the folder (where the OS allows), so that a
-crash, a kill or a full disk at any moment leaves the destination as it was. On a
-failure the temporary file is removed. A full disk (ENOSPC, or EDQUOT for a quota)
-becomes :class:`DiskFull`, whose message names the file and the disk with its free
-bytes; that includes the RuntimeError torch's zip writer raises when ``th.save``'s
-own writes have just failed for lack of space.
+The one recipe (:func:`temporary_path`): write into a temporary file in the same
+folder, fsync it, rename it over the destination and fsync the folder (where the OS
+allows), so that a crash, a kill or a full disk at any moment leaves the destination
+as it was. On a failure the temporary file is removed. A full disk (ENOSPC, or EDQUOT
+for a quota) becomes :class:`DiskFull`, whose message names the file and the disk
+with its free bytes; that includes the RuntimeError torch's zip writer raises when
+``th.save``'s own writes have just failed for lack of space, and the error GDAL
+raises for a GeoTIFF (which names no errno: an I/O error on a disk left with less
+than :data:`NEARLY_FULL` bytes is taken for a full one).
 
 This module imports nothing from the package, so every layer may use it.
 """
 
+import contextlib
 import errno
 import json
 import os
@@ -19,6 +22,10 @@ import shutil
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+# A disk with less free space than this after a failed write was full for it: more
+# than the largest block a writer (GDAL's tiles, torch's zip records) writes at once.
+NEARLY_FULL = 16 * 2**20
 
 
 class DiskFull(OSError):
@@ -42,23 +49,41 @@ def write_atomic(path, write, suffix=""):
         by the extension (``".png"``).
     :raises DiskFull: when the disk is full; ``path`` is then as it was.
     """
+    with temporary_path(path, suffix) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+    return path
+
+
+@contextlib.contextmanager
+def temporary_path(path, suffix=""):
+    """
+    A temporary file name beside ``path`` for a writer that opens files by name
+    (rasterio): when the ``with`` block ends without an error, the file written
+    there is fsync'd and made ``path``, durably; on an error it is removed. The
+    folder of ``path`` is made when missing.
+
+    :param suffix: ends the temporary file's name (``".tif"``).
+    :raises DiskFull: when the disk is full; ``path`` is then as it was.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     tmp = f"{path}.tmp-{os.getpid()}{suffix}"
     try:
         os.makedirs(folder, exist_ok=True)
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException as err:
+        full = isinstance(err, Exception) and (
+            is_disk_full(err)
+            or (isinstance(err, (OSError, RuntimeError)) and _nearly_full(folder))
+        )
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, Exception) and is_disk_full(err):
+        if full:
             raise DiskFull(path) from err
         raise
     _fsync_folder(folder)
-    return path
 
 
 def write_bytes(path, data):
@@ -109,6 +134,23 @@ def _describe(path):
     except OSError:
         free = "free space unknown"
     return f"disk full: could not write {path} (the disk at {disk} has {free})"
+
+
+def _nearly_full(folder):
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _fsync_file(path):
+    # Any descriptor of the file flushes all of its data; a writable one, since
+    # some systems refuse to fsync a read-only one.
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_folder(folder):

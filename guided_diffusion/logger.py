@@ -10,11 +10,13 @@ get deleted). Only rank 0 writes files or prints; other ranks print errors.
 
 import csv
 import datetime
+import io
 import json
 import os
 import sys
 
 from . import dist_util
+from .atomic import write_text
 
 DEBUG = 10
 INFO = 20
@@ -88,14 +90,12 @@ class _CSVOutput:
             old_rows = list(csv.reader(f))[1:]
         self.keys.extend(new_keys)
         padding = [""] * len(new_keys)
-        # Written beside the original, then swapped in: a crash mid-rewrite
-        # leaves the old file intact.
-        tmp_path = self.path + ".tmp"
-        with open(tmp_path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(self.keys)
-            writer.writerows(row + padding for row in old_rows)
-        os.replace(tmp_path, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(self.keys)
+        writer.writerows(row + padding for row in old_rows)
+        # A crash mid-rewrite leaves the old file intact.
+        write_text(self.path, text.getvalue())
 
     def close(self):
         pass

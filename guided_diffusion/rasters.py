@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from .atomic import temporary_path
 from .image_files import PILLOW_EXTENSIONS
 
 SAR_INPUTS = ("uint8", "db", "power", "amplitude")
@@ -1034,7 +1035,8 @@ class GeoTiffWriter:
     compressed, BigTIFF when it needs it, with overviews (halvings down to about
     ``block`` pixels, built on closing), band names and the nodata value. It is
     written to a temporary file and renamed when the ``with`` block ends without an
-    error, so a killed job never leaves half a file under ``path``.
+    error (:func:`atomic.temporary_path`), so a killed job never leaves half a file
+    under ``path``, and a full disk ends in :class:`atomic.DiskFull`.
 
     :param georef: :func:`georeference` of the input.
     """
@@ -1053,16 +1055,21 @@ class GeoTiffWriter:
             self.profile.update(
                 {k: v for k, v in georef.items() if k in ("crs", "transform")}
             )
-        self.tmp = f"{path}.tmp-{os.getpid()}.tif"
-        self._dst = None
+        self._dst = self._tmp = None
 
     def __enter__(self):
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self._dst = rasterio.open(self.tmp, "w", **self.profile)
+        self._tmp = temporary_path(self.path, ".tif")
+        tmp = self._tmp.__enter__()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._dst = rasterio.open(tmp, "w", **self.profile)
+        except BaseException as err:
+            if not self._tmp.__exit__(type(err), err, err.__traceback__):
+                raise
         return self
 
     def write(self, top, rows):
@@ -1072,30 +1079,40 @@ class GeoTiffWriter:
         self._dst.write(rows, window=Window(0, top, self.width, rows.shape[1]))
 
     def __exit__(self, exc_type, exc, tb):
+        try:
+            try:
+                if exc_type is None:
+                    self._finish()
+            finally:
+                self._dst.close()
+        except BaseException as err:
+            # Finishing or closing failed (a full disk shows here): the temporary
+            # file goes, and this is the error to report.
+            if not self._tmp.__exit__(type(err), err, err.__traceback__):
+                raise
+        else:
+            # Renames the file, or removes it after an error in the ``with`` block
+            # (raising DiskFull instead when the disk is full).
+            self._tmp.__exit__(exc_type, exc, tb)
+        return False
+
+    def _finish(self):
+        """The georeference, band names and overviews, written before closing."""
         from rasterio.enums import Resampling
 
         dst = self._dst
-        try:
-            if exc_type is None:
-                if self.georef.get("gcps"):
-                    dst.gcps = (self.georef["gcps"], self.georef["gcp_crs"])
-                for i, name in enumerate(self.names or ()):
-                    dst.set_band_description(i + 1, name)
-                factors = []
-                while min(self.height, self.width) // (2 ** (len(factors) + 1)) >= (
-                    self.block // 2
-                ):
-                    factors.append(2 ** (len(factors) + 1))
-                if factors:
-                    dst.build_overviews(factors, Resampling.average)
-                    dst.update_tags(ns="rio_overview", resampling="average")
-        finally:
-            dst.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        return False
+        if self.georef.get("gcps"):
+            dst.gcps = (self.georef["gcps"], self.georef["gcp_crs"])
+        for i, name in enumerate(self.names or ()):
+            dst.set_band_description(i + 1, name)
+        factors = []
+        while min(self.height, self.width) // (2 ** (len(factors) + 1)) >= (
+            self.block // 2
+        ):
+            factors.append(2 ** (len(factors) + 1))
+        if factors:
+            dst.build_overviews(factors, Resampling.average)
+            dst.update_tags(ns="rio_overview", resampling="average")
 
 
 def grid_at_pixel_size(path, pixel_size):

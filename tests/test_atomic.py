@@ -99,6 +99,82 @@ def test_disk_full_from_text_only(tmp_path):
     assert not atomic.is_disk_full(RuntimeError("file write failed"))
 
 
+def test_temporary_path_renames_on_success_and_removes_on_failure(tmp_path):
+    path = tmp_path / "sub" / "a.txt"  # its folder is made
+    with atomic.temporary_path(str(path), ".txt") as tmp:
+        assert tmp.endswith(".txt") and os.path.dirname(tmp) == str(path.parent)
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert path.read_text() == "new" and os.listdir(path.parent) == ["a.txt"]
+    with pytest.raises(KeyError):  # not a full disk: the error itself
+        with atomic.temporary_path(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise KeyError("stop")
+    assert path.read_text() == "new" and os.listdir(path.parent) == ["a.txt"]
+
+
+# -- a GeoTIFF that meets a full disk -----------------------------------------------
+
+
+def no_free_space(monkeypatch):
+    """The disk as GDAL leaves it when it fails for lack of space: no bytes free."""
+    real = atomic.shutil.disk_usage
+
+    def usage(path):
+        return real(path)._replace(free=0)
+
+    monkeypatch.setattr(atomic.shutil, "disk_usage", usage)
+
+
+@pytest.mark.parametrize("where", ["rows", "overviews"])
+def test_full_disk_in_a_geotiff_is_disk_full_and_leaves_no_temporary(
+    tmp_path, monkeypatch, where
+):
+    """
+    GDAL's error for a full disk names no errno ("Write failed. See previous
+    exception", after libtiff printed "No space left on device"): on a disk with no
+    space left it is DiskFull, the old file stays and no temporary file remains.
+    """
+    import numpy as np
+    from rasterio.errors import RasterioIOError
+
+    from guided_diffusion.rasters import GeoTiffWriter
+
+    gdal_error = RasterioIOError("Write failed. See previous exception for details.")
+    path = tmp_path / "scene.tif"
+    path.write_bytes(b"old")
+    image = np.zeros((1, 64, 64), np.uint8)
+    no_free_space(monkeypatch)
+    if where == "overviews":
+        monkeypatch.setattr(
+            GeoTiffWriter, "_finish", lambda self: (_ for _ in ()).throw(gdal_error)
+        )
+    with pytest.raises(DiskFull) as caught:
+        with GeoTiffWriter(str(path), 1, 64, 64, np.uint8, {}, block=16) as out:
+            out.write(0, image)
+            if where == "rows":
+                raise gdal_error
+    assert str(path) in str(caught.value) and caught.value.__cause__ is gdal_error
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["scene.tif"]
+
+
+def test_geotiff_error_with_space_left_is_itself_and_leaves_no_temporary(tmp_path):
+    import numpy as np
+    from rasterio.errors import RasterioIOError
+
+    from guided_diffusion.rasters import GeoTiffWriter
+
+    with pytest.raises(RasterioIOError, match="other"):
+        with GeoTiffWriter(str(tmp_path / "a.tif"), 1, 8, 8, np.uint8, {}) as out:
+            out.write(0, np.zeros((1, 8, 8), np.uint8))
+            raise RasterioIOError("other")
+    assert os.listdir(tmp_path) == []
+    with GeoTiffWriter(str(tmp_path / "a.tif"), 1, 8, 8, np.uint8, {}) as out:
+        out.write(0, np.full((1, 8, 8), 7, np.uint8))
+    assert os.listdir(tmp_path) == ["a.tif"]
+
+
 # -- a training run that meets a full disk ------------------------------------------
 
 
