@@ -4,7 +4,15 @@ setup(
     name="sar2opt-diffusion",
     version="0.1.0",
     description="Conditional diffusion for SAR-to-optical image translation (Bai, Pu, Xu, GRSL 2023)",
-    packages=["guided_diffusion", "guided_diffusion.demo"],
+    packages=[
+        "guided_diffusion",
+        "guided_diffusion.base",
+        "guided_diffusion.demo",
+        "guided_diffusion.evaluation",
+        "guided_diffusion.io",
+        "guided_diffusion.page",
+        "guided_diffusion.translation",
+    ],
     python_requires=">=3.10",
     # torch is not pinned here on purpose: install the build for your machine first
     # (README), otherwise pip pulls a multi-gigabyte CUDA build. 2.4 is the oldest

@@ -23,8 +23,8 @@ import sys
 import common
 import numpy as np
 
-from guided_diffusion import metrics
 from guided_diffusion.demo import report
+from guided_diffusion.evaluation import metrics
 
 REPO = os.path.dirname(common.BENCH_DIR)
 VARIANTS = {

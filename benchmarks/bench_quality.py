@@ -25,28 +25,29 @@ import numpy as np
 import seams
 import torch as th
 
-from guided_diffusion import dist_util, metrics
-from guided_diffusion.checkpoints import read_run_config
+from guided_diffusion import dist_util
+from guided_diffusion.base.samplers import SAMPLERS
+from guided_diffusion.evaluation import metrics
 from guided_diffusion.image_datasets import (
     DataError,
     find_test_pairs,
     load_opt,
     load_sar,
 )
-from guided_diffusion.samplers import SAMPLERS
-from guided_diffusion.sampling import (
+from guided_diffusion.io.checkpoints import read_run_config
+from guided_diffusion.script_util import (
+    create_gaussian_diffusion,
+    diffusion_defaults,
+    prediction_target,
+    str2bool,
+)
+from guided_diffusion.translation.sampling import (
     input_scaling,
     load_model,
     make_generators,
     resolve_model_flags,
     to_uint8,
     translate,
-)
-from guided_diffusion.script_util import (
-    create_gaussian_diffusion,
-    diffusion_defaults,
-    prediction_target,
-    str2bool,
 )
 
 REPO = os.path.dirname(common.BENCH_DIR)

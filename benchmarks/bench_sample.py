@@ -1,6 +1,6 @@
 """
 Sampling latency of the speed levers: time per image of one model evaluation and
-of a 20-step DPM-Solver++(2M) run (guided_diffusion.sampling.translate), for the
+of a 20-step DPM-Solver++(2M) run (guided_diffusion.translation.sampling.translate), for the
 slow path, each lever alone and all together, at the small configuration (64 px,
 64 channels, 2 residual blocks, batch 8) and the paper's (256 px, 128 channels,
 3 residual blocks, 2000 steps, batch 1).
@@ -23,8 +23,12 @@ import common
 import torch as th
 
 from guided_diffusion import dist_util
-from guided_diffusion.sampling import Bfloat16Model, prepare_model, translate
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.translation.sampling import (
+    Bfloat16Model,
+    prepare_model,
+    translate,
+)
 
 SAMPLE_LEVERS = ("sdpa", "channels_last", "bf16", "compile")
 DEFAULT_VARIANTS = "slow,sdpa,channels_last,bf16,compile,all,all-channels_last"

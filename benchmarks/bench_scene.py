@@ -12,7 +12,7 @@ model, sampler, steps and tile size (the model's image_size):
 
 * joint: scripts/translate_scene.py, one scene-sized state; at every step the
   network sees overlapping tiles (half a tile of overlap) whose x_0 predictions
-  are fused with Hann windows (guided_diffusion/tiling.py); the inner tiles move
+  are fused with Hann windows (guided_diffusion/translation/tiling.py); the inner tiles move
   by up to a quarter tile at every step (the script's default, --shift_tiles);
   with --fixed_grid also "joint, fixed grid" (--shift_tiles False), and with
   --joint_samples K also "joint, mean of K": the mean of K joint translations
@@ -27,7 +27,7 @@ model, sampler, steps and tile size (the model's image_size):
 A tile's noise comes from its own generator, seeded from --seed and the tile's
 corner, so a tile that belongs to both grids is the same sample in "blended" and
 "alone" (it is sampled once). Scores against the generated truth, on 8-bit RGB:
-SSIM and PSNR (guided_diffusion/metrics.py), class accuracy (the share of pixels
+SSIM and PSNR (guided_diffusion/evaluation/metrics.py), class accuracy (the share of pixels
 whose colour is nearest their true class's training mean colour,
 guided_diffusion/demo/report.py), sharpness (the image's mean absolute
 neighbour difference over the truth's: an average of samples has less detail
@@ -157,7 +157,7 @@ def translate_command(args, sar, output, respacing, memory, overlap=-1, seed=Non
 
 def read_rgb(path):
     """A 3-band uint8 GeoTIFF as (H, W, 3)."""
-    from guided_diffusion.rasters import RasterRows
+    from guided_diffusion.io.rasters import RasterRows
 
     reader = RasterRows(path)
     return np.ascontiguousarray(reader.read(0, reader.height).bands.transpose(1, 2, 0))
@@ -171,7 +171,8 @@ class Model:
     them from the config.json beside it."""
 
     def __init__(self, model_path, respacing):
-        from guided_diffusion import sampling, settings
+        from guided_diffusion.base import settings
+        from guided_diffusion.translation import sampling
 
         self.flags, self.scaling, self.diffusion, _ = sampling.checkpoint_settings(
             model_path,
@@ -185,7 +186,7 @@ class Model:
         """The scene's SAR scaled as in training, (C, H, W) float32 tensor."""
         import torch as th
 
-        from guided_diffusion.rasters import RasterRows, sar_bands_scaled
+        from guided_diffusion.io.rasters import RasterRows, sar_bands_scaled
 
         reader = RasterRows(path)
         data, valid, _ = sar_bands_scaled(reader.read(0, reader.height), self.scaling)
@@ -207,7 +208,8 @@ def sample_tiles(model, sar, places, args, done=None):
     import torch as th
     from tqdm.auto import tqdm
 
-    from guided_diffusion import samplers, sampling
+    from guided_diffusion.base import samplers
+    from guided_diffusion.translation import sampling
 
     tiles = dict(done or {})
     todo = [p for p in places if p not in tiles]
@@ -237,8 +239,8 @@ def paste(tiles, places, height, width, size, blend):
     """
     import torch as th
 
-    from guided_diffusion.sampling import to_uint8
-    from guided_diffusion.tiling import tile_weights
+    from guided_diffusion.translation.sampling import to_uint8
+    from guided_diffusion.translation.tiling import tile_weights
 
     total = th.zeros(3, height, width, dtype=th.float64)
     weight = th.zeros(height, width, dtype=th.float64)
@@ -263,9 +265,9 @@ def class_colours(args, model_path):
 
     :return: (colours (K, 3), where they came from).
     """
-    from guided_diffusion.checkpoints import read_run_config
     from guided_diffusion.demo import report
     from guided_diffusion.demo.scenes import CLASSES
+    from guided_diffusion.io.checkpoints import read_run_config
 
     path = args.dataset_json
     if not path:
@@ -286,9 +288,9 @@ def part_seams(args):
     import torch as th
     from PIL import Image
 
-    from guided_diffusion import metrics
     from guided_diffusion.demo import report
-    from guided_diffusion.tiling import tile_grid
+    from guided_diffusion.evaluation import metrics
+    from guided_diffusion.translation.tiling import tile_grid
 
     th.manual_seed(0)
     scene = scene_files(args.work_dir, args.height, args.width, args.scene_seed)
@@ -444,7 +446,7 @@ def write_picture(path, sar, images, truth, grid, size, height, width):
     alone grid near the scene's middle, upscaled with nearest neighbours."""
     from PIL import Image, ImageDraw
 
-    from guided_diffusion.sampling import sar_for_display, to_uint8
+    from guided_diffusion.translation.sampling import sar_for_display, to_uint8
 
     crop = min(CROP, height, width)
     tops = sorted({t for t, _ in grid if t > 0}) or [0]
@@ -525,9 +527,9 @@ def measure(command):
 
 
 def part_scale(args):
-    from guided_diffusion.sampling import checkpoint_settings
-    from guided_diffusion.settings import names
-    from guided_diffusion.tiling import tile_grid
+    from guided_diffusion.base.settings import names
+    from guided_diffusion.translation.sampling import checkpoint_settings
+    from guided_diffusion.translation.tiling import tile_grid
 
     flags, _, diffusion, _ = checkpoint_settings(
         args.model_path,

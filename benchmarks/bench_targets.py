@@ -34,8 +34,9 @@ import numpy as np
 import seams
 from PIL import Image, ImageDraw, ImageFont
 
-from guided_diffusion import calibration, metrics, pictures
 from guided_diffusion.demo import report
+from guided_diffusion.evaluation import calibration, metrics
+from guided_diffusion.io import pictures
 
 REPO = os.path.dirname(common.BENCH_DIR)
 # name -> training flags; the order is the table's

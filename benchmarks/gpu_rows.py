@@ -360,9 +360,9 @@ def train_row(dry_run, precision, levers=()):
 
 def sample_row(dry_run, precision, levers=()):
     """One network call on a batch of scene tiles: tiles/s and peak memory."""
-    from guided_diffusion import samplers
-    from guided_diffusion.sampling import Bfloat16Model, prepare_model
+    from guided_diffusion.base import samplers
     from guided_diffusion.script_util import create_model_and_diffusion
+    from guided_diffusion.translation.sampling import Bfloat16Model, prepare_model
 
     device, config = setup(dry_run)
     numerics()
@@ -437,8 +437,8 @@ def drawn_noise(device, diffusion):
 
     :return: a float32 CPU tensor of every number, concatenated.
     """
-    from guided_diffusion import samplers
-    from guided_diffusion.sampling import make_generators, translate
+    from guided_diffusion.base import samplers
+    from guided_diffusion.translation.sampling import make_generators, translate
 
     size = 32
     sar = th.zeros(len(NAMES), 3, size, size, device=device)
@@ -460,8 +460,12 @@ def drawn_noise(device, diffusion):
 
 def noise_row(dry_run):
     """The same noise to the bit, and images within tolerance, on the CPU and the GPU."""
-    from guided_diffusion.sampling import make_generators, to_uint8, translate
     from guided_diffusion.script_util import create_model_and_diffusion
+    from guided_diffusion.translation.sampling import (
+        make_generators,
+        to_uint8,
+        translate,
+    )
 
     device, _ = setup(dry_run)
     numerics(use_tf32=False)
@@ -589,9 +593,9 @@ def _per_step(counts, counter, what):
 
 def syncs_row(dry_run):
     """Host syncs per training step and per sampler step, on the tiny model."""
-    from guided_diffusion import samplers
-    from guided_diffusion.sampling import make_generators
+    from guided_diffusion.base import samplers
     from guided_diffusion.script_util import create_model_and_diffusion
+    from guided_diffusion.translation.sampling import make_generators
 
     device, _ = setup(dry_run)
     numerics()

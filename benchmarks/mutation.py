@@ -50,20 +50,24 @@ class Bug:
 
 
 R, SC, SCENE, TILING = (
-    "guided_diffusion/rasters.py",
-    "guided_diffusion/scene_translation.py",
-    "guided_diffusion/scene.py",
-    "guided_diffusion/tiling.py",
+    "guided_diffusion/io/rasters.py",
+    "guided_diffusion/translation/scene_translation.py",
+    "guided_diffusion/translation/scene.py",
+    "guided_diffusion/translation/tiling.py",
 )
 UNC, GD, TRAIN, APP = (
-    "guided_diffusion/samples.py",
+    "guided_diffusion/translation/samples.py",
     "guided_diffusion/gaussian_diffusion.py",
     "guided_diffusion/train_util.py",
-    "guided_diffusion/app.py",
+    "guided_diffusion/page/app.py",
 )
 SAMPLE_SCRIPT, EVALUATE = (
     "scripts/image_sample_realtime.py",
     "scripts/image_evaluate.py",
+)
+JOBS, FOLDER = (
+    "guided_diffusion/translation/jobs.py",
+    "guided_diffusion/translation/folder.py",
 )
 T = "tests/"
 SCALING_TESTS = (T + "test_scene_scaling.py", T + "test_rasters.py")
@@ -132,27 +136,28 @@ BUGS = [
         "                image[:, ~valid] = 0\n", "", (T + "test_translate_scene.py",)),
     # -- the page's command ------------------------------------------------------
     Bug("page command unquoted", APP,
-        'a if a.startswith("  #") else shlex.quote(a) for a in shown',
-        'a if a.startswith("  #") else a for a in shown', PAGE_TESTS),
-    Bug("page command without --timestep_respacing", APP,
-        '"--timestep_respacing", str(steps), "--seed", str(seed)]',
-        '"--seed", str(seed)]', PAGE_TESTS),
+        'a if a.startswith("  #") else shlex.quote(a) for a in argv',
+        'a if a.startswith("  #") else a for a in argv', PAGE_TESTS),
+    Bug("page command without --timestep_respacing", JOBS,
+        '            **{k: v for k, v in self.model_flags.items() if k == "timestep_respacing"},\n',
+        "", PAGE_TESTS),
     Bug("page command names the sar/ folder as DATA", APP,
-        'shown += ["--data_dir", "DATA",', 'shown += ["--data_dir", "DATA/sar",',
+        'shown[job.data_dir] = "DATA"', 'shown[job.data_dir] = "DATA/sar"',
         PAGE_TESTS),
-    # -- nodata through the scripts and the calibration --------------------------
-    Bug("sampling script: nodata not black", SAMPLE_SCRIPT,
+    # -- nodata through the folder job and the calibration -----------------------
+    Bug("folder job: nodata not black", FOLDER,
         "samples.append(np.where(valid, to_uint8(generated), 0).astype(np.uint8))",
         "samples.append(to_uint8(generated))", NODATA_TESTS),
-    Bug("sampling script: mask not passed to the spread arrays", SAMPLE_SCRIPT,
-        "*spread[i].result(), valid=mask,", "*spread[i].result(), valid=None,",
+    Bug("folder job: mask not passed to the spread arrays", FOLDER,
+        "out_dir, out_name, done.samples, done.mean, done.spread, valid=done.valid",
+        "out_dir, out_name, done.samples, done.mean, done.spread, valid=None",
         NODATA_TESTS),
-    Bug("npz keeps no nodata mask", "guided_diffusion/results.py",
+    Bug("npz keeps no nodata mask", "guided_diffusion/io/results.py",
         'arrays["valid"] = np.stack([valid for _, _, valid in stats])',
         'arrays["valid"] = np.stack([valid | True for _, _, valid in stats])', NODATA_TESTS),
     Bug("image_evaluate.py drops the mask", EVALUATE,
         "        valid=valid,\n    )", "        valid=None,\n    )", NODATA_TESTS),
-    Bug("calibration counts nodata", "guided_diffusion/calibration.py",
+    Bug("calibration counts nodata", "guided_diffusion/evaluation/calibration.py",
         "    mean, spread, truth = mean[valid], spread[valid], truth[valid]",
         "    valid = np.ones_like(valid)\n"
         "    mean, spread, truth = mean[valid], spread[valid], truth[valid]",
@@ -165,7 +170,7 @@ BUGS = [
         "np.sqrt(np.maximum(self._m2, 0) / (self.count - 1))",
         "np.sqrt(np.maximum(self._m2, 0) / self.count)",
         (T + "test_uncertainty.py", T + "test_nodata_scripts.py")),
-    Bug("spread picture shows the largest channel", "guided_diffusion/pictures.py",
+    Bug("spread picture shows the largest channel", "guided_diffusion/io/pictures.py",
         "spread = spread.mean(axis=2)", "spread = spread.max(axis=2)",
         (T + "test_independent_values.py", T + "test_uncertainty.py")),
     # -- the diffusion and training ----------------------------------------------
@@ -193,7 +198,7 @@ BUGS = [
         "values = self.mp_trainer.state_dict_to_master_params(ema_state)",
         "values = self.mp_trainer.master_params", (T + "test_train.py",)),
     # -- sampling ------------------------------------------------------------------
-    Bug("image noise ignores the file's name", "guided_diffusion/sampling.py",
+    Bug("image noise ignores the file's name", "guided_diffusion/translation/sampling.py",
         "return hashed_seed(int(seed), name)",
         "return hashed_seed(int(seed))",
         (T + "test_sampling.py",)),

@@ -22,10 +22,10 @@ import math
 import numpy as np
 import torch as th
 
+from .base.samplers import noise_like, noise_of_shape  # noqa: F401  (their home before)
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 from .original_sampling import OriginalSampling
-from .samplers import noise_like, noise_of_shape  # noqa: F401  (their home before)
 
 
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):

@@ -21,12 +21,12 @@ import numpy as np
 import torch as th
 
 from . import logger
-from .image_files import (  # noqa: F401 (natural_key orders find_pairs' names)
+from .base.image_files import (  # noqa: F401 (natural_key orders find_pairs' names)
     IMAGE_EXTENSIONS,
     list_images,
     natural_key,
 )
-from .rasters import (  # noqa: F401 (DataError is part of this module's interface)
+from .io.rasters import (  # noqa: F401 (DataError is part of this module's interface)
     DataError,
     Scaling,
     load_opt_patch,

@@ -16,7 +16,7 @@ import os
 import sys
 
 from . import dist_util
-from .atomic import write_text
+from .base.atomic import write_text
 
 DEBUG = 10
 INFO = 20

@@ -17,7 +17,7 @@ code calls the samplers directly (:func:`.samplers.run`).
 
 import torch as th
 
-from . import samplers
+from .base import samplers
 
 
 def _progress(steps, total, show):

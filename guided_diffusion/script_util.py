@@ -11,7 +11,7 @@ import re
 import torch as th
 
 from . import gaussian_diffusion as gd
-from . import settings
+from .base import settings
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 

@@ -30,16 +30,17 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel.distributed import DistributedDataParallel as DDP
 
-from . import dist_util, logger, settings
-from .atomic import DiskFull
-from .checkpoints import (
+from . import dist_util, logger
+from .base import settings
+from .base.atomic import DiskFull
+from .fp16_util import MixedPrecisionTrainer
+from .io.checkpoints import (
     checkpoint_paths,
     find_resume_checkpoint,
     prune_checkpoints,
     save_atomic,
     sibling_checkpoint_paths,
 )
-from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler, create_named_schedule_sampler
 from .script_util import check_state_dict_fits

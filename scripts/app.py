@@ -29,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util  # noqa: E402
-from guided_diffusion.app import (  # noqa: E402
+from guided_diffusion.page.app import (  # noqa: E402
     CACHE_SIZE,
     EXAMPLES_DIR,
     PageError,

@@ -39,12 +39,13 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import metrics, results  # noqa: E402
-from guided_diffusion.checkpoints import read_run_config  # noqa: E402
 from guided_diffusion.demo import report  # noqa: E402
+from guided_diffusion.evaluation import metrics  # noqa: E402
 from guided_diffusion.image_datasets import find_pairs  # noqa: E402
-from guided_diffusion.rasters import Scaling  # noqa: E402
-from guided_diffusion.sampling import input_scaling  # noqa: E402
+from guided_diffusion.io import results  # noqa: E402
+from guided_diffusion.io.checkpoints import read_run_config  # noqa: E402
+from guided_diffusion.io.rasters import Scaling  # noqa: E402
+from guided_diffusion.translation.sampling import input_scaling  # noqa: E402
 
 FIGURE_NAMES = {"ssim": "SSIM", "class_acc": "class accuracy"}
 ASSET = os.path.join(

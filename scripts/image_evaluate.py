@@ -24,8 +24,9 @@ import warnings
 
 import torch as th
 
-from guided_diffusion import calibration, image_files, metrics
-from guided_diffusion.atomic import DiskFull, write_text
+from guided_diffusion.base import image_files
+from guided_diffusion.base.atomic import DiskFull, write_text
+from guided_diffusion.evaluation import calibration, metrics
 
 
 def fail(message):
@@ -88,7 +89,7 @@ def main():
 
 
 def score_spread(npz_path, args):
-    """The calibration report of a run's mean and spread (uncertainty.py)."""
+    """The calibration report of a run's mean and spread (evaluation/calibration.py)."""
     mean, spread, truth, sar, count, valid, note = metrics.load_spread_inputs(
         npz_path, args.gt_dir
     )

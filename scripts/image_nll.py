@@ -22,15 +22,16 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, settings  # noqa: E402
-from guided_diffusion.atomic import DiskFull, write_json  # noqa: E402
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.base import settings  # noqa: E402
+from guided_diffusion.base.atomic import DiskFull, write_json  # noqa: E402
 from guided_diffusion.image_datasets import (  # noqa: E402
     DataError,
     find_test_pairs,
     load_opt,
     load_sar,
 )
-from guided_diffusion.sampling import (  # noqa: E402
+from guided_diffusion.translation.sampling import (  # noqa: E402
     add_model_flags,
     checkpoint_settings,
     explicit_model_flags,

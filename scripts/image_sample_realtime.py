@@ -44,11 +44,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.atomic import DiskFull  # noqa: E402
-from guided_diffusion.folder import translate_folder  # noqa: E402
+from guided_diffusion.base.atomic import DiskFull  # noqa: E402
 from guided_diffusion.image_datasets import DataError  # noqa: E402
-from guided_diffusion.jobs import FolderJob, resolve  # noqa: E402
-from guided_diffusion.sampling import add_sampling_flags  # noqa: E402
+from guided_diffusion.translation.folder import translate_folder  # noqa: E402
+from guided_diffusion.translation.jobs import FolderJob, resolve  # noqa: E402
+from guided_diffusion.translation.sampling import add_sampling_flags  # noqa: E402
 
 DEFAULT_DATA_DIR = "/path/to/test"  # edit me, or pass --data_dir
 

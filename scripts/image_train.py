@@ -24,15 +24,17 @@ import torch as th
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion import dist_util, logger, settings  # noqa: E402
-from guided_diffusion.atomic import DiskFull  # noqa: E402
-from guided_diffusion.checkpoints import (  # noqa: E402
+from guided_diffusion import dist_util, logger  # noqa: E402
+from guided_diffusion.base import settings  # noqa: E402
+from guided_diffusion.base.atomic import DiskFull  # noqa: E402
+from guided_diffusion.evaluation.validation import Validator  # noqa: E402
+from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
+from guided_diffusion.io.checkpoints import (  # noqa: E402
     latest_run_dir,
     remove_stale_temp_files,
     write_config,
 )
-from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
-from guided_diffusion.rasters import Scaling, resolve  # noqa: E402
+from guided_diffusion.io.rasters import Scaling, resolve  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     args_to_dict,
     create_model_and_diffusion,
@@ -43,7 +45,6 @@ from guided_diffusion.train_util import (  # noqa: E402
     TrainLoop,
     check_precision,
 )
-from guided_diffusion.validation import Validator  # noqa: E402
 
 
 def main():

@@ -84,17 +84,7 @@ def main():
     if args.format == "scene":
         write_scene(args, out)
         return
-    try:
-        info = make_dataset(
-            out,
-            num_train=args.num_train,
-            num_test=args.num_test,
-            image_size=args.image_size,
-            seed=args.seed,
-            looks=args.looks,
-        )
-    except ValueError as err:
-        sys.exit(f"make_synthetic_dataset: {err}")
+    info = make(make_dataset, args, out)
 
     print(
         f"wrote {info['num_train']} training and {info['num_test']} test pairs of "
@@ -141,20 +131,21 @@ def write_scene(args, out):
     )
 
 
-def write_sen12ms(args, out):
-    """Write the GeoTIFF tree and print what it holds and how to use it."""
+def make(maker, args, out, **extra):
+    """The data set of ``maker`` with the flags every format shares; a value it
+    refuses ends the script with its one-line message."""
     try:
-        info = make_sen12ms_dataset(
-            out,
-            num_train=args.num_train,
-            num_test=args.num_test,
-            image_size=args.image_size,
-            seed=args.seed,
-            looks=args.looks,
-            nodata_share=args.nodata_share,
-        )
+        return maker(
+            out, num_train=args.num_train, num_test=args.num_test,
+            image_size=args.image_size, seed=args.seed, looks=args.looks, **extra,
+        )  # fmt: skip
     except ValueError as err:
         sys.exit(f"make_synthetic_dataset: {err}")
+
+
+def write_sen12ms(args, out):
+    """Write the GeoTIFF tree and print what it holds and how to use it."""
+    info = make(make_sen12ms_dataset, args, out, nodata_share=args.nodata_share)
 
     print(
         f"wrote {info['num_train']} training and {info['num_test']} test patches of "

@@ -7,7 +7,7 @@ Translate a whole georeferenced SAR scene of any size into an optical GeoTIFF.
 The sampler runs on one scene-sized state; the network sees overlapping tiles of
 the model's training size (--overlap pixels shared, half a tile by default), and
 their predictions are fused at every step with a smooth window
-(guided_diffusion/scene.py), so there are no seams and no tile draws colours of
+(guided_diffusion/translation/scene.py), so there are no seams and no tile draws colours of
 its own. The noise is drawn once per scene pixel from --seed: the result does not
 depend on --batch_size (tiles per network call), on the number of processes
 (mpiexec / torchrun share the tiles) or on --memory.
@@ -45,11 +45,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
-from guided_diffusion.jobs import SceneJob  # noqa: E402
-from guided_diffusion.rasters import DataError  # noqa: E402
-from guided_diffusion.sampling import add_sampling_flags, write_log  # noqa: E402
-from guided_diffusion.scene import JobMismatch  # noqa: E402
-from guided_diffusion.scene_translation import (  # noqa: E402
+from guided_diffusion.base.settings import str2bool  # noqa: E402
+from guided_diffusion.io.rasters import DataError  # noqa: E402
+from guided_diffusion.translation.jobs import SceneJob  # noqa: E402
+from guided_diffusion.translation.sampling import add_sampling_flags, write_log  # noqa: E402
+from guided_diffusion.translation.scene import JobMismatch  # noqa: E402
+from guided_diffusion.translation.scene_translation import (  # noqa: E402
     BUNDLED_MODEL,
     MEMORY_SHARE,
     STOP,
@@ -57,7 +58,6 @@ from guided_diffusion.scene_translation import (  # noqa: E402
     scene_settings,
     translate_scene,
 )
-from guided_diffusion.settings import str2bool  # noqa: E402
 
 
 def main():

@@ -1,5 +1,5 @@
 """
-The web page (guided_diffusion/app.py, scripts/app.py) through gradio_client, with
+The web page (guided_diffusion/page/app.py, scripts/app.py) through gradio_client, with
 the bundled model: an example and an upload at the model's size get the pixels
 scripts/image_sample_realtime.py writes for a file of the same name, a larger
 upload the pixels scripts/translate_scene.py writes, a bad upload a message and
@@ -32,8 +32,8 @@ pytest.importorskip("gradio_client", reason="pip install -e '.[app]'")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from guided_diffusion import app  # noqa: E402
-from guided_diffusion.scene_translation import BUNDLED_MODEL  # noqa: E402
+from guided_diffusion.page import app  # noqa: E402
+from guided_diffusion.translation.scene_translation import BUNDLED_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "fields_32.tif"
@@ -404,7 +404,7 @@ def test_a_registered_sampler_is_offered_and_runs(page, client, monkeypatch):
     # The page offers what samplers.SAMPLERS holds when it is built: a sampler
     # registered now (DDIM under another name, recording its calls) is a choice
     # under its registered name, after the three the page names, and translates.
-    from guided_diffusion import samplers
+    from guided_diffusion.base import samplers
 
     calls = []
 

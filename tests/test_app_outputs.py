@@ -1,5 +1,5 @@
 """
-The page's outputs against their source (guided_diffusion/app.py's Translator,
+The page's outputs against their source (guided_diffusion/page/app.py's Translator,
 without a browser or a server):
 
 * the GeoTIFF of each route lies where the input lies: its transform and CRS are
@@ -19,7 +19,7 @@ import rasterio
 from PIL import Image
 from rasterio.transform import Affine
 
-from guided_diffusion import app
+from guided_diffusion.page import app
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"

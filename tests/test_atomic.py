@@ -15,8 +15,8 @@ import os
 import pytest
 import torch as th
 
-from guided_diffusion import atomic
-from guided_diffusion.atomic import DiskFull
+from guided_diffusion.base import atomic
+from guided_diffusion.base.atomic import DiskFull
 
 
 def full_disk_file(monkeypatch, after=0):
@@ -139,7 +139,7 @@ def test_full_disk_in_a_geotiff_is_disk_full_and_leaves_no_temporary(
     import numpy as np
     from rasterio.errors import RasterioIOError
 
-    from guided_diffusion.rasters import GeoTiffWriter
+    from guided_diffusion.io.rasters import GeoTiffWriter
 
     gdal_error = RasterioIOError("Write failed. See previous exception for details.")
     path = tmp_path / "scene.tif"
@@ -163,7 +163,7 @@ def test_geotiff_error_with_space_left_is_itself_and_leaves_no_temporary(tmp_pat
     import numpy as np
     from rasterio.errors import RasterioIOError
 
-    from guided_diffusion.rasters import GeoTiffWriter
+    from guided_diffusion.io.rasters import GeoTiffWriter
 
     with pytest.raises(RasterioIOError, match="other"):
         with GeoTiffWriter(str(tmp_path / "a.tif"), 1, 8, 8, np.uint8, {}) as out:
@@ -277,7 +277,7 @@ def test_full_disk_while_translating_a_folder_ends_in_one_line(
 def test_full_disk_on_the_page_is_one_message(tmp_path, monkeypatch):
     """The page's patch route out of space: one message naming the file, no traceback."""
     pytest.importorskip("gradio")
-    from guided_diffusion import app
+    from guided_diffusion.page import app
 
     translator = app.Translator(app.find_models(), work_dir=str(tmp_path / "work"))
     example = os.path.join(

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from guided_diffusion.tiling import tile_grid
+from guided_diffusion.translation.tiling import tile_grid
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import seams  # noqa: E402

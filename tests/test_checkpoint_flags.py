@@ -13,12 +13,12 @@ import pytest
 import torch as th
 from conftest import FIXTURES_DIR, TINY_FLAGS
 
-from guided_diffusion.sampling import checkpoint_model_flags
 from guided_diffusion.script_util import (
     check_state_dict_fits,
     create_model,
     read_unet_flags,
 )
+from guided_diffusion.translation.sampling import checkpoint_model_flags
 
 
 def zeros_from_fixture(name):

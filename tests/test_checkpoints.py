@@ -1,5 +1,5 @@
 """
-Checkpoint naming, finding and pruning (guided_diffusion/checkpoints.py), on folders
+Checkpoint naming, finding and pruning (guided_diffusion/io/checkpoints.py), on folders
 of empty files named by hand, so every expected answer is read off the file names.
 """
 
@@ -9,7 +9,8 @@ import os
 import pytest
 import torch as th
 
-from guided_diffusion import checkpoints, train_util
+from guided_diffusion import train_util
+from guided_diffusion.io import checkpoints
 
 
 def touch(folder, *names):

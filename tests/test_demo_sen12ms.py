@@ -25,7 +25,7 @@ from PIL import Image
 
 from guided_diffusion.demo import report
 from guided_diffusion.demo.sen12ms import make_sen12ms_dataset
-from guided_diffusion.rasters import Scaling
+from guided_diffusion.io.rasters import Scaling
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = REPO / "scripts" / "demo_report.py"

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from conftest import TINY_FLAGS, tiny_model_and_diffusion
 from device_check import DeviceCheck, DeviceMismatch, MetaGenerator
 
-from guided_diffusion import dist_util, samplers, train_util
+from guided_diffusion import dist_util, train_util
+from guided_diffusion.base import samplers
 
 META = th.device("meta")
 PACKAGE = Path(__file__).resolve().parent.parent / "guided_diffusion"
@@ -213,7 +214,7 @@ def test_ddim_encoding_step_on_a_second_device():
 
 
 def test_scene_band_update_with_the_network_on_a_second_device():
-    from guided_diffusion.scene import SceneArrays, SceneSampler
+    from guided_diffusion.translation.scene import SceneArrays, SceneSampler
 
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="3")
     model.to(META).eval()
@@ -249,7 +250,7 @@ def test_page_routes_with_the_model_on_a_second_device(
     on_meta, tiny_checkpoint, tmp_path, route, size
 ):
     pytest.importorskip("rasterio")
-    from guided_diffusion import app
+    from guided_diffusion.page import app
 
     sar = tmp_path / "upload.tif"
     write_sar_patch(sar, size)
@@ -337,33 +338,33 @@ HOST_SITES = {
         "a batch is assembled on the host; the training loop copies it without blocking",
     ("resample.py", "LossSecondMomentResampler.state_dict", "from_numpy"):
         "the loss history is saved with the checkpoint, from the host",
-    ("samplers.py", "ddim", "tensor"):
+    ("base/samplers.py", "ddim", "tensor"):
         "abar as 0-d host tensors, which device kernels take as scalar arguments",
-    ("samplers.py", "ddim_reverse", "tensor"):
+    ("base/samplers.py", "ddim_reverse", "tensor"):
         "abar as a 0-d host tensor, which device kernels take as a scalar argument",
-    ("samplers.py", "noise_of_shape", "empty"):
+    ("base/samplers.py", "noise_of_shape", "empty"):
         "the host buffer that per-image generators draw into",
-    ("samplers.py", "noise_of_shape", "randn"):
+    ("base/samplers.py", "noise_of_shape", "randn"):
         "per-image noise drawn on the host: the same numbers on any device",
-    ("sampling.py", "to_uint8", "as_tensor"): "images become 8-bit files on the host",
-    ("samples.py", "grey_levels", "as_tensor"): "grey levels of files, on the host",
-    ("validation.py", "Validator.__init__", "from_numpy"):
+    ("translation/sampling.py", "to_uint8", "as_tensor"): "images become 8-bit files on the host",
+    ("translation/samples.py", "grey_levels", "as_tensor"): "grey levels of files, on the host",
+    ("evaluation/validation.py", "Validator.__init__", "from_numpy"):
         "the validation pairs, loaded once on the host",
     ("train_util.py", "TrainLoop.__init__", "zeros"):
         "the stop flag's host copy, pinned on CUDA, filled without blocking",
-    ("scene.py", "SceneArrays.read", "from_numpy"): "the scene's arrays live on the host",
-    ("scene.py", "TileFuser.total", "from_numpy"): "the scene's arrays live on the host",
-    ("scene.py", "TileFuser.__call__", "from_numpy"): "the scene's arrays live on the host",
-    ("scene.py", "TileFuser.__call__", "zeros"): "the scene's arrays live on the host",
-    ("scene.py", "_BandPrediction.__call__", "full"):
+    ("translation/scene.py", "SceneArrays.read", "from_numpy"): "the scene's arrays live on the host",
+    ("translation/scene.py", "TileFuser.total", "from_numpy"): "the scene's arrays live on the host",
+    ("translation/scene.py", "TileFuser.__call__", "from_numpy"): "the scene's arrays live on the host",
+    ("translation/scene.py", "TileFuser.__call__", "zeros"): "the scene's arrays live on the host",
+    ("translation/scene.py", "_BandPrediction.__call__", "full"):
         "the band update runs on the host, with the scene's arrays",
-    ("scene.py", "SceneSampler.start", "Generator"):
+    ("translation/scene.py", "SceneSampler.start", "Generator"):
         "each band's noise is drawn on the host, with the scene's arrays",
-    ("scene.py", "SceneSampler.resume", "Generator"):
+    ("translation/scene.py", "SceneSampler.resume", "Generator"):
         "each band's noise is drawn on the host, with the scene's arrays",
-    ("scene_translation.py", "sample_scene.should_stop", "tensor"):
+    ("translation/scene_translation.py", "sample_scene.should_stop", "tensor"):
         "a host flag; all_reduce takes it to the device and back",
-    ("scene_translation.py", "resampled_rows.rows", "from_numpy"):
+    ("translation/scene_translation.py", "resampled_rows.rows", "from_numpy"):
         "the scene's rows are read on the host",
 }  # fmt: skip
 

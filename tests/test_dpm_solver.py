@@ -1,6 +1,6 @@
 """
-Tests of DPM-Solver++(2M) (guided_diffusion.samplers), and a common base that
-every sampler registered in guided_diffusion.samplers.SAMPLERS passes through
+Tests of DPM-Solver++(2M) (guided_diffusion.base.samplers), and a common base that
+every sampler registered in guided_diffusion.base.samplers.SAMPLERS passes through
 the tiny U-Net (tests/test_sampler_contract.py holds the samplers' contract).
 
 The solver is checked against the exact solution of the probability-flow ODE
@@ -18,7 +18,7 @@ from conftest import (
 )
 
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion import samplers
+from guided_diffusion.base import samplers
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 

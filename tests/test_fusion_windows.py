@@ -1,5 +1,5 @@
 """
-The windows the scene fuser actually uses (guided_diffusion/scene.py's TileFuser),
+The windows the scene fuser actually uses (guided_diffusion/translation/scene.py's TileFuser),
 against the fused prediction computed in this file.
 
 The independent answer: each tile's prediction is recorded as the network gave it,
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch as th
 
-from guided_diffusion.scene import SceneArrays, TileFuser
-from guided_diffusion.tiling import tile_grid, tile_weights
+from guided_diffusion.translation.scene import SceneArrays, TileFuser
+from guided_diffusion.translation.tiling import tile_grid, tile_weights
 
 TILE, OVERLAP = 16, 8
 

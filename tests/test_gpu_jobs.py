@@ -1,7 +1,7 @@
 """
 What the sampling jobs do on GPUs, shown on a CPU with faked answers: the network
 called at one batch shape under --compile and at a smaller one when the device runs
-out of memory (:class:`~guided_diffusion.sampling.BatchedModel`), the memory that
+out of memory (:class:`~guided_diffusion.translation.sampling.BatchedModel`), the memory that
 --memory auto judges shared among the ranks of a machine, ranks that would resume
 a scene from different saved jobs stopped, and a model trained in float16 sampled
 under --use_bf16.
@@ -18,8 +18,8 @@ import torch as th
 from conftest import TINY_FLAGS
 
 from guided_diffusion import dist_util
-from guided_diffusion.jobs import Sampling, SceneJob
-from guided_diffusion.sampling import load_model
+from guided_diffusion.translation.jobs import Sampling, SceneJob
+from guided_diffusion.translation.sampling import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +58,7 @@ def batch(n, seed=0):
 
 
 def test_compiled_calls_are_padded_to_the_batch_and_the_padding_dropped():
-    from guided_diffusion.sampling import BatchedModel
+    from guided_diffusion.translation.sampling import BatchedModel
 
     net = Recording(PerImage())
     model = BatchedModel(net, 4, pad=True)
@@ -73,7 +73,7 @@ def test_compiled_calls_are_padded_to_the_batch_and_the_padding_dropped():
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits_and_keeps_it(capsys):
-    from guided_diffusion.sampling import BatchedModel
+    from guided_diffusion.translation.sampling import BatchedModel
 
     net = Recording(PerImage(), limit=7)
     model = BatchedModel(net, 64)
@@ -93,7 +93,7 @@ def test_out_of_memory_halves_the_batch_until_it_fits_and_keeps_it(capsys):
 
 
 def test_out_of_memory_under_compile_pads_to_the_smaller_batch():
-    from guided_diffusion.sampling import BatchedModel
+    from guided_diffusion.translation.sampling import BatchedModel
 
     net = Recording(PerImage(), limit=4)
     model = BatchedModel(net, 8, pad=True)
@@ -103,7 +103,10 @@ def test_out_of_memory_under_compile_pads_to_the_smaller_batch():
 
 
 def test_memory_auto_shares_the_judged_memory_among_the_ranks_of_a_machine():
-    from guided_diffusion.scene_translation import MEMORY_SHARE, arrays_on_disk
+    from guided_diffusion.translation.scene_translation import (
+        MEMORY_SHARE,
+        arrays_on_disk,
+    )
 
     gib = 2**30
     assert MEMORY_SHARE == 0.5  # the numbers below are chosen for it
@@ -117,7 +120,7 @@ def test_memory_auto_shares_the_judged_memory_among_the_ranks_of_a_machine():
 
 
 def test_the_ranks_of_this_machine_are_counted_by_host_name(monkeypatch):
-    from guided_diffusion.scene_translation import ranks_on_this_machine
+    from guided_diffusion.translation.scene_translation import ranks_on_this_machine
 
     assert ranks_on_this_machine() == 1  # one process
     monkeypatch.setattr(
@@ -127,8 +130,8 @@ def test_the_ranks_of_this_machine_are_counted_by_host_name(monkeypatch):
 
 
 def test_ranks_that_would_resume_different_saved_jobs_are_stopped(tmp_path):
-    from guided_diffusion.scene import JobMismatch
-    from guided_diffusion.scene_translation import check_saved_jobs_agree
+    from guided_diffusion.translation.scene import JobMismatch
+    from guided_diffusion.translation.scene_translation import check_saved_jobs_agree
 
     folder = str(tmp_path / "out.tif.work")
     saved = (4, "0f3c")  # rank 0 reads a job saved at step 4
@@ -177,7 +180,7 @@ def test_use_fp16_and_use_bf16_given_together_are_refused(tiny_checkpoint):
 
 
 def test_the_precisions_a_job_runs_in_are_part_of_its_key(tmp_path, monkeypatch):
-    from guided_diffusion.scene_translation import job_key
+    from guided_diffusion.translation.scene_translation import job_key
 
     scene = tmp_path / "scene.tif"
     scene.write_bytes(b"a scene")

@@ -1,5 +1,5 @@
 """
-One rule for which files of a folder are images (guided_diffusion/image_files.py),
+One rule for which files of a folder are images (guided_diffusion/base/image_files.py),
 checked against a folder built here and a list of what it holds written by hand.
 """
 
@@ -7,9 +7,13 @@ import os
 
 import pytest
 
-from guided_diffusion import metrics
+from guided_diffusion.base.image_files import (
+    IMAGE_EXTENSIONS,
+    is_image_name,
+    list_images,
+)
+from guided_diffusion.evaluation import metrics
 from guided_diffusion.image_datasets import find_pairs
-from guided_diffusion.image_files import IMAGE_EXTENSIONS, is_image_name, list_images
 
 # Every file of the test folder; the images among them are IMAGES.
 FILES = [
@@ -97,7 +101,9 @@ def test_hidden_files_and_other_files_are_not_images(name):
 
 
 def test_one_definition_of_the_extensions():
-    from guided_diffusion import app, image_datasets, rasters
+    from guided_diffusion import image_datasets
+    from guided_diffusion.io import rasters
+    from guided_diffusion.page import app
 
     assert set(IMAGE_EXTENSIONS) == {
         ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"

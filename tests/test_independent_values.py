@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion import calibration, pictures
 from guided_diffusion import gaussian_diffusion as gd
+from guided_diffusion.evaluation import calibration
+from guided_diffusion.io import pictures
 
 
 def test_calibration_report_of_four_pixels_by_hand():

@@ -28,8 +28,12 @@ from PIL import Image
 
 from guided_diffusion import dist_util, logger, train_util
 from guided_diffusion.nn import update_ema
-from guided_diffusion.sampling import make_generators, prepare_model, translate
 from guided_diffusion.script_util import create_model_and_diffusion
+from guided_diffusion.translation.sampling import (
+    make_generators,
+    prepare_model,
+    translate,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"

@@ -1,5 +1,5 @@
 """
-Tests for guided_diffusion/metrics.py and scripts/image_evaluate.py.
+Tests for guided_diffusion/evaluation/metrics.py and scripts/image_evaluate.py.
 
 The per-image figures are checked against direct scikit-image calls, the
 Frechet distance against closed forms, and FID end to end with a small
@@ -21,7 +21,7 @@ import pytest
 import torch as th
 from PIL import Image
 
-from guided_diffusion import metrics
+from guided_diffusion.evaluation import metrics
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "image_evaluate.py"
 TIMEOUT = 120

@@ -21,8 +21,8 @@ import rasterio
 from PIL import Image
 from rasterio.transform import Affine
 
-from guided_diffusion import metrics
-from guided_diffusion.scene_translation import BUNDLED_MODEL
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.translation.scene_translation import BUNDLED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "scripts" / "image_sample_realtime.py"

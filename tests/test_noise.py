@@ -1,5 +1,5 @@
 """
-Where the samplers' noise is drawn (guided_diffusion.samplers.noise_of_shape): per-image
+Where the samplers' noise is drawn (guided_diffusion.base.samplers.noise_of_shape): per-image
 generators give the same numbers as drawing each image alone, on any target device;
 noise for another device reaches it through a non-blocking copy from pinned memory, so
 the host never waits for the device's queued work; and no generator is advanced for
@@ -13,10 +13,10 @@ import pytest
 import torch as th
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from guided_diffusion import samplers
-from guided_diffusion.sampling import make_generators
-from guided_diffusion.scene import SceneArrays, SceneSampler
+from guided_diffusion.base import samplers
 from guided_diffusion.script_util import create_gaussian_diffusion
+from guided_diffusion.translation.sampling import make_generators
+from guided_diffusion.translation.scene import SceneArrays, SceneSampler
 
 NAMES = ["a.png", "b.png", "c.png"]
 

@@ -1,5 +1,5 @@
 """
-The side-by-side pictures (guided_diffusion.pictures), against pictures built by
+The side-by-side pictures (guided_diffusion.io.pictures), against pictures built by
 hand pixel by pixel: where the panels and the gaps fall, the enlargement, grey as RGB,
 and the PNG written atomically.
 """
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion import atomic
-from guided_diffusion.pictures import columns_side_by_side, side_by_side, write_png
+from guided_diffusion.base import atomic
+from guided_diffusion.io.pictures import columns_side_by_side, side_by_side, write_png
 
 W = 255  # the white background
 
@@ -126,7 +126,7 @@ def test_write_png_round_trips_and_is_atomic(tmp_path, monkeypatch):
         calls.append(path)
         return real(path, write, suffix)
 
-    monkeypatch.setattr("guided_diffusion.pictures.write_atomic", spy)
+    monkeypatch.setattr("guided_diffusion.io.pictures.write_atomic", spy)
     write_png(str(path), Image.fromarray(picture[:, :3]))
     assert calls == [str(path)]
     assert np.array_equal(np.asarray(Image.open(path)), picture[:, :3])

@@ -21,8 +21,8 @@ from PIL import Image
 from rasterio.transform import Affine
 
 from guided_diffusion.image_datasets import load_sar
-from guided_diffusion.rasters import Scaling, load_sar_patch
-from guided_diffusion.sampling import sar_for_display, to_uint8
+from guided_diffusion.io.rasters import Scaling, load_sar_patch
+from guided_diffusion.translation.sampling import sar_for_display, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "image_train.py")

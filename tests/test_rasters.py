@@ -1,5 +1,5 @@
 """
-Reading SAR and optical rasters and scaling them (guided_diffusion/rasters.py).
+Reading SAR and optical rasters and scaling them (guided_diffusion/io/rasters.py).
 
 Every expected value is computed by hand from the definitions: dB = 10 log10(power)
 = 20 log10(amplitude), a dB range [lo, hi] maps linearly onto [-1, 1] after
@@ -19,7 +19,8 @@ from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
-from guided_diffusion import logger, settings
+from guided_diffusion import logger
+from guided_diffusion.base import settings
 from guided_diffusion.image_datasets import (
     DataError,
     PairedDataset,
@@ -29,7 +30,7 @@ from guided_diffusion.image_datasets import (
     load_opt,
     load_sar,
 )
-from guided_diffusion.rasters import (
+from guided_diffusion.io.rasters import (
     CLIP_WARN_SHARE,
     Scaling,
     load_sar_patch,
@@ -38,7 +39,7 @@ from guided_diffusion.rasters import (
     read_raster,
     resolve,
 )
-from guided_diffusion.sampling import input_scaling
+from guided_diffusion.translation.sampling import input_scaling
 
 
 def write_tif(path, bands, *, names=None, nodata=None, georef=True):

@@ -14,7 +14,7 @@ nodata:
   strip, ``--samples_per_input 2``, stopped by SIGTERM in the second sample (after
   its save) and run again to the end; the files beside the output when it stopped,
   and the steps run before and after the stop, are recorded too;
-* ``page_patch``, ``page_scene``: the page's two routes (guided_diffusion/app.py's
+* ``page_patch``, ``page_scene``: the page's two routes (guided_diffusion/page/app.py's
   Translator, without a browser), three and two samples;
 * ``validation``: scripts/image_train.py resumed from the bundled weights with a
   learning rate of 0 for one step, validating on the folder (its grid, and its
@@ -291,7 +291,7 @@ def shown_command(command):
 def test_a_page_route_gives_the_recorded_result_and_files(
     route, folder, tmp_path, monkeypatch
 ):
-    from guided_diffusion import app
+    from guided_diffusion.page import app
 
     monkeypatch.chdir(ROOT)  # the page shows paths relative to where it runs
     if route == "patch":  # the folder's patch with nodata, at the model's size

@@ -8,7 +8,7 @@ tiny U-Net with fixed random weights, decodes the result to 8 bits as the script
 write it (``sampling.to_uint8``) and compares it with ``tests/data/
 recorded_pixels.npz``: at most one grey level apart anywhere (none is expected on
 the same CPU; one level allows a convolution's last bits to differ between CPUs).
-The scene cases run a whole :class:`~guided_diffusion.scene.SceneSampler` job (the
+The scene cases run a whole :class:`~guided_diffusion.translation.scene.SceneSampler` job (the
 fusion over tiles and the band-by-band update) on a 48 x 80 scene, and also check a
 job saved after two steps and continued. To record anew, after a change meant to
 change the images: ``SAR2OPT_RECORD=1 python -m pytest tests/test_recorded_pixels.py``.
@@ -21,9 +21,9 @@ import pytest
 import torch as th
 from conftest import DATA_DIR, randomize_, tiny_model_and_diffusion
 
-from guided_diffusion import samplers
-from guided_diffusion.sampling import make_generators, to_uint8, translate
-from guided_diffusion.scene import SceneArrays, SceneSampler
+from guided_diffusion.base import samplers
+from guided_diffusion.translation.sampling import make_generators, to_uint8, translate
+from guided_diffusion.translation.scene import SceneArrays, SceneSampler
 
 RECORD = DATA_DIR / "recorded_pixels.npz"
 NAMES = ["a.png", "b.png"]

@@ -1,5 +1,5 @@
 """
-The results folder (guided_diffusion/results.py): what its writers write, its readers
+The results folder (guided_diffusion/io/results.py): what its writers write, its readers
 read back, on arrays made here.
 """
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion import metrics, results
+from guided_diffusion.evaluation import metrics
+from guided_diffusion.io import results
 
 
 def random_images(rng, count, size=8):

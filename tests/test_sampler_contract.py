@@ -1,5 +1,5 @@
 """
-What every sampler in guided_diffusion.samplers.SAMPLERS promises (the module's
+What every sampler in guided_diffusion.base.samplers.SAMPLERS promises (the module's
 docstring), checked for each one registered: a new sampler is tested by
 registering it.
 
@@ -20,7 +20,7 @@ import pytest
 import torch as th
 from conftest import GaussianEpsModel, linear_diffusion
 
-from guided_diffusion import samplers
+from guided_diffusion.base import samplers
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
 
 STEPS = 8

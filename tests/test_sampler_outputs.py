@@ -19,7 +19,7 @@ import pytest
 import torch as th
 from conftest import DATA_DIR, randomize_, tiny_model_and_diffusion
 
-from guided_diffusion.sampling import make_generators, translate
+from guided_diffusion.translation.sampling import make_generators, translate
 
 RECORD = DATA_DIR / "sampler_outputs.npz"
 NAMES = ["a.png", "b.png"]

@@ -1,5 +1,5 @@
 """
-The one sampler interface (guided_diffusion.samplers): samplers that should agree
+The one sampler interface (guided_diffusion.base.samplers): samplers that should agree
 do, options are checked, a sampler registered anywhere is offered everywhere, and
 code written against guided-diffusion's calls runs unchanged.
 """
@@ -22,14 +22,14 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion import samplers, settings
+from guided_diffusion.base import samplers, settings
 from guided_diffusion.image_datasets import load_sar
-from guided_diffusion.sampling import make_generators, to_uint8, translate
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     model_and_diffusion_defaults,
 )
 from guided_diffusion.train_util import train_defaults
+from guided_diffusion.translation.sampling import make_generators, to_uint8, translate
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,8 +26,8 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion.samplers import SAMPLERS, noise_of_shape
-from guided_diffusion.sampling import (
+from guided_diffusion.base.samplers import SAMPLERS, noise_of_shape
+from guided_diffusion.translation.sampling import (
     load_model,
     make_generators,
     read_run_config,
@@ -130,7 +130,7 @@ def one_line_error(proc):
 def test_sample_seed_is_stable_across_processes():
     name = "ROIs1158_spring/s1_1/ROIs1158_spring_s1_1_p30.png"
     code = (
-        "from guided_diffusion.sampling import sample_seed; "
+        "from guided_diffusion.translation.sampling import sample_seed; "
         f"print(sample_seed(7, {name!r}), hash({name!r}))"
     )
     # One other process (each imports torch), with a string hash that differs from

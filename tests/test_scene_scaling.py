@@ -1,5 +1,5 @@
 """
-How the whole-scene path scales SAR (guided_diffusion/scene_translation.py's
+How the whole-scene path scales SAR (guided_diffusion/translation/scene_translation.py's
 load_scene), checked on that path itself.
 
 The patch path resizes and clips a second time (rasters.float_array), so a missing
@@ -16,9 +16,9 @@ import pytest
 import rasterio
 from rasterio.transform import Affine
 
-from guided_diffusion.rasters import RasterRows, Scaling
-from guided_diffusion.scene import SceneArrays
-from guided_diffusion.scene_translation import load_scene
+from guided_diffusion.io.rasters import RasterRows, Scaling
+from guided_diffusion.translation.scene import SceneArrays
+from guided_diffusion.translation.scene_translation import load_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENE_EXAMPLE = ROOT / "assets" / "examples" / "scene_64x96.tif"

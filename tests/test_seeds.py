@@ -9,10 +9,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from guided_diffusion.samples import seed_of_sample
-from guided_diffusion.sampling import sample_seed
-from guided_diffusion.scene import band_seed, scene_sample_seed, step_shift
-from guided_diffusion.seeds import hashed_seed, hashed_words
+from guided_diffusion.base.seeds import hashed_seed, hashed_words
+from guided_diffusion.translation.samples import seed_of_sample
+from guided_diffusion.translation.sampling import sample_seed
+from guided_diffusion.translation.scene import band_seed, scene_sample_seed, step_shift
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """
-Joint denoising of overlapping tiles (guided_diffusion/tiling.py and scene.py).
+Joint denoising of overlapping tiles (guided_diffusion/translation/tiling.py and scene.py).
 
 The independent facts: tiles cover the scene and stay inside it; the fused
 weights are positive everywhere; for a network that looks at one pixel at a time
@@ -14,9 +14,14 @@ import pytest
 import torch as th
 from conftest import linear_diffusion
 
-from guided_diffusion import samplers
-from guided_diffusion.scene import SceneArrays, SceneSampler, bands, step_shift
-from guided_diffusion.tiling import (
+from guided_diffusion.base import samplers
+from guided_diffusion.translation.scene import (
+    SceneArrays,
+    SceneSampler,
+    bands,
+    step_shift,
+)
+from guided_diffusion.translation.tiling import (
     max_shift,
     tile_grid,
     tile_starts,
@@ -297,7 +302,7 @@ def test_a_saved_job_continues_to_the_same_bits_on_disk_or_in_memory(
 
 
 def test_a_job_saved_with_other_settings_is_not_continued(tmp_path):
-    from guided_diffusion.scene import JobMismatch
+    from guided_diffusion.translation.scene import JobMismatch
 
     diffusion = linear_diffusion(num_steps=25)
     sar, _ = scene(40, 40)

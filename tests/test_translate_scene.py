@@ -24,10 +24,10 @@ from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
 
-from guided_diffusion import settings
-from guided_diffusion.rasters import Scaling
-from guided_diffusion.scene import SceneSampler
+from guided_diffusion.base import settings
+from guided_diffusion.io.rasters import Scaling
 from guided_diffusion.script_util import create_model
+from guided_diffusion.translation.scene import SceneSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "translate_scene.py")
@@ -482,8 +482,8 @@ def test_no_samples_is_refused_naming_the_flag(tmp_path, monkeypatch, checkpoint
 
 def test_compile_sees_one_tile_batch_shape_as_the_tiles_move(tmp_path, monkeypatch, checkpoint):
     from guided_diffusion import dist_util
-    from guided_diffusion.scene import step_shift
-    from guided_diffusion.tiling import max_shift, tile_grid
+    from guided_diffusion.translation.scene import step_shift
+    from guided_diffusion.translation.tiling import max_shift, tile_grid
 
     scene = write_scene(tmp_path / "scene.tif", 72, 100, seed=2)
     flags = ("--sampler", "ddim", "--timestep_respacing", "ddim3", "--batch_size", "7")
@@ -568,8 +568,9 @@ def test_a_saved_job_continues_only_where_every_rank_reads_it_in_its_precisions(
 def test_memory_auto_divides_the_memory_among_the_ranks_of_a_machine(
     tmp_path, monkeypatch, checkpoint, capsys
 ):
-    from guided_diffusion import dist_util, scene_translation
-    from guided_diffusion.scene import scene_bytes
+    from guided_diffusion import dist_util
+    from guided_diffusion.translation import scene_translation
+    from guided_diffusion.translation.scene import scene_bytes
 
     scene = write_scene(tmp_path / "scene.tif", 40, 72, seed=6)
     need = scene_bytes(40, 72, 2, False)

@@ -1,5 +1,5 @@
 """
-Several samples per input (guided_diffusion/samples.py), the spread's picture
+Several samples per input (guided_diffusion/translation/samples.py), the spread's picture
 (pictures.py) and the evaluation of the spread (calibration.py).
 
 The reference facts: for a toy model whose sampler output is a known Gaussian, the
@@ -28,11 +28,13 @@ from conftest import (
 )
 from PIL import Image
 
-from guided_diffusion import calibration, metrics, pictures, sampling
-from guided_diffusion import samples as k_samples
+from guided_diffusion.evaluation import calibration, metrics
+from guided_diffusion.io import pictures
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
 )
+from guided_diffusion.translation import samples as k_samples
+from guided_diffusion.translation import sampling
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "scripts" / "image_sample_realtime.py"

@@ -19,16 +19,17 @@ import pytest
 import torch as th
 from conftest import FixedOutputModel, GaussianEpsModel, RecordingModel
 
-from guided_diffusion import dist_util, logger, samplers, train_util
+from guided_diffusion import dist_util, logger, train_util
 from guided_diffusion import gaussian_diffusion as gd
-from guided_diffusion.checkpoints import read_run_config
+from guided_diffusion.base import samplers
+from guided_diffusion.io.checkpoints import read_run_config
 from guided_diffusion.respace import SpacedDiffusion, space_timesteps
-from guided_diffusion.sampling import checkpoint_model_flags
 from guided_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
     prediction_target,
 )
+from guided_diffusion.translation.sampling import checkpoint_model_flags
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "image_train.py"

@@ -25,7 +25,7 @@ INTRO = """# Flag reference
 Generated from each script's `create_argparser()` when the site is built, so
 it shows what the code accepts. Booleans are given as `--flag True` or
 `--flag False`; every script prints the same with `--help`. The group is the
-settings group of `guided_diffusion/settings.py` that declares the flag (the
+settings group of `guided_diffusion/base/settings.py` that declares the flag (the
 flags of a run's `config.json` come from the same declarations); a flag
 without a group is the script's own.
 
@@ -76,7 +76,9 @@ def flag_rows(parser):
     :param parser: an argparse parser.
     :return: a list of (flags, default, choices, group, help) strings.
     """
-    from guided_diffusion import settings  # the one place the hook names the module
+    from guided_diffusion.base import (
+        settings,  # the one place the hook names the module
+    )
 
     formatter = parser._get_formatter()
     rows = []

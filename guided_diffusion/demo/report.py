@@ -9,7 +9,7 @@ and compares the model with two baselines that need no training at all:
 * the SAR image copied into the three RGB channels: the structure is all
   there, the colours are not.
 
-Besides SSIM and PSNR (guided_diffusion/metrics.py) it measures class
+Besides SSIM and PSNR (guided_diffusion/evaluation/metrics.py) it measures class
 accuracy: the generator knows the land-cover class of every pixel, so a
 generated pixel counts as right when its colour is nearer to the mean colour
 of its true class than to that of any other class. This tells "the field came out green" apart from
@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .. import metrics
-from ..atomic import write_atomic, write_text
+from ..base.atomic import write_atomic, write_text
+from ..evaluation import metrics
 from ..image_datasets import load_opt
-from ..pictures import columns_side_by_side, write_png
+from ..io.pictures import columns_side_by_side, write_png
 
 # Picture layout, in pixels of the written PNG.
 SEPARATOR = 2
@@ -119,7 +119,7 @@ def mean_image_baseline(train_opt, image_size, progress=False, *, scaling=None):
         recursively), or a sequence of their files.
     :param image_size: side of the square images.
     :param progress: show a progress bar.
-    :param scaling: a :class:`~guided_diffusion.rasters.Scaling` that picks and
+    :param scaling: a :class:`~guided_diffusion.io.rasters.Scaling` that picks and
         scales the bands of multispectral or 16-bit files (the training run's),
         or None for 8-bit RGB images.
     :return: uint8 array (image_size, image_size, 3), the rounded mean. 8-bit

@@ -848,6 +848,26 @@ def make_dataset(
         db_range=list(DB_RANGE),
         sensor_side=SENSOR_SIDE,
         classes=[dict(asdict(c), rgb=list(c.rgb)) for c in CLASSES],
+        **class_statistics(stats, means),
+        sar_mean=round(float(sar_mean), 3),
+        sar_std=round(float(np.sqrt(sar_moments[2] / sar_moments[0] - sar_mean**2)), 3),
+    )
+    with open(out_dir / "dataset.json", "w") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+    return info
+
+
+def class_statistics(stats, means):
+    """
+    What a data set's info.json says of its classes: each class's share of the
+    pixels and mean optical colour, and the share of the optical variance the
+    classes explain.
+
+    :param stats: the accumulated class statistics (``count``, ``explained_share``).
+    :param means: class id -> mean RGB.
+    """
+    return dict(
         class_pixel_share=[
             float(stats.count[c.id] / stats.count.sum()) for c in CLASSES
         ],
@@ -856,10 +876,4 @@ def make_dataset(
             for c in CLASSES
         ],
         explained_variance_share=round(float(stats.explained_share()), 6),
-        sar_mean=round(float(sar_mean), 3),
-        sar_std=round(float(np.sqrt(sar_moments[2] / sar_moments[0] - sar_mean**2)), 3),
     )
-    with open(out_dir / "dataset.json", "w") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
-    return info

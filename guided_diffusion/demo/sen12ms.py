@@ -49,6 +49,7 @@ from .scenes import (
     SHADOW_SIGMA0_VH,
     _ColourStats,
     check_dataset_arguments,
+    class_statistics,
     generate_scene,
 )
 
@@ -440,14 +441,7 @@ def make_sen12ms_dataset(
             VV=_db(DOUBLE_BOUNCE_SIGMA0), VH=_db(DOUBLE_BOUNCE_SIGMA0_VH)
         ),
         shadow_db=dict(VV=_db(SHADOW_SIGMA0), VH=_db(SHADOW_SIGMA0_VH)),
-        class_pixel_share=[
-            float(stats.count[c.id] / stats.count.sum()) for c in CLASSES
-        ],
-        class_mean_rgb=[
-            [round(float(v), 3) for v in means[c.id]] if stats.count[c.id] else None
-            for c in CLASSES
-        ],
-        explained_variance_share=round(float(stats.explained_share()), 6),
+        **class_statistics(stats, means),
         sar_db_mean={b: round(float(m), 3) for b, m in zip(SAR_BANDS, db_mean)},
         sar_db_std={b: round(float(s), 3) for b, s in zip(SAR_BANDS, db_std)},
         nodata_patches=nodata_patches,

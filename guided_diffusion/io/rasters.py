@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-from .atomic import temporary_path
-from .image_files import PILLOW_EXTENSIONS
+from ..base.atomic import temporary_path
+from ..base.image_files import PILLOW_EXTENSIONS
 
 SAR_INPUTS = ("uint8", "db", "power", "amplitude")
 

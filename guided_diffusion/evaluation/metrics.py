@@ -26,8 +26,9 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from . import image_files, results
-from .atomic import write_json, write_text
+from ..base import image_files
+from ..base.atomic import write_json, write_text
+from ..io import results
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_ENV = "SAR2OPT_INCEPTION"
@@ -350,7 +351,7 @@ def format_summary(summary, fid=None):
 
 
 # ---------------------------------------------------------------------------
-# The spread of several samples per input (guided_diffusion/uncertainty.py)
+# The spread of several samples per input (guided_diffusion/translation/samples.py)
 
 
 def find_spread_npz(choice, gen_dir):

@@ -9,13 +9,13 @@ import os
 import numpy as np
 import torch as th
 
+from ..image_datasets import DataError, find_test_pairs, load_opt
+from ..io.pictures import columns_side_by_side, write_png
+from ..io.rasters import Scaling
+from ..translation.folder import load_batch, translate_batch
+from ..translation.jobs import Sampling
+from ..translation.sampling import sar_for_display, to_uint8
 from . import metrics
-from .folder import load_batch, translate_batch
-from .image_datasets import DataError, find_test_pairs, load_opt
-from .jobs import Sampling
-from .pictures import columns_side_by_side, write_png
-from .rasters import Scaling
-from .sampling import sar_for_display, to_uint8
 
 
 class Validator:
@@ -26,7 +26,7 @@ class Validator:
     :param data_dir: a folder with sar/ and opt/ (ground truth is required).
     :param scaling: how the files are read (rasters.Scaling), as for training.
     :param num: how many pairs to translate (the first ones by name).
-    :param sampler: a sampler name of guided_diffusion.sampling.
+    :param sampler: a sampler name of guided_diffusion.translation.sampling.
     :param seed: the noise seed; each pair's noise depends on (seed, name) only.
     """
 

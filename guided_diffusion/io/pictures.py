@@ -6,7 +6,7 @@ A picture is a grid of panels of one size on a white background: grey panels are
 shown as RGB, every panel can be enlarged by an integer factor with nearest-neighbour
 sampling (a 32-pixel tile shows its pixels, not a blur), and panels sit ``gap``
 pixels apart, with an optional ``margin`` around the whole. :func:`write_png` writes
-one through :func:`~guided_diffusion.atomic.write_atomic`, so a reader never sees
+one through :func:`~guided_diffusion.base.atomic.write_atomic`, so a reader never sees
 half a picture.
 
 The spread of several samples is drawn here too (:func:`spread_picture`): a colour
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import write_atomic
+from ..base.atomic import write_atomic
 
 
 def side_by_side(rows, *, gap=2, margin=0, scale=1, background=255):

@@ -9,7 +9,7 @@ scene_translation.py):
 
 * the noise of sample k of an input: sample 0 is the single sample of a run with
   K = 1, to the bit (its generator is the one
-  :func:`guided_diffusion.sampling.make_generators` gives); samples 1..K-1 have
+  :func:`guided_diffusion.translation.sampling.make_generators` gives); samples 1..K-1 have
   generators seeded from (seed, name, k), so no sample depends on the batch, the
   number of processes or K itself (:func:`seed_of_sample`,
   :func:`sample_generators`, :func:`translate_samples`);
@@ -28,8 +28,8 @@ pictures.spread_picture; whether it can be trusted, calibration.py.
 import numpy as np
 import torch as th
 
+from ..base.seeds import hashed_seed
 from . import sampling
-from .seeds import hashed_seed
 
 
 def seed_of_sample(seed, name, k):
@@ -40,7 +40,7 @@ def seed_of_sample(seed, name, k):
     :param name: the input's relative path ("/" separators).
     :param k: the sample's index, 0 <= k < K.
     :return: for k = 0 the seed of the run's single sample
-        (:func:`guided_diffusion.sampling.sample_seed`); otherwise a 63-bit integer
+        (:func:`guided_diffusion.translation.sampling.sample_seed`); otherwise a 63-bit integer
         from SHA-256 of (seed, name, k), the same in every process.
     """
     if k == 0:
@@ -54,7 +54,7 @@ def sample_generators(seed, names, k, device="cpu"):
 
     :param seed: the run's seed.
     :param names: the inputs' relative paths, in batch order.
-    :param k: the sample's index; 0 gives :func:`~guided_diffusion.sampling.
+    :param k: the sample's index; 0 gives :func:`~guided_diffusion.translation.sampling.
         make_generators`' generators, those of a run with one sample per input.
     :param device: where the generators live (CPU: the same numbers on any device).
     :return: a list of th.Generator, one per name.
@@ -85,7 +85,7 @@ def translate_samples(
     """
     Sample every input of a batch K times, one sample of the whole batch at a time.
 
-    Each call of :func:`~guided_diffusion.sampling.translate` holds the batch as
+    Each call of :func:`~guided_diffusion.translation.sampling.translate` holds the batch as
     given, so sample 0 is exactly what a single translate call with
     ``make_generators(seed, names)`` returns, and memory does not grow with K.
 
@@ -95,7 +95,7 @@ def translate_samples(
     :param names: the inputs' relative paths, N of them (they seed the noise).
     :param seed: the run's seed.
     :param samples_per_input: K, at least 1.
-    :param kwargs: :func:`~guided_diffusion.sampling.translate`'s options (sampler,
+    :param kwargs: :func:`~guided_diffusion.translation.sampling.translate`'s options (sampler,
         clip_denoised, eta, progress, use_bf16, the sampler's own).
     :return: an iterator of (k, images), images (N, 3, H, W) in [-1, 1], k = 0..K-1.
     """
@@ -116,7 +116,7 @@ def grey_levels(images):
 
     :param images: (N, C, H, W) in [-1, 1], a tensor or an array.
     :return: (N, H, W, C) float64, ``(x + 1) * 127.5`` clamped to [0, 255]; rounded,
-        it is :func:`~guided_diffusion.sampling.to_uint8`'s image.
+        it is :func:`~guided_diffusion.translation.sampling.to_uint8`'s image.
     """
     x = th.as_tensor(images).detach().to("cpu", th.float64)
     return ((x + 1) * 127.5).clamp(0, 255).permute(0, 2, 3, 1).numpy()

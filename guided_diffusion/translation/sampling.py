@@ -16,11 +16,14 @@ from dataclasses import replace
 import numpy as np
 import torch as th
 
-from . import logger, samplers, settings
-from .checkpoints import load_state_dict as _load_state_dict
-from .checkpoints import read_run_config
-from .rasters import FILE_SETTINGS, Scaling
-from .script_util import (
+from .. import logger
+from ..base import samplers, settings
+from ..base.seeds import hashed_seed
+from ..base.settings import NON_OUTPUT_FLAGS, SAMPLING_FLAGS
+from ..io.checkpoints import load_state_dict as _load_state_dict
+from ..io.checkpoints import read_run_config
+from ..io.rasters import FILE_SETTINGS, Scaling
+from ..script_util import (
     OPT_CHANNELS,
     attention_downsample_rates,
     attention_resolutions_flag,
@@ -33,8 +36,6 @@ from .script_util import (
     parse_channel_mult,
     read_unet_flags,
 )
-from .seeds import hashed_seed
-from .settings import NON_OUTPUT_FLAGS, SAMPLING_FLAGS
 
 # What a checkpoint without config.json must be given: the weights do not tell
 # them, a default would give other images without a word, and the original's
@@ -259,7 +260,7 @@ def translate(
     :param model: the U-Net, taking cat([x_t, sar]) as input.
     :param diffusion: the (respaced) diffusion process.
     :param sar: (N, C_sar, H, W) in [-1, 1], on the model's device.
-    :param sampler: a name in :data:`guided_diffusion.samplers.SAMPLERS`.
+    :param sampler: a name in :data:`guided_diffusion.base.samplers.SAMPLERS`.
     :param generators: None for the global generator, or one th.Generator per
         image (see :func:`make_generators`).
     :param clip_denoised: clip each step's x_start prediction to [-1, 1].
@@ -269,7 +270,7 @@ def translate(
     :param use_bf16: run the model under bfloat16 autocast (fast on GPUs and on
         CPUs with AVX512-BF16); the sampler's own arithmetic stays float32.
     :param options: the sampler's other options, e.g. ``solver_order`` and
-        ``lower_order_final`` of dpm++2m (see :mod:`~guided_diffusion.samplers`).
+        ``lower_order_final`` of dpm++2m (see :mod:`~guided_diffusion.base.samplers`).
     :return: generated optical images, (N, 3, H, W) in [-1, 1].
     """
     options = samplers.check_options(sampler, {"eta": eta, **options})

@@ -19,11 +19,11 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from . import settings
-from .samplers import SAMPLERS, sampler_options
+from ..base import settings
+from ..base.samplers import SAMPLERS, sampler_options
+from ..script_util import model_and_diffusion_defaults
 from .samples import check_samples_per_input
 from .sampling import check_sampler, checkpoint_settings, sampler_settings
-from .script_util import model_and_diffusion_defaults
 
 
 def _default(name):

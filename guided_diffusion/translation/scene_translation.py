@@ -1,16 +1,16 @@
 """
 Translating a whole SAR scene file into an optical GeoTIFF: the scene job
 (jobs.SceneJob), which scripts/translate_scene.py builds from its flags and the web
-page (guided_diffusion/app.py) from its controls; both call :func:`translate_scene`,
+page (guided_diffusion/page/app.py) from its controls; both call :func:`translate_scene`,
 so they give the same pixels for the same job by construction.
 
 :func:`translate_scene` reads the scene into scene-sized arrays (:func:`load_scene`),
-runs the job (:class:`~guided_diffusion.scene.SceneSampler`, :func:`sample_scene`)
+runs the job (:class:`~guided_diffusion.translation.scene.SceneSampler`, :func:`sample_scene`)
 and writes what the job asks for (:func:`write_outputs`: the GeoTIFF, the quick-look
 PNG, a full-size PNG). With ``samples_per_input`` K above 1
 (:func:`translate_scene_samples`) it translates the scene K times, each a whole
 job of its own (:func:`sample_job`) seeded by
-:func:`~guided_diffusion.scene.scene_sample_seed` (sample 0 is the translation of
+:func:`~guided_diffusion.translation.scene.scene_sample_seed` (sample 0 is the translation of
 K = 1, written to the output as always; sample k > 0 goes to :func:`sample_path`),
 then reads the K GeoTIFFs a band of rows at a time into their mean, their spread
 and a picture of the spread (:func:`write_spread_outputs`, files named by
@@ -34,12 +34,13 @@ import torch as th
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import dist_util, logger, pictures, samplers
-from .atomic import DiskFull, write_atomic, write_json
-from .checkpoints import read_run_config
-from .jobs import resolve
-from .pictures import SPREAD_MAX, spread_picture
-from .rasters import (
+from .. import dist_util, logger
+from ..base import samplers
+from ..base.atomic import DiskFull, write_atomic, write_json
+from ..io import pictures
+from ..io.checkpoints import read_run_config
+from ..io.pictures import SPREAD_MAX, spread_picture
+from ..io.rasters import (
     GeoTiffWriter,
     RasterRows,
     SarStats,
@@ -48,6 +49,7 @@ from .rasters import (
     sar_bands_scaled,
     warp_to_grid,
 )
+from .jobs import resolve
 from .samples import mean_and_spread
 from .sampling import (
     BatchedModel,
@@ -75,7 +77,7 @@ QUICKLOOK_WIDTH = 1024
 # The small model that ships with the repository (DATA_FORMAT=sen12ms bash demo.sh
 # --update_assets): 32-pixel tiles, VV and VH in dB, trained on generated scenes.
 BUNDLED_MODEL = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "assets", "scene_model", "model.pt",
 )
 # --memory auto keeps the arrays in memory while they take at most this share of
@@ -106,10 +108,10 @@ def _ask_to_stop(signum, frame):
 def scene_settings(job):
     """
     The checkpoint's flags, input scaling and diffusion for a scene job
-    (:func:`~guided_diffusion.jobs.resolve`).
+    (:func:`~guided_diffusion.translation.jobs.resolve`).
 
-    :param job: a :class:`~guided_diffusion.jobs.SceneJob`.
-    :return: its :class:`~guided_diffusion.jobs.CheckpointSettings`.
+    :param job: a :class:`~guided_diffusion.translation.jobs.SceneJob`.
+    :return: its :class:`~guided_diffusion.translation.jobs.CheckpointSettings`.
     :raises ValueError: --output_units optical for a model of 8-bit optical images.
     """
     checkpoint = resolve(job)
@@ -133,8 +135,8 @@ def translate_scene(job, checkpoint, *, on_sample=None, **options):
     memory-mapped scenes would no longer run in a flat amount of memory. With ``job.samples_per_input`` above 1, the K
     samples and their mean and spread (:func:`translate_scene_samples`).
 
-    :param job: a :class:`~guided_diffusion.jobs.SceneJob` (placed: its output and
-        work folder absolute, :meth:`~guided_diffusion.jobs.SceneJob.placed`).
+    :param job: a :class:`~guided_diffusion.translation.jobs.SceneJob` (placed: its output and
+        work folder absolute, :meth:`~guided_diffusion.translation.jobs.SceneJob.placed`).
     :param checkpoint: its :func:`scene_settings`.
     :param on_sample: called as on_sample(k, K) when sample k starts to be
         translated (K above 1 only), on every process; None for nothing.
@@ -160,7 +162,7 @@ def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
     mean, spread and spread picture (:func:`write_spread_outputs`).
 
     Sample k is a whole job of :func:`_translate_scene_file` with the seed
-    :func:`~guided_diffusion.scene.scene_sample_seed` (``job.seed`` for k = 0, so
+    :func:`~guided_diffusion.translation.scene.scene_sample_seed` (``job.seed`` for k = 0, so
     ``job.output`` is the translation of K = 1), written to :func:`sample_path`,
     saved in a work folder of its own (``job.work_dir`` for sample 0, its
     subfolder ``sample<k>`` for the others). ``job.work_dir`` lists the finished
@@ -266,7 +268,7 @@ def sample_job(job, k, later=0, warned=False):
     """
     The job of sample k: its output (:func:`sample_path`), work folder
     (``job.work_dir``, or its subfolder ``sample<k>``) and seed
-    (:func:`~guided_diffusion.scene.scene_sample_seed`), with ``sample`` (k),
+    (:func:`~guided_diffusion.translation.scene.scene_sample_seed`), with ``sample`` (k),
     ``run_seed`` (the run's seed), ``samples_after`` (``later``: the samples
     still to translate after this one, for the time estimate) and ``warned``
     (True: the input's warnings were given for an earlier sample, not again).
@@ -323,7 +325,7 @@ def _write_json(path, value):
 def load_scene_model(job, flags):
     """
     The model of ``job.model_path``, loaded and prepared as the job says, called
-    on at most ``job.batch_size`` tiles at a time (:class:`~guided_diffusion.sampling.
+    on at most ``job.batch_size`` tiles at a time (:class:`~guided_diffusion.translation.sampling.
     BatchedModel`: under --compile always that many, so that the last tiles of a
     step, whose count changes as the tiles move, compile nothing new).
     """
@@ -447,7 +449,7 @@ def arrays_on_disk(memory, need, available, ranks_here=1):
     Whether a job's arrays go to memory-mapped files (--memory).
 
     :param memory: "ram", "mmap" or "auto".
-    :param need: bytes of one process's arrays (:func:`~guided_diffusion.scene.scene_bytes`).
+    :param need: bytes of one process's arrays (:func:`~guided_diffusion.translation.scene.scene_bytes`).
     :param available: bytes of memory available on this machine.
     :param ranks_here: the processes on this machine, each holding arrays of its
         own: "auto" keeps them in memory while all of them together take at most
@@ -702,7 +704,7 @@ def job_key(job, tile, overlap, flags):
     The precisions the network runs in on this process's device are added where
     they are not IEEE float32 (so a job saved before they were recorded, all in
     float32, continues): "use_fp16" for a float16 model on a GPU
-    (:func:`~guided_diffusion.sampling.runs_in_fp16`), "use_tf32" for TF32 on CUDA.
+    (:func:`~guided_diffusion.translation.sampling.runs_in_fp16`), "use_tf32" for TF32 on CUDA.
 
     :param flags: the model flags (``use_fp16``: the model trained in float16).
     """
@@ -943,12 +945,12 @@ def write_spread_outputs(job, scaling, count):
     * the mean, in the output's units and type (8-bit values rounded to the
       nearest, or float32 optical values), nodata as the output's;
     * the spread, float32: per channel the standard deviation of the K samples
-      (divisor K - 1, :func:`~guided_diffusion.samples.mean_and_spread`), in
+      (divisor K - 1, :func:`~guided_diffusion.translation.samples.mean_and_spread`), in
       the output's units (grey levels for 8-bit output), NaN where the input has
       no data;
     * its picture: the spread averaged over the channels and over blocks of pixels
       down to at most :data:`QUICKLOOK_WIDTH` columns, drawn by
-      :func:`~guided_diffusion.pictures.spread_picture` (nodata black) with its
+      :func:`~guided_diffusion.io.pictures.spread_picture` (nodata black) with its
       colour bar; the top colour is 64 grey levels (for optical units, their
       equivalent through --opt_range, which the title says).
 

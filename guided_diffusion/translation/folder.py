@@ -23,10 +23,10 @@ import numpy as np
 import torch as th
 from tqdm.auto import tqdm
 
-from . import dist_util, logger
-from .image_datasets import find_test_pairs, load_opt
-from .rasters import SarStats, load_sar_patch
-from .results import (
+from .. import dist_util, logger
+from ..image_datasets import find_test_pairs, load_opt
+from ..io.rasters import SarStats, load_sar_patch
+from ..io.results import (
     claim_folder,
     output_names,
     write_npz,

@@ -20,8 +20,9 @@ import re
 
 import torch as th
 
-from . import dist_util, settings
-from .atomic import write_atomic, write_json
+from .. import dist_util
+from ..base import settings
+from ..base.atomic import write_atomic, write_json
 
 _CHECKPOINT_RE = re.compile(
     r"^(?P<kind>model|opt|state|ema_(?P<rate>[0-9.eE+-]+)_)(?P<step>\d{6,})\.pt$"

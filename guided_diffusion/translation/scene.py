@@ -13,7 +13,7 @@ Every step has two passes.
 2. Update (:class:`SceneSampler`): the registered sampler takes its step, one band
    of :data:`BAND_ROWS` rows at a time, on that band's state and fused prediction.
    Each band continues the sampler from where it stopped (``history`` in
-   guided_diffusion/samplers.py) with its own noise generator, so DDPM, DDIM and
+   guided_diffusion/base/samplers.py) with its own noise generator, so DDPM, DDIM and
    DPM-Solver++ run unchanged, a band's arithmetic is the same whether the arrays
    live in memory or on disk, and a saved job is just the state, the last
    prediction and the generators' states.
@@ -36,9 +36,9 @@ import shutil
 import numpy as np
 import torch as th
 
-from . import samplers
-from .atomic import write_atomic, write_json
-from .seeds import hashed_seed, hashed_words
+from ..base import samplers
+from ..base.atomic import write_atomic, write_json
+from ..base.seeds import hashed_seed, hashed_words
 from .tiling import axis_window, max_shift, tile_grid
 
 # Rows per band of the sampler's update (and of reading and writing the scene).

@@ -1,7 +1,7 @@
 """
 The geometry of joint denoising of a scene larger than the model: where the
 overlapping tiles lie and how much each one's prediction weighs in the fused,
-scene-sized prediction (the job itself is in guided_diffusion/scene.py).
+scene-sized prediction (the job itself is in guided_diffusion/translation/scene.py).
 
 Fusion weights are a Hann window per tile, falling towards the tile's edges, except
 on sides that lie on the scene's border, where the weight stays 1: every pixel has

@@ -26,7 +26,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from . import rasters, samplers
+from ..io import rasters
+from . import samplers
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ declare(
     P, "lower_order_final", 2, "DPM-Solver++: first-order final updates (at least 1)"
 )
 
-# -- several samples per input (guided_diffusion/uncertainty.py) ---------------------
+# -- several samples per input (guided_diffusion/translation/samples.py) ---------------------
 
 K = "samples"
 declare(

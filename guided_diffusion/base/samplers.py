@@ -19,7 +19,7 @@ and ``history``, {"t": step k's timestep, "pred_xstart": step k's prediction},
 for a multistep sampler (DPM-Solver++ reuses the previous prediction; DDPM and
 DDIM ignore it). The continued run then gives what the whole run gives, to the
 bit. Scenes use this to save and resume long jobs, and to update a scene band
-by band (guided_diffusion/scene.py).
+by band (guided_diffusion/translation/scene.py).
 
 ``denoiser(x_t, t)`` is a :class:`Denoiser`: the network with the SAR condition,
 the clipping and the timestep respacing bound inside it, returning what
@@ -118,7 +118,8 @@ def run(
         x,
         descending(denoiser) if timesteps is None else timesteps,
         generator=generator,
-        history=history,
+        # a sampler that cannot continue a run takes no history
+        **({} if history is None else {"history": history}),
         **options,
     )
     for i, out in enumerate(steps):

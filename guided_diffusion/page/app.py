@@ -15,11 +15,11 @@ the job (:meth:`Translator.command`).
 
 * An image at the model's size (``image_size`` x ``image_size``) is translated as
   ``scripts/image_sample_realtime.py`` translates a file of the same base name in
-  ``DATA/sar/`` (:func:`~guided_diffusion.folder.translate_items`: the noise seeded
+  ``DATA/sar/`` (:func:`~guided_diffusion.translation.folder.translate_items`: the noise seeded
   by --seed and the file's name, nodata black, K samples, their mean and spread),
-  and written under the page's names (:func:`~guided_diffusion.results.
+  and written under the page's names (:func:`~guided_diffusion.io.results.
   write_spread_files` for the samples' files).
-* Any other size is a scene job, :func:`~guided_diffusion.scene_translation.
+* Any other size is a scene job, :func:`~guided_diffusion.translation.scene_translation.
   translate_scene`, the function of ``scripts/translate_scene.py``, asked to write
   what the page offers and nothing else.
 
@@ -40,13 +40,12 @@ import numpy as np
 import torch as th
 from PIL import Image
 
-from . import dist_util, logger, samplers, scene_translation
-from .atomic import DiskFull, write_atomic
-from .checkpoints import newest_sampling_checkpoint
-from .folder import translate_items
-from .image_files import IMAGE_EXTENSIONS, list_images
-from .jobs import FolderJob, Sampling, SceneJob, resolve
-from .rasters import (
+from .. import dist_util, logger
+from ..base import samplers
+from ..base.atomic import DiskFull, write_atomic
+from ..base.image_files import IMAGE_EXTENSIONS, list_images
+from ..io.checkpoints import newest_sampling_checkpoint
+from ..io.rasters import (
     DataError,
     RasterRows,
     georeference,
@@ -54,11 +53,20 @@ from .rasters import (
     sar_bands_scaled,
     write_geotiff,
 )
-from .results import write_spread_files
-from .sampling import BatchedModel, load_prepared_model, sar_for_display, to_uint8
-from .scene import JobMismatch, SceneArrays
+from ..io.results import write_spread_files
+from ..translation import scene_translation
+from ..translation.folder import translate_items
+from ..translation.jobs import FolderJob, Sampling, SceneJob, resolve
+from ..translation.sampling import (
+    BatchedModel,
+    load_prepared_model,
+    sar_for_display,
+    to_uint8,
+)
+from ..translation.scene import JobMismatch, SceneArrays
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository: guided_diffusion/page/app.py is three levels below it
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The generated SAR scenes for the bundled model, offered as examples.
 EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 # The files an upload may be: the images the scripts read (image_files.py).
@@ -100,7 +108,7 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     :param model_paths: model or EMA files (--model_path).
     :param runs_dir: a folder of training runs (--runs_dir): each run folder in it
         (or the folder itself) that holds checkpoints gives its newest one
-        (:func:`~guided_diffusion.checkpoints.newest_sampling_checkpoint`).
+        (:func:`~guided_diffusion.io.checkpoints.newest_sampling_checkpoint`).
     :param bundled: offer the bundled demo model too, last.
     :return: an ordered dict, name shown -> checkpoint path.
     :raises PageError: a --model_path that is no file, or a --runs_dir with no run.
@@ -154,7 +162,7 @@ class ModelCache:
     def get(self, job, flags):
         """
         The model of a job loaded as the sampling scripts load it
-        (:func:`~guided_diffusion.sampling.load_prepared_model`).
+        (:func:`~guided_diffusion.translation.sampling.load_prepared_model`).
 
         :param job: a jobs.FolderJob or jobs.SceneJob.
         :param flags: the model flags of its checkpoint (jobs.resolve).
@@ -301,7 +309,7 @@ def check_upload(path):
 def sar_preview(path, scaling, sar_channels):
     """
     The SAR of a file as the model sees it, for display: scaled as the scene
-    translator scales it (:func:`~guided_diffusion.scene_translation.load_scene`),
+    translator scales it (:func:`~guided_diffusion.translation.scene_translation.load_scene`),
     two polarisations as the usual composite.
 
     :return: ((H, W, 3) uint8, the file's SarStats).
@@ -380,7 +388,7 @@ class Translator:
     def _check_bands(self, path, model_name, flags, scaling):
         """
         Refuse, in the page's words, a file whose bands the model cannot read (the
-        scripts' rule, :func:`~guided_diffusion.rasters.sar_bands_scaled`, on its
+        scripts' rule, :func:`~guided_diffusion.io.rasters.sar_bands_scaled`, on its
         first row): what the model reads, what the file has, what to do on the page.
 
         :raises PageError: the bands do not fit. :raises DataError: unreadable.
@@ -548,7 +556,7 @@ class Translator:
         """
         ``translate()``, and once more when the device ran out of memory with other
         models loaded: they are released first (the scene route has already halved
-        its tiles per call down to one, :class:`~guided_diffusion.sampling.BatchedModel`).
+        its tiles per call down to one, :class:`~guided_diffusion.translation.sampling.BatchedModel`).
 
         :raises PageError: out of memory with this model alone, saying so; the
             page goes on with the next request.

@@ -9,7 +9,7 @@ scripts/image_evaluate.py) and the demo report (scripts/demo_report.py) read bac
 Layout: ``gen_opt/``, ``cond_sar/`` and ``gt_opt/`` with one PNG per input under the
 input's name, ``run.json`` (the settings that made the images) and
 ``samples_NxHxWx3.npz``. With K > 1 samples per input (``samples_per_input``,
-guided_diffusion/uncertainty.py) ``gen_opt/`` holds sample 0, and beside it:
+guided_diffusion/translation/samples.py) ``gen_opt/`` holds sample 0, and beside it:
 
 * ``gen_samples/<k>/`` samples k = 1..K-1, one PNG per input, as ``gen_opt/``;
 * ``gen_mean/`` the mean of the K samples, rounded to 8 bits;
@@ -31,11 +31,12 @@ import os
 import numpy as np
 from PIL import Image
 
-from . import pictures, settings
-from .atomic import write_atomic
-from .image_datasets import DataError
+from ..base import settings
+from ..base.atomic import write_atomic
+from ..base.settings import NON_OUTPUT_FLAGS
+from ..image_datasets import DataError
+from . import pictures
 from .rasters import Scaling
-from .settings import NON_OUTPUT_FLAGS
 
 # The folders of every run: the generated images, the SAR as the model saw it and
 # the ground truth; and the file of the settings that made them.

@@ -1,0 +1,4 @@
+"""
+Scoring translations: image metrics and FID, the calibration of the spread, and
+validation during training.
+"""

@@ -1,0 +1,3 @@
+"""
+The web page (Gradio) that runs the translation jobs for uploads.
+"""
