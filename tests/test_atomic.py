@@ -139,7 +139,7 @@ def test_full_disk_in_a_geotiff_is_disk_full_and_leaves_no_temporary(
     import numpy as np
     from rasterio.errors import RasterioIOError
 
-    from guided_diffusion.io.rasters import GeoTiffWriter
+    from guided_diffusion.io.geotiff import GeoTiffWriter
 
     gdal_error = RasterioIOError("Write failed. See previous exception for details.")
     path = tmp_path / "scene.tif"
@@ -163,7 +163,7 @@ def test_geotiff_error_with_space_left_is_itself_and_leaves_no_temporary(tmp_pat
     import numpy as np
     from rasterio.errors import RasterioIOError
 
-    from guided_diffusion.io.rasters import GeoTiffWriter
+    from guided_diffusion.io.geotiff import GeoTiffWriter
 
     with pytest.raises(RasterioIOError, match="other"):
         with GeoTiffWriter(str(tmp_path / "a.tif"), 1, 8, 8, np.uint8, {}) as out:

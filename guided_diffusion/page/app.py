@@ -45,14 +45,8 @@ from ..base import samplers
 from ..base.atomic import DiskFull, write_atomic
 from ..base.image_files import IMAGE_EXTENSIONS, list_images
 from ..io.checkpoints import newest_sampling_checkpoint
-from ..io.rasters import (
-    DataError,
-    RasterRows,
-    georeference,
-    is_eight_bit,
-    sar_bands_scaled,
-    write_geotiff,
-)
+from ..io.geotiff import georeference, write_geotiff
+from ..io.rasters import DataError, RasterRows, is_eight_bit, sar_bands_scaled
 from ..io.results import write_spread_files
 from ..translation import scene_translation
 from ..translation.folder import translate_items

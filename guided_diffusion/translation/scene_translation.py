@@ -39,16 +39,9 @@ from ..base import samplers
 from ..base.atomic import DiskFull, write_atomic, write_json
 from ..io import pictures
 from ..io.checkpoints import read_run_config
+from ..io.geotiff import GeoTiffWriter, georeference, grid_at_pixel_size, warp_to_grid
 from ..io.pictures import SPREAD_MAX, spread_picture
-from ..io.rasters import (
-    GeoTiffWriter,
-    RasterRows,
-    SarStats,
-    georeference,
-    grid_at_pixel_size,
-    sar_bands_scaled,
-    warp_to_grid,
-)
+from ..io.rasters import RasterRows, SarStats, sar_bands_scaled
 from .jobs import resolve
 from .samples import mean_and_spread
 from .sampling import (
