@@ -312,14 +312,6 @@ class SceneJob(Sampling):
     SCRIPT = "scripts/translate_scene.py"
     ALWAYS = ("input", "output")
 
-    @classmethod
-    def from_flags(cls, values):
-        values = dict(values)
-        for name in ("quicklook", "geotiff", "png", "keep_samples", "sample",
-                     "run_seed", "samples_after", "warned"):  # fmt: skip
-            values.pop(name, None)  # not flags: a script's job writes the defaults
-        return super().from_flags(values)
-
     def check(self):
         if not os.path.isfile(self.input):
             raise ValueError(f"--input {self.input}: no such file")

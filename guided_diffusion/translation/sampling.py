@@ -290,7 +290,7 @@ def translate(
         x_T = samplers.noise_of_shape(shape, generators, sar.device)
         return samplers.run(
             sampler, denoiser, x_T, generator=generators,
-            callback=bar and (lambda i, out: bar.update()), **options,
+            callback=None if bar is None else (lambda i, out: bar.update()), **options,
         )  # fmt: skip
     finally:
         if bar is not None:

@@ -194,7 +194,7 @@ def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
         )
     for i, k in enumerate(todo):
         part = sample_job(job, k, later=len(todo) - i - 1, warned=i > 0)
-        logger.log(f"sample {k} of {count} (seed {part.seed}): {part.output}")
+        logger.log(f"sample {k} of {count} (seed {part.seed}): {sample_path(part, k)}")
         if model is None:  # once, for every sample
             model = load_scene_model(job, flags)
         if on_sample is not None:
