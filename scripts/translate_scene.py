@@ -99,6 +99,10 @@ def create_argparser():
     parser.add_argument("--resample", action="store_true",
                         help="translate at the training data's pixel size (from its "
                              "config.json), and bring the result back to the input's grid")  # fmt: skip
+    parser.add_argument("--cog", type=str2bool, default=True,
+                        help="write Cloud-Optimized GeoTIFFs (overviews and tiles laid "
+                             "out for reading over a network); False: plain tiled "
+                             "GeoTIFFs")  # fmt: skip
     parser.add_argument("--save_every", type=int, default=5,
                         help="save the job every N steps (and when stopped, and at the "
                              "end); rerunning the command continues it (0: only then)")  # fmt: skip

@@ -48,7 +48,7 @@ from ..io.checkpoints import newest_sampling_checkpoint
 from ..io.geotiff import georeference, write_geotiff
 from ..io.rasters import DataError, RasterRows, is_eight_bit, sar_bands_scaled
 from ..io.results import write_spread_files
-from ..translation import scene_translation
+from ..translation import scene_outputs, scene_translation
 from ..translation.folder import translate_items
 from ..translation.jobs import FolderJob, Sampling, SceneJob, resolve
 from ..translation.sampling import (
@@ -640,7 +640,7 @@ class Translator:
         scene_translation.translate_scene(
             job, checkpoint, model=model, progress=tiles, on_sample=starts
         )
-        png = scene_translation.png_path(job.output)
+        png = scene_outputs.png_path(job.output)
         image = np.asarray(Image.open(png).convert("RGB"))
         notes = []
         if model.shrunk:
@@ -657,8 +657,8 @@ class Translator:
         geotiff = job.output if job.geotiff else None
         result = Result(sar, image, png, geotiff, 0.0, "scene", "", notes, samples=count)
         if count > 1:
-            paths = scene_translation.spread_paths(job.output)
-            result.mean = scene_translation.png_path(paths["mean"])
+            paths = scene_outputs.spread_paths(job.output)
+            result.mean = scene_outputs.png_path(paths["mean"])
             result.spread = paths["picture"]
             result.files = [result.mean, *([paths["mean"]] if job.geotiff else []),
                             result.spread, paths["spread"]]  # fmt: skip

@@ -278,6 +278,8 @@ class SceneJob(Sampling):
     :param quicklook: the quick-look PNG (SAR | result) beside the output.
     :param geotiff: False: no GeoTIFF of the result (nor of the samples' mean) is
         kept (what a later pass needs of it stays in the work folder).
+    :param cog: the GeoTIFFs as Cloud-Optimized GeoTIFFs (True), or plain tiled
+        GeoTIFFs (False).
     :param png: the result (and the samples' mean) as 8-bit PNGs beside the output,
         at full size: OUTPUT.png (OUTPUT_mean.png).
     :param keep_samples: with K > 1, keep samples 1..K-1 beside the output; False:
@@ -302,6 +304,7 @@ class SceneJob(Sampling):
     memory: str = "auto"
     quicklook: bool = True
     geotiff: bool = True
+    cog: bool = True
     png: bool = False
     keep_samples: bool = True
     sample: int = 0
@@ -356,6 +359,7 @@ class SceneJob(Sampling):
             "resample": self.resample,
             "save_every": self.save_every,
             "memory": self.memory,
+            "cog": self.cog,
             # the default work folder is shown as the default
             **({"work_dir": self.work_dir} if self.work_dir not in ("", self.output + ".work") else {}),
             "clip_denoised": self.clip_denoised,

@@ -6,15 +6,15 @@ so they give the same pixels for the same job by construction.
 
 :func:`translate_scene` reads the scene into scene-sized arrays (:func:`load_scene`),
 runs the job (:class:`~guided_diffusion.translation.scene.SceneSampler`, :func:`sample_scene`)
-and writes what the job asks for (:func:`write_outputs`: the GeoTIFF, the quick-look
-PNG, a full-size PNG). With ``samples_per_input`` K above 1
+and writes what the job asks for (scene_outputs.write_outputs: the GeoTIFF, the
+quick-look PNG, a full-size PNG); scene_inputs.py prepares what it reads (--resample). With ``samples_per_input`` K above 1
 (:func:`translate_scene_samples`) it translates the scene K times, each a whole
 job of its own (:func:`sample_job`) seeded by
 :func:`~guided_diffusion.translation.scene.scene_sample_seed` (sample 0 is the translation of
-K = 1, written to the output as always; sample k > 0 goes to :func:`sample_path`),
-then reads the K GeoTIFFs a band of rows at a time into their mean, their spread
-and a picture of the spread (:func:`write_spread_outputs`, files named by
-:func:`spread_paths`).
+K = 1, written to the output as always; sample k > 0 goes to
+scene_outputs.sample_path), then reads the K GeoTIFFs a band of rows at a time into
+their mean, their spread and a picture of the spread
+(scene_outputs.write_spread_outputs).
 """
 
 import hashlib
@@ -25,36 +25,26 @@ import shutil
 import signal
 import socket
 import time
-import warnings
-from contextlib import ExitStack, nullcontext
 from dataclasses import replace
 
 import numpy as np
 import torch as th
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import dist_util, logger
 from ..base import samplers
-from ..base.atomic import DiskFull, write_atomic, write_json
-from ..io import pictures
+from ..base.atomic import DiskFull, write_json
 from ..io.checkpoints import read_run_config
-from ..io.geotiff import GeoTiffWriter, georeference, grid_at_pixel_size, warp_to_grid
-from ..io.pictures import SPREAD_MAX, spread_picture
 from ..io.rasters import RasterRows, SarStats, sar_bands_scaled
 from .jobs import resolve
-from .samples import mean_and_spread
 from .sampling import (
     BatchedModel,
     Bfloat16Model,
     load_prepared_model,
     runs_in_fp16,
-    sar_for_display,
     tf32_in_effect,
-    to_uint8,
 )
 from .scene import (
-    BAND_ROWS,
     JobMismatch,
     SceneArrays,
     SceneSampler,
@@ -63,10 +53,15 @@ from .scene import (
     scene_bytes,
     scene_sample_seed,
 )
+from .scene_inputs import array_rows, check_pixel_size, resample_input, resampled_rows
+from .scene_outputs import (
+    SAMPLES_SUBDIR,
+    png_path,
+    sample_path,
+    write_outputs,
+    write_spread_outputs,
+)
 
-# Pixel sizes that differ by more than this share from the training data's are warned of.
-PIXEL_SIZE_TOLERANCE = 0.2
-QUICKLOOK_WIDTH = 1024
 # The small model that ships with the repository (DATA_FORMAT=sen12ms bash demo.sh
 # --update_assets): 32-pixel tiles, VV and VH in dB, trained on generated scenes.
 BUNDLED_MODEL = os.path.join(
@@ -76,14 +71,9 @@ BUNDLED_MODEL = os.path.join(
 # --memory auto keeps the arrays in memory while they take at most this share of
 # the memory available when the job starts (shared by the processes of a machine).
 MEMORY_SHARE = 0.5
-# The pass over the K samples of a scene holds at most this many bytes of them at
-# once (float64), in bands of BAND_ROWS rows or fewer.
-SPREAD_PASS_BYTES = 64 * 2**20
 # The file in the work folder that lists the finished samples of a run with
 # --samples_per_input above 1 (and the settings they were made with).
 SAMPLES_FILE = "samples.json"
-# The work folder's subfolder of the samples a job does not keep beside its output.
-SAMPLES_SUBDIR = "samples"
 
 
 class SceneError(RuntimeError):
@@ -231,30 +221,8 @@ def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
     return True
 
 
-def sample_path(job, k):
-    """
-    The GeoTIFF of sample k of a job with K samples: ``job.output`` itself for
-    k = 0, ``OUTPUT_sample<k>.tif`` beside it (the output's extension) otherwise.
-    What the job does not keep (``keep_samples``, ``geotiff``) is written to its
-    work folder's ``samples/``, removed with it.
-    """
-    stem, ext = os.path.splitext(job.output)
-    if (k == 0 and job.geotiff) or (k and job.keep_samples):
-        return job.output if k == 0 else f"{stem}_sample{k}{ext}"
-    return os.path.join(job.work_dir, SAMPLES_SUBDIR, f"sample{k}{ext}")
 
 
-def spread_paths(output):
-    """
-    The files of the samples' statistics beside ``output``: a dict with "mean"
-    (OUTPUT_mean.tif), "spread" (OUTPUT_spread.tif) and "picture" (OUTPUT_spread.png).
-    """
-    stem, ext = os.path.splitext(output)
-    return {
-        "mean": f"{stem}_mean{ext}",
-        "spread": f"{stem}_spread{ext}",
-        "picture": f"{stem}_spread.png",
-    }
 
 
 def sample_job(job, k, later=0, warned=False):
@@ -752,297 +720,29 @@ def remove_work_dir(folder):
         pass  # the user put something else there: keep it
 
 
-def check_pixel_size(raster, trained, path):
-    """Warn when the scene's pixels differ from the training data's by > 20%."""
-    if not trained or not raster.pixel_size:
-        return
-    ratio = max(a / b for a, b in zip(raster.pixel_size, trained))
-    ratio = max(ratio, max(b / a for a, b in zip(raster.pixel_size, trained)))
-    if ratio > 1 + PIXEL_SIZE_TOLERANCE:
-        logger.warn(
-            f"warning: {path} has {raster.pixel_size[0]:g} x {raster.pixel_size[1]:g} "
-            f"pixels, the training data {trained[0]:g} x {trained[1]:g}: the model sees "
-            "objects at another scale; add --resample to translate it at the training "
-            "pixel size (and bring the result back to this grid)"
-        )
 
 
-def resample_input(job, source, trained):
-    """--resample: the scene warped to the training pixel size, in the work folder."""
-    if not trained:
-        raise ValueError(
-            "--resample: the training run recorded no pixel size (its data were not "
-            "georeferenced), so there is nothing to resample to; leave --resample out"
-        )
-    transform, width, height = grid_at_pixel_size(job.input, trained)
-    path = os.path.join(job.work_dir, "input_resampled.tif")
-    if dist_util.is_main_process():
-        os.makedirs(job.work_dir, exist_ok=True)
-        warp_to_grid(job.input, path, transform, width, height)
-    dist_util.barrier()
-    px = source.pixel_size
-    logger.log(
-        f"--resample: {source.width}x{source.height} pixels of {px[0]:g} x {px[1]:g} "
-        f"to {width}x{height} of {trained[0]:g} x {trained[1]:g} (the training data's)"
-    )
-    return RasterRows(path)
 
 
 # -- the outputs ----------------------------------------------------------------------
 
 
-def array_rows(arrays, width):
-    """The result's rows from the job's arrays: (x, valid, SAR) of rows [top, bottom)."""
-
-    def rows(top, bottom):
-        x = arrays.read("x", (top, bottom))[:, :, :width].clamp(-1, 1)
-        valid = arrays.read("valid", (top, bottom))[0, :, :width].numpy() > 0.5
-        return x, valid, arrays.read("sar", (top, bottom))[:, :, :width]
-
-    return rows
-
-
-def resampled_rows(job, scaling, arrays, reader, source):
-    """
-    --resample: the result written on the training grid, warped back onto the
-    input's grid; validity and the SAR from the input itself.
-    """
-    on_grid = os.path.join(job.work_dir, "result_resampled.tif")
-    back = os.path.join(job.work_dir, "result_back.tif")
-    georef = georeference(reader.path)
-    with GeoTiffWriter(
-        on_grid, 3, reader.height, reader.width, np.float32, georef, nodata=float("nan")
-    ) as out:  # fmt: skip
-        for top, _, x, valid, _ in _rows_of(array_rows(arrays, reader.width), reader.height):
-            image = x.numpy().copy()
-            image[:, ~valid] = np.nan
-            out.write(top, image)
-    with rasterio_open(job.input) as src:
-        transform = src.transform
-    warp_to_grid(on_grid, back, transform, source.width, source.height)
-
-    def rows(top, bottom):
-        sar, valid, _ = sar_bands_scaled(source.read(top, bottom), scaling)
-        with rasterio_open(back) as src:
-            x = src.read(window=((top, bottom), (0, source.width)))
-        valid &= np.isfinite(x).all(axis=0)
-        x = th.from_numpy(np.nan_to_num(x, nan=-1.0)).clamp(-1, 1)
-        return x, valid, th.from_numpy(sar.astype(np.float32))
-
-    return rows
-
-
-def _rows_of(rows, height):
-    for top, bottom in bands(height):
-        yield (top, bottom, *rows(top, bottom))
-
-
-def rasterio_open(path):
-    import rasterio
-
-    return rasterio.open(path)
-
-
-def quicklook_path(output):
-    """The quick-look PNG written beside ``output``."""
-    return os.path.splitext(output)[0] + "_quicklook.png"
-
-
-def png_path(path):
-    """The full-size 8-bit PNG of a job with ``png`` set, beside ``path``."""
-    return os.path.splitext(path)[0] + ".png"
-
-
-def write_outputs(job, scaling, rows, height, width):
-    """
-    The result, a band of rows at a time: the GeoTIFF (unless ``job.geotiff`` is
-    False and this is not a sample a later pass reads), the quick-look PNG
-    (``job.quicklook``, sample 0 only) and the full-size PNG (``job.png``).
-
-    :param rows: (top, bottom) -> the result (3, h, W) in [-1, 1], valid (h, W)
-        and the scaled SAR (C, h, W) of those rows.
-    """
-    if job.output_units == "optical":
-        lo, hi = scaling.opt_range
-        dtype, nodata = np.float32, float("nan")
-    else:
-        dtype, nodata = np.uint8, 0
-    quicklook = job.quicklook and not job.sample
-    # a sample's GeoTIFF is read by the pass over the samples, kept or not
-    geotiff = job.geotiff or job.samples_per_input > 1
-    png = job.png and not job.sample
-    # the quick-look keeps every step-th row and column (then shrinks to its width)
-    step = max(1, (2 * width + 4) // QUICKLOOK_WIDTH)
-    looks = {"sar": [], "result": [], "valid": []}
-    full = []
-    # sample 0's GeoTIFF, when the job keeps none, is written to its work folder
-    target = job.output if job.sample else sample_path(job, 0)
-    writer = nullcontext()
-    if geotiff:
-        os.makedirs(os.path.dirname(target), exist_ok=True)  # the work folder's samples/
-        writer = GeoTiffWriter(
-            target, 3, height, width, dtype, georeference(job.input), nodata=nodata,
-            names=("red", "green", "blue"),
-        )  # fmt: skip
-    with writer as out:
-        for top, bottom, x, valid, sar in _rows_of(rows, height):
-            if job.output_units == "optical":
-                image = ((x.double().numpy() + 1) / 2 * (hi - lo) + lo).astype(np.float32)
-                image[:, ~valid] = np.nan
-            else:
-                image = to_uint8(x[None])[0].transpose(2, 0, 1).copy()
-                image[:, ~valid] = 0
-            if out is not None:
-                out.write(top, image)
-            if png:
-                full.append(np.where(valid[..., None], to_uint8(x[None])[0], 0))
-            if not quicklook:
-                continue
-            keep = [r - top for r in range(top, bottom) if r % step == 0]
-            sar = sar[:, keep, ::step]
-            looks["sar"].append(sar_for_display(to_uint8(sar[None]))[0])
-            looks["result"].append(to_uint8(x[None, :, keep, ::step])[0])
-            looks["valid"].append(valid[keep, ::step])
-    if geotiff:
-        logger.log(f"wrote {target} ({width}x{height}, {np.dtype(dtype).name})")
-    if png:
-        path = png_path(job.output)
-        pictures.write_png(path, np.concatenate(full).astype(np.uint8))
-        logger.log(f"wrote {path}")
-    if not quicklook:
-        return
-    path = quicklook_path(job.output)
-    write_quicklook(path, *(np.concatenate(looks[k]) for k in ("sar", "result", "valid")))
-    logger.log(f"wrote {path}")
-
-
-def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
-    """SAR | result side by side, downscaled so the pair is at most ``width`` wide."""
-    result = np.where(valid[..., None], result, 0).astype(np.uint8)
-    both = Image.fromarray(pictures.side_by_side([[sar, result]], gap=4))
-    if both.width > width:
-        both = both.resize(
-            (width, max(1, round(both.height * width / both.width))), Image.BOX
-        )
-    pictures.write_png(path, both)
 
 
 
-def write_spread_outputs(job, scaling, count):
-    """
-    The mean and spread of the K sample GeoTIFFs of a run with --samples_per_input,
-    read a band of rows at a time (the memory does not grow with the scene's
-    height), into the files of :func:`spread_paths`, each written under a temporary
-    name and renamed when complete:
-
-    * the mean, in the output's units and type (8-bit values rounded to the
-      nearest, or float32 optical values), nodata as the output's;
-    * the spread, float32: per channel the standard deviation of the K samples
-      (divisor K - 1, :func:`~guided_diffusion.translation.samples.mean_and_spread`), in
-      the output's units (grey levels for 8-bit output), NaN where the input has
-      no data;
-    * its picture: the spread averaged over the channels and over blocks of pixels
-      down to at most :data:`QUICKLOOK_WIDTH` columns, drawn by
-      :func:`~guided_diffusion.io.pictures.spread_picture` (nodata black) with its
-      colour bar; the top colour is 64 grey levels (for optical units, their
-      equivalent through --opt_range, which the title says).
-
-    Both GeoTIFFs have the input's georeference and the output's band names.
-
-    :param count: K, the samples written by :func:`sample_path`.
-    :return: the dict of :func:`spread_paths`.
-    """
-    from rasterio.errors import NotGeoreferencedWarning
-
-    paths = spread_paths(job.output)
-    source = RasterRows(job.input)
-    height, width = source.height, source.width
-    optical = job.output_units == "optical"
-    georef = georeference(job.input)
-    names = ("red", "green", "blue")
-    rows = max(1, min(BAND_ROWS, SPREAD_PASS_BYTES // (8 * 3 * count * width)))
-    step = max(1, math.ceil(width / QUICKLOOK_WIDTH))
-    shape = (math.ceil(height / step), math.ceil(width / step))
-    sums, pixels = np.zeros(shape), np.zeros(shape)
-    with ExitStack() as stack:
-        with warnings.catch_warnings():  # an input without a place gives one too
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            samples = [
-                stack.enter_context(rasterio_open(sample_path(job, k)))
-                for k in range(count)
-            ]
-        for k, src in enumerate(samples):
-            if (src.count, src.height, src.width) != (3, height, width):
-                raise ValueError(
-                    f"{src.name} holds {src.count} bands of {src.width}x{src.height}, "
-                    f"not sample {k} of {job.input}: delete it and rerun"
-                )
-        mean_out = None
-        if job.geotiff:
-            mean_out = stack.enter_context(GeoTiffWriter(
-                paths["mean"], 3, height, width, np.float32 if optical else np.uint8,
-                georef, nodata=float("nan") if optical else 0, names=names,
-            ))  # fmt: skip
-        mean_rows = []  # the mean as an 8-bit picture, for job.png
-        spread_out = stack.enter_context(GeoTiffWriter(
-            paths["spread"], 3, height, width, np.float32, georef,
-            nodata=float("nan"), names=names,
-        ))  # fmt: skip
-        for top, bottom in bands(height, rows):
-            window = ((top, bottom), (0, width))
-            stacked = np.stack([src.read(window=window) for src in samples])
-            _, valid, _ = sar_bands_scaled(source.read(top, bottom), scaling)
-            mean, spread = mean_and_spread(stacked, axis=0)
-            spread[:, ~valid] = np.nan
-            if optical:
-                mean = mean.astype(np.float32)
-                mean[:, ~valid] = np.nan
-            else:
-                mean = np.rint(mean).astype(np.uint8)
-                mean[:, ~valid] = 0
-            if mean_out is not None:
-                mean_out.write(top, mean)
-            if job.png:
-                mean_rows.append(mean_picture_rows(mean, valid, optical, scaling))
-            spread_out.write(top, spread.astype(np.float32))
-            # the picture's blocks of step x step pixels: their sums and counts
-            shown = spread.mean(axis=0)
-            finite = np.isfinite(shown)
-            extra = ((0, 0), (0, shape[1] * step - width))
-            block = (bottom - top, shape[1], step)
-            part_sum = np.pad(np.where(finite, shown, 0), extra).reshape(block).sum(2)
-            part_count = np.pad(finite, extra).reshape(block).sum(2)
-            np.add.at(sums, np.arange(top, bottom) // step, part_sum)
-            np.add.at(pixels, np.arange(top, bottom) // step, part_count)
-    for name in ("mean", "spread") if job.geotiff else ("spread",):
-        logger.log(f"wrote {paths[name]}")
-    if job.png:
-        pictures.write_png(png_path(paths["mean"]), np.concatenate(mean_rows))
-        logger.log(f"wrote {png_path(paths['mean'])}")
-    title = f"spread of {count} samples (standard deviation), grey levels"
-    vmax = SPREAD_MAX
-    if optical:
-        lo, hi = scaling.opt_range
-        vmax = SPREAD_MAX * (hi - lo) / 255
-        title = (
-            f"spread of {count} samples (standard deviation), optical units; "
-            f"top colour {vmax:.4g} = {SPREAD_MAX:g} grey levels"
-        )
-    picture, _ = spread_picture(
-        sums / np.maximum(pixels, 1), vmax=vmax, valid=pixels > 0, title=title
-    )
-    write_atomic(paths["picture"], lambda f: picture.save(f, format="PNG"))
-    logger.log(f"wrote {paths['picture']}")
-    return paths
 
 
-def mean_picture_rows(mean, valid, optical, scaling):
-    """Rows of the samples' mean as 8-bit RGB, (h, W, 3), black where the SAR has
-    no data: as written for 8-bit output, optical values mapped back through the
-    training run's --opt_range."""
-    if optical:
-        lo, hi = scaling.opt_range
-        x = (np.nan_to_num(mean.astype(np.float64), nan=lo) - lo) / (hi - lo) * 2 - 1
-        mean = to_uint8(x[None])[0].transpose(2, 0, 1)
-    image = np.where(valid[None], mean, 0).astype(np.uint8)
-    return np.ascontiguousarray(image.transpose(1, 2, 0))
+
+
+
+
+
+
+
+
+
+
+
+
+
+
