@@ -19,7 +19,7 @@ PACKAGE = ROOT / "guided_diffusion"
 
 # layer -> (its name in docs/design.md, its modules; "pkg.*" is every module there)
 LAYERS = {
-    0: ("foundations", ["base.*", "io", "io.rasters", "io.geotiff", "io.warp", "io.pictures", "translation.tiling"]),
+    0: ("foundations", ["base.*", "io", "io.rasters", "io.geotiff", "io.warp", "io.sentinel1", "io.pictures", "translation.tiling"]),
     1: ("guided-diffusion", ["nn", "fp16_util", "losses", "unet", "gaussian_diffusion",
                              "original_sampling", "respace", "resample", "script_util",
                              "dist_util", "logger", "image_datasets"]),  # fmt: skip

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from ..base import settings
 from ..base.samplers import SAMPLERS, sampler_options
+from ..io.sentinel1 import is_product
 from ..script_util import model_and_diffusion_defaults
 from .samples import check_samples_per_input
 from .sampling import check_sampler, checkpoint_settings, sampler_settings
@@ -259,7 +260,8 @@ class SceneJob(Sampling):
     Translate a whole SAR scene file into an optical GeoTIFF
     (scripts/translate_scene.py).
 
-    :param input: the SAR scene (GeoTIFF).
+    :param input: the SAR scene (GeoTIFF), or a Sentinel-1 GRD product (its .SAFE
+        folder, its .zip or its manifest.safe).
     :param output: the optical GeoTIFF to write (absolute).
     :param overlap: pixels shared by neighbouring tiles (-1: half a tile).
     :param shift_tiles: move the inner tiles by a few pixels at every step.
@@ -316,8 +318,11 @@ class SceneJob(Sampling):
     ALWAYS = ("input", "output")
 
     def check(self):
-        if not os.path.isfile(self.input):
-            raise ValueError(f"--input {self.input}: no such file")
+        if not (os.path.isfile(self.input) or is_product(self.input)):
+            raise ValueError(
+                f"--input {self.input}: no such file (give a SAR GeoTIFF, or a "
+                "Sentinel-1 GRD product: its .SAFE folder or .zip)"
+            )
         if os.path.abspath(self.input) == os.path.abspath(self.output):
             raise ValueError("--output must not be the --input file")
         if self.batch_size < 1:

@@ -36,6 +36,7 @@ from ..base import samplers
 from ..base.atomic import DiskFull, write_json
 from ..io.checkpoints import read_run_config
 from ..io.rasters import RasterRows, SarStats, sar_bands_scaled
+from ..io.sentinel1 import is_product
 from .jobs import resolve
 from .sampling import (
     BatchedModel,
@@ -53,7 +54,14 @@ from .scene import (
     scene_bytes,
     scene_sample_seed,
 )
-from .scene_inputs import array_rows, check_pixel_size, resample_input, resampled_rows
+from .scene_inputs import (
+    array_rows,
+    check_pixel_size,
+    product_input,
+    remove_product_input,
+    resample_input,
+    resampled_rows,
+)
 from .scene_outputs import (
     SAMPLES_SUBDIR,
     png_path,
@@ -128,13 +136,20 @@ def translate_scene(job, checkpoint, *, on_sample=None, **options):
     import rasterio
 
     flags, scaling, diffusion, _ = checkpoint
+    product = is_product(job.input)
+    if product:  # a Sentinel-1 product: its sigma0 GeoTIFF, written once, is the input
+        job, scaling = product_input(job, scaling)
     width = RasterRows(job.input).width
     with rasterio.Env(GDAL_CACHEMAX=gdal_cache_bytes(width)):
         if job.samples_per_input > 1:
-            return translate_scene_samples(
+            finished = translate_scene_samples(
                 job, flags, scaling, diffusion, on_sample=on_sample, **options
             )
-        return _translate_scene_file(job, flags, scaling, diffusion, **options)
+        else:
+            finished = _translate_scene_file(job, flags, scaling, diffusion, **options)
+    if product and finished and dist_util.is_main_process():
+        remove_product_input(job)
+    return finished
 
 
 def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
