@@ -9,6 +9,7 @@ also runs by itself when the interpreter exits.
 """
 
 import atexit
+import contextlib
 import datetime
 import os
 import pickle
@@ -43,6 +44,8 @@ _notes = []
 _cleanup_registered = False
 # Groups that cleanup() destroyed, held until _release_groups() at exit.
 _retired_groups = []
+# Set inside alone(): this process works as a group of one within a larger group.
+_alone = False
 
 
 def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
@@ -210,7 +213,26 @@ def _free_port():
 
 
 def _is_multi_process():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return get_world_size() > 1
+
+
+@contextlib.contextmanager
+def alone():
+    """
+    Within it this process runs as if it were the only one: :func:`get_rank` 0,
+    :func:`get_world_size` 1, :func:`is_main_process` True, and the collectives
+    here (:func:`barrier`, :func:`broadcast_object`, :func:`all_gather_object`,
+    :func:`sync_params`) return at once; so each rank can run a whole job of its own
+    (a scene of an archive) while the group lives on for what the ranks do
+    together after it. The device stays this process's (:func:`dev`).
+    """
+    global _alone
+    before = _alone
+    _alone = True
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def dev():
@@ -247,14 +269,19 @@ def configure_numerics(*, use_tf32=False, cudnn_benchmark=False):
 
 
 def get_rank():
-    """Global rank of this process (0 before :func:`setup_dist`)."""
+    """Global rank of this process (0 before :func:`setup_dist` and inside :func:`alone`)."""
+    if _alone:
+        return 0
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
 
 
 def get_world_size():
-    """Number of processes in the group (1 before :func:`setup_dist`)."""
+    """Number of processes in the group (1 before :func:`setup_dist` and inside
+    :func:`alone`)."""
+    if _alone:
+        return 1
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -384,3 +411,19 @@ def all_gather_object(obj):
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def problem_anywhere(problem):
+    """
+    What went wrong on any rank, so that all of them take the same way out of a job
+    (one rank raising while the others wait in a collective would hang them).
+    A collective: every rank calls it, with None when all went well on it.
+
+    :param problem: this rank's one-line message, or None.
+    :return: None when every rank gave None; else (rank, message) of the first rank
+        that gave one.
+    """
+    for rank, seen in enumerate(all_gather_object(problem)):
+        if seen is not None:
+            return rank, seen
+    return None

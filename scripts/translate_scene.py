@@ -39,14 +39,25 @@ folder of patches at the model's size, resizing larger inputs as training did.
 """
 
 import argparse
+import contextlib
 import os
 import sys
+from dataclasses import replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.base.settings import str2bool  # noqa: E402
 from guided_diffusion.io.rasters import DataError  # noqa: E402
+from guided_diffusion.translation.archive import (  # noqa: E402
+    Summary,
+    archive_outputs,
+    archive_scenes,
+    is_archive,
+    output_complete,
+    scenes_of_rank,
+    shares_scenes,
+)
 from guided_diffusion.translation.jobs import SceneJob  # noqa: E402
 from guided_diffusion.translation.sampling import add_sampling_flags, write_log  # noqa: E402
 from guided_diffusion.translation.scene import JobMismatch  # noqa: E402
@@ -61,7 +72,7 @@ from guided_diffusion.translation.scene_translation import (  # noqa: E402
 
 
 def main():
-    job = parse_args()
+    job, scenes = parse_run()
     checkpoint = scene_settings(job)
     dist_util.setup_dist()
     # tiles of one size: cuDNN's search runs once per batch size (under --compile
@@ -72,12 +83,111 @@ def main():
     write_log(checkpoint.notes)
     for note in dist_util.setup_notes():  # the CPU threads of each rank under MPI
         logger.log(note)
+    if scenes is not None:
+        status = translate_archive(job, scenes, checkpoint, rank, world)
+        dist_util.cleanup()
+        sys.exit(status)
     finished = translate_scene(
         job, checkpoint, rank=rank, world=world, catch_signals=True
     )
     dist_util.cleanup()
     if not finished:
         sys.exit(128 + STOP["signal"])
+
+
+# What one scene of an archive may fail with, and the run goes on with the others.
+SCENE_FAULTS = (DataError, ValueError, OSError, JobMismatch, SceneError)
+
+
+def scene_job(template, scene, output):
+    """
+    The checked job of one scene of an archive: ``template`` (the command's job)
+    with the scene's input, output and work folder (OUTPUT.work, or a folder of
+    that name in --work_dir).
+
+    :raises ValueError: the scene cannot run (no such file ...).
+    """
+    work_dir = ""
+    if template.work_dir != template.output + ".work":  # --work_dir given
+        work_dir = os.path.join(template.work_dir, os.path.basename(output) + ".work")
+    job = replace(template, input=scene, output=output, work_dir=work_dir)
+    return job.placed().check()
+
+
+def translate_archive(template, scenes, checkpoint, rank, world):
+    """
+    Translate the scenes of an archive, each into its output, and say what became of
+    them. With more scenes than ranks each rank translates whole scenes by itself
+    (scene i on rank i % world); otherwise the ranks share the tiles of each scene.
+    A scene whose outputs are complete is skipped; one that fails gets one line and
+    the run goes on.
+
+    :param template: the command's job (archive.archive_outputs gives each scene's).
+    :param scenes: (scene, output) pairs (archive.archive_outputs).
+    :return: the exit status, the same on every rank: 0, 1 when a scene failed,
+        128 + the signal that stopped the run.
+    """
+    import rasterio.errors
+
+    shared = shares_scenes(len(scenes), world)
+    if shared:  # every rank logs the scenes it translates
+        with dist_util.alone():
+            logger.configure(dir=template.output, format_strs=["stdout"])
+        mine = scenes_of_rank(len(scenes), rank, world)
+    else:
+        mine = range(len(scenes))
+    logger.log(
+        f"{len(scenes)} scenes into {template.output}: "
+        + (f"{world} ranks, each translating whole scenes" if shared and world > 1
+           else f"the tiles of each shared by {world} rank(s)" if world > 1 else "one process")
+    )  # fmt: skip
+    summary, stopped = Summary(), None
+    for i in mine:
+        scene, output = scenes[i]
+        problem = None
+        try:
+            job = scene_job(template, scene, output)
+        except SCENE_FAULTS as err:
+            problem = str(err)
+        if not shared:  # the ranks skip a scene together
+            found = dist_util.problem_anywhere(problem)
+            if found is not None and found[1] != problem:
+                problem = f"on rank {found[0]}: {found[1]}"
+        if problem is None:
+            complete = output_complete(job)
+            if not shared:  # rank 0 writes the outputs: its view decides
+                complete = dist_util.broadcast_object(complete)
+            if complete:
+                logger.log(f"{scene}: {output} is complete, skipped")
+                summary.skipped.append(scene)
+                continue
+            logger.log(f"scene {i + 1} of {len(scenes)}: {scene} -> {output}")
+            try:
+                with dist_util.alone() if shared else contextlib.nullcontext():
+                    finished = translate_scene(
+                        job, checkpoint, rank=0 if shared else rank,
+                        world=1 if shared else world, catch_signals=True,
+                    )  # fmt: skip
+            except SCENE_FAULTS + (rasterio.errors.RasterioError,) as err:
+                problem = str(err)
+            else:
+                if not finished:
+                    stopped = STOP["signal"]
+                    break
+                summary.done.append(scene)
+        if problem is not None:
+            summary.failed.append((scene, problem))
+            if shared or dist_util.is_main_process():
+                print(f"failed: {scene}: {problem}", file=sys.stderr, flush=True)
+    parts = dist_util.all_gather_object((summary, stopped))
+    # with the tiles shared every rank saw every scene: rank 0's summary is the run's
+    summary = Summary.merged(part for part, _ in (parts if shared else parts[:1]))
+    stopped = max((s for _, s in parts if s), default=None)
+    if dist_util.is_main_process():
+        print(summary.line() + (" (stopped)" if stopped else ""), flush=True)
+    if stopped:
+        return 128 + stopped
+    return 1 if summary.failed else 0
 
 
 def create_argparser():
@@ -136,7 +246,26 @@ def create_argparser():
 
 def parse_args(argv=None):
     """The checked job of the command line (a jobs.SceneJob, its output and work
-    folder absolute, the output's folder made)."""
+    folder absolute, the output's folder made), for one scene."""
+    job, scenes = parse_run(argv)
+    if scenes is not None:
+        raise ValueError(f"--input {job.input}: several scenes; use parse_run")
+    return job
+
+
+def parse_run(argv=None):
+    """
+    The command line's job and, for an archive (--input a folder, a glob or a list
+    file: archive.is_archive), its scenes.
+
+    :return: (job, None) for one scene: the checked jobs.SceneJob (output and work
+        folder absolute, the output's folder made); (job, pairs) for an archive:
+        the job with --output the folder (made) and --work_dir as given, checked on
+        its first scene that exists, and the (scene, output) pairs
+        (archive.archive_outputs).
+    :raises ValueError: a flag that cannot run, or no scenes, or two scenes of the
+        same name (one line).
+    """
     args = create_argparser().parse_args(argv)
     if os.path.abspath(args.model_path) == BUNDLED_MODEL:
         print(
@@ -144,7 +273,31 @@ def parse_args(argv=None):
             "trained on generated scenes only: give your own for real data",
             file=sys.stderr,
         )
-    return SceneJob.from_flags(vars(args)).placed()
+    values = vars(args)
+    if not is_archive(args.input):
+        return SceneJob.from_flags(values).placed(), None
+    folder = os.path.abspath(args.output)
+    if os.path.isfile(folder):
+        raise ValueError(
+            f"--output {args.output}: --input {args.input} names several scenes, so "
+            "--output names the folder of their outputs, not a file"
+        )
+    scenes = archive_outputs(archive_scenes(args.input), folder)
+    # the flags are checked once, with a scene that exists (a missing one fails alone)
+    err = None
+    for scene, output in scenes:
+        try:
+            job = SceneJob.from_flags({**values, "input": scene, "output": output})
+            break
+        except ValueError as error:
+            if not str(error).startswith("--input"):
+                raise
+            err = error
+    else:
+        raise err
+    os.makedirs(folder, exist_ok=True)
+    work_dir = os.path.abspath(args.work_dir) if args.work_dir else folder + ".work"
+    return replace(job, input=args.input, output=folder, work_dir=work_dir), scenes
 
 
 if __name__ == "__main__":

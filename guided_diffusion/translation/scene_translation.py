@@ -212,15 +212,21 @@ def translate_scene_samples(job, flags, scaling, diffusion, *, rank=0, world=1,
             return False
         if dist_util.is_main_process():
             record_sample_done(job, key, k)
+    problem = None
     if dist_util.is_main_process():
         try:
             written = write_spread_outputs(job, scaling, count)
         except OSError as err:
-            raise SceneError(
+            problem = (
                 f"cannot write the mean and spread of {job.output} "
                 f"({err.strerror or err}); the {count} samples are kept: free space "
                 "and rerun the same command to write them"
-            ) from None
+            )
+    # the other ranks wait for rank 0's write: they leave with its fault
+    problem = dist_util.broadcast_object(problem)
+    if problem:
+        raise SceneError(problem)
+    if dist_util.is_main_process():
         os.remove(os.path.join(job.work_dir, SAMPLES_FILE))
         shutil.rmtree(os.path.join(job.work_dir, SAMPLES_SUBDIR), ignore_errors=True)
         remove_work_dir(job.work_dir)
@@ -355,9 +361,30 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
         what survived.
     """
     tile, overlap = tile_overlap(job, flags)
+    # a collective, before anything that may fail on one rank only
+    ranks_here = ranks_on_this_machine()
+
+    def _raise_together(err, job):
+        """Every rank calls it, with what went wrong on it (None: nothing): all
+        raise when any rank failed (this rank's own error where it had one)."""
+        found = dist_util.problem_anywhere(None if err is None else str(err))
+        if found is None:
+            return
+        if err is not None:
+            raise err
+        raise SceneError(
+            f"cannot read {job.input} on rank {found[0]} ({found[1]}); every rank "
+            "skips it"
+        )
 
     # -- the scene, into scene-sized arrays ----------------------------------------------
-    source = RasterRows(job.input)
+    # Reading fails on one rank or all (a truncated file, a file a machine does not
+    # see): the ranks agree on it before the next collective, and give up together.
+    try:
+        source = RasterRows(job.input)
+    except Exception as err:
+        _raise_together(err, job)
+    _raise_together(None, job)
     trained = ((read_run_config(job.model_path) or {}).get("inputs") or {}).get("pixel_size")
     if job.resample:
         reader = resample_input(job, source, trained)
@@ -370,7 +397,6 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
     # a scene smaller than a tile is padded to one (edge pixels repeated)
     padded = (max(height, tile), max(width, tile))
     need = scene_bytes(*padded, sar_channels, flags["learn_sigma"])
-    ranks_here = ranks_on_this_machine()
     use_disk = arrays_on_disk(job.memory, need, available_memory(), ranks_here)
     arrays = SceneArrays(
         os.path.join(job.work_dir, f"arrays-rank{rank}") if use_disk else None
@@ -382,13 +408,17 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
     )
     try:
         try:
-            stats = load_scene(reader, scaling, arrays, padded, sar_channels)
-        except OSError as err:
-            raise SceneError(
-                f"cannot hold the scene's arrays in {arrays.folder or 'memory'} "
-                f"({err.strerror or err}): free space there, or give --work_dir on "
-                "a larger disk"
-            ) from None
+            try:
+                stats = load_scene(reader, scaling, arrays, padded, sar_channels)
+            except OSError as err:
+                raise SceneError(
+                    f"cannot hold the scene's arrays in {arrays.folder or 'memory'} "
+                    f"({err.strerror or err}): free space there, or give --work_dir on "
+                    "a larger disk"
+                ) from None
+        except Exception as err:
+            _raise_together(err, job)
+        _raise_together(None, job)
         if not job.warned:  # once for K samples
             if stats.nodata:
                 logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
@@ -399,6 +429,7 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
             job, flags, diffusion, arrays, tile, overlap, rank, world, model=model,
             catch_signals=catch_signals, progress=progress,
         )  # fmt: skip
+        problem = None
         if finished and dist_util.is_main_process():
             try:
                 if job.resample:
@@ -407,11 +438,15 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
                     rows = array_rows(arrays, width)
                 write_outputs(job, scaling, rows, source.height, source.width)
             except OSError as err:
-                raise SceneError(
+                problem = (
                     f"cannot write {job.output} ({err.strerror or err}); the finished "
                     f"job is saved in {job.work_dir}: free space and rerun the same "
                     "command to write it"
-                ) from None
+                )
+        # the other ranks wait for rank 0's write: they leave with its fault
+        problem = dist_util.broadcast_object(problem)
+        if problem:
+            raise SceneError(problem)
     finally:
         arrays.remove()
     dist_util.barrier()

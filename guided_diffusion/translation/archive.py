@@ -1,0 +1,160 @@
+"""
+An archive of scenes in one run of scripts/translate_scene.py: which scenes an
+``--input`` names (a folder, a glob or a list file), the output each gets in the
+``--output`` folder, whether it is already done, how the ranks share the scenes and
+the run's summary. Each scene is translated by
+scene_translation.translate_scene, as a single scene is.
+"""
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+# The files of a folder that are scenes: GDAL rasters by their usual extension
+# (GeoTIFF, JPEG 2000, ERDAS Imagine), and Sentinel-1 products as delivered.
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img")
+# A text file of scene paths, one a line (# starts a comment).
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+def is_product(path):
+    """A Sentinel-1 product as delivered: a ``*.SAFE`` folder or an ``S1*_*.zip``."""
+    name = os.path.basename(os.path.normpath(path))
+    if name.upper().endswith(".SAFE"):
+        return True
+    return name.upper().startswith("S1") and "_" in name and name.lower().endswith(".zip")
+
+
+def _is_scene_entry(path):
+    if is_product(path):
+        return True
+    return os.path.isfile(path) and path.lower().endswith(RASTER_SUFFIXES)
+
+
+def is_archive(spec):
+    """
+    Whether ``--input`` names several scenes: a folder (not a ``.SAFE`` product),
+    a list file (.txt, .lst) or a glob pattern that is not itself a file.
+    """
+    if is_product(spec):
+        return False
+    if os.path.isdir(spec):
+        return True
+    if os.path.isfile(spec):
+        return spec.lower().endswith(LIST_SUFFIXES)
+    return glob.has_magic(spec)
+
+
+def archive_scenes(spec):
+    """
+    The scenes ``--input`` names, in a stable order.
+
+    :param spec: a folder (its raster files, :data:`RASTER_SUFFIXES`, and its
+        Sentinel-1 products, never looked into), a glob pattern (its matches, sorted)
+        or a list file (its lines; a relative path is from the current folder,
+        as ``ls > list.txt`` writes them).
+    :return: a list of paths.
+    :raises ValueError: nothing found, one line naming ``--input``.
+    """
+    if os.path.isdir(spec):
+        found = [os.path.join(spec, name) for name in sorted(os.listdir(spec))]
+        scenes = [path for path in found if _is_scene_entry(path)]
+        what = "no scene in the folder (" + ", ".join(RASTER_SUFFIXES) + ", *.SAFE, S1*_*.zip)"
+    elif os.path.isfile(spec):
+        scenes = []
+        with open(spec) as f:
+            for line in f:
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    scenes.append(os.path.expanduser(line))
+        what = "no path listed in the file"
+    else:
+        scenes = sorted(glob.glob(os.path.expanduser(spec)))
+        what = "the pattern matches nothing (quote it, so that the shell leaves it to the script)"
+    if not scenes:
+        raise ValueError(f"--input {spec}: {what}")
+    return [os.path.normpath(path) for path in scenes]
+
+
+def scene_stem(path):
+    """The name of a scene's output: its file name without the extension (a product's
+    without .SAFE or .zip)."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.splitext(name)[0]
+
+
+def archive_outputs(scenes, folder):
+    """
+    The output of each scene in the ``--output`` folder: FOLDER/<scene stem>.tif.
+
+    :return: a list of (scene, output) pairs.
+    :raises ValueError: two scenes of the same stem (one line naming them), whose
+        outputs would overwrite each other.
+    """
+    seen = {}
+    for scene in scenes:
+        stem = scene_stem(scene)
+        if stem in seen:
+            raise ValueError(
+                f"--input: {seen[stem]} and {scene} would both be written to "
+                f"{os.path.join(folder, stem + '.tif')}; rename one or translate them "
+                "in two runs"
+            )
+        seen[stem] = scene
+    return [(scene, os.path.join(folder, scene_stem(scene) + ".tif")) for scene in scenes]
+
+
+def output_complete(job):
+    """
+    Whether a placed scene job's outputs are all written: its last file exists (the
+    output, or with K samples the picture of their spread, written last) and its
+    work folder is gone (a scene stopped or crashed keeps it, and resumes).
+    """
+    from .scene_outputs import spread_paths
+
+    last = job.output if job.samples_per_input <= 1 else spread_paths(job.output)["picture"]
+    return os.path.exists(last) and not os.path.exists(job.work_dir)
+
+
+def scenes_of_rank(count, rank, world):
+    """
+    The scenes rank ``rank`` of ``world`` translates by itself, when whole scenes are
+    shared (:func:`shares_scenes`): scene i goes to rank i % world.
+    """
+    return list(range(rank, count, world))
+
+
+def shares_scenes(count, world):
+    """Whether the ranks share whole scenes (more scenes than ranks) rather than the
+    tiles of each scene."""
+    return count > world
+
+
+@dataclass
+class Summary:
+    """What became of an archive's scenes: the names done, skipped (complete) and
+    failed (with why)."""
+
+    done: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    failed: list = field(default_factory=list)  # (name, why)
+
+    @classmethod
+    def merged(cls, parts):
+        """One summary of several ranks' (each scene counted where it ran)."""
+        out = cls()
+        for part in parts:
+            out.done += part.done
+            out.skipped += part.skipped
+            out.failed += part.failed
+        return out
+
+    def line(self):
+        """The run's last line."""
+        text = (
+            f"{len(self.done)} scene(s) translated, {len(self.skipped)} skipped "
+            f"(already complete), {len(self.failed)} failed"
+        )
+        if self.failed:
+            text += ": " + ", ".join(name for name, _ in self.failed)
+        return text
