@@ -33,6 +33,15 @@ to the same result (with K samples: the finished ones are kept, the stopped one
 continues). The scene's arrays live in memory or, for scenes larger than memory,
 in memory-mapped files there (--memory).
 
+An archive in one run: --input a folder (its .tif, .tiff, .jp2 and .img files and
+Sentinel-1 products, *.SAFE and S1*_*.zip), a quoted glob or a list file (.txt,
+.lst: a path a line, # comments) and --output a folder: each scene goes to
+OUTPUT/<its name>.tif (with its own OUTPUT/<name>.tif.work). Scenes whose output is
+complete are skipped, a stopped one continues; a scene that cannot be read gets one
+line and the run goes on, to a summary and exit status 1 when any failed. Under
+mpiexec / torchrun the ranks share whole scenes when there are more scenes than
+ranks, else the tiles of each.
+
 Without --model_path, the small model bundled in assets/scene_model/ (trained on
 generated scenes) is used. image_sample_realtime.py, by contrast, translates a
 folder of patches at the model's size, resizing larger inputs as training did.
@@ -196,8 +205,12 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", required=True, help="the SAR scene (GeoTIFF)")
-    parser.add_argument("--output", required=True, help="the optical GeoTIFF to write")
+    parser.add_argument("--input", required=True,
+                        help="the SAR scene (GeoTIFF); or an archive: a folder, a "
+                             "quoted glob or a list file (.txt, .lst) of scenes")  # fmt: skip
+    parser.add_argument("--output", required=True,
+                        help="the optical GeoTIFF to write; for an archive the folder "
+                             "of the outputs, one <scene name>.tif each")  # fmt: skip
     parser.add_argument("--overlap", type=int, default=-1,
                         help="pixels shared by neighbouring tiles (-1: half a tile)")  # fmt: skip
     parser.add_argument("--shift_tiles", type=str2bool, default=True,
