@@ -209,3 +209,34 @@ def test_a_product_translates_end_to_end_with_its_gcps(product, tmp_path, monkey
     # some pixels translated away from the nodata edge; the work folder is gone
     assert image[:, 10:-10, 10:-10].any()
     assert not (tmp_path / "out.tif.work").exists()
+
+
+def test_a_gcp_raster_warps_to_utm_and_back(tmp_path):
+    """--resample of a GCP-only raster: onto a UTM grid of its pixel size and back
+    onto its own pixels gives the same values (the grid is the raster's own)."""
+    from rasterio.control import GroundControlPoint
+    from rasterio.crs import CRS
+
+    from guided_diffusion.io.geotiff import georeference
+    from guided_diffusion.io.warp import grid_at_pixel_size, warp_to_gcps, warp_to_grid
+
+    h, w = 30, 44
+    points = [GroundControlPoint(0, 0, 600000, 5100000),
+              GroundControlPoint(0, w, 600000 + 10 * w, 5100000),
+              GroundControlPoint(h, 0, 600000, 5100000 - 10 * h)]  # fmt: skip
+    values = np.random.default_rng(0).uniform(-20, -5, (2, h, w)).astype(np.float32)
+    src = tmp_path / "g.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=w, height=h, count=2,
+                       dtype="float32", nodata=float("nan")) as dst:  # fmt: skip
+        dst.write(values)
+        dst.gcps = (points, CRS.from_epsg(32632))
+    crs, transform, width, height = grid_at_pixel_size(src, (10, 10))
+    assert crs.to_epsg() == 32632 and (width, height) == (w, h)
+    assert (transform.c, transform.f) == (600000, 5100000)
+    warp_to_grid(src, tmp_path / "utm.tif", transform, width, height, crs=crs)
+    warp_to_gcps(tmp_path / "utm.tif", tmp_path / "back.tif", georeference(src), w, h)
+    with rasterio.open(tmp_path / "back.tif") as back:
+        got, (gcps, _) = back.read(), back.gcps
+    assert len(gcps) == 3
+    # every pixel but the last row and column (bilinear needs a neighbour there)
+    assert np.allclose(got[:, :-1, :-1], values[:, :-1, :-1], atol=1e-4)

@@ -117,31 +117,45 @@ def warp_to_grid(src_path, dst_path, transform, width, height, *, crs=None, rows
     """
     import rasterio
     from rasterio.enums import Resampling
+    from rasterio.transform import Affine
     from rasterio.vrt import WarpedVRT
+    from rasterio.warp import reproject
     from rasterio.windows import Window
 
     with rasterio.open(src_path) as src:
         crs = crs or src.crs
         gcps, gcp_crs = src.gcps
-        if src.crs is None and gcps:
-            source_size = gcp_pixel_size(gcps, gcp_crs, crs)
-        else:
-            source_size = abs(src.transform.a)
-        coarser = abs(transform.a) > source_size
+        by_gcps = src.crs is None and bool(gcps)
+        source_size = gcp_pixel_size(gcps, gcp_crs, crs) if by_gcps else abs(src.transform.a)
+        resampling = Resampling.average if abs(transform.a) > source_size else Resampling.bilinear
         nodata = src.nodata if src.nodata is not None else float("nan")
         georef = {"crs": crs, "transform": transform}
         names = [d or "" for d in src.descriptions]
-        with WarpedVRT(
-            src, crs=crs, transform=transform, width=width, height=height,
-            resampling=Resampling.average if coarser else Resampling.bilinear,
-            src_nodata=nodata, nodata=nodata, dtype="float32",
-        ) as vrt, GeoTiffWriter(
+        bands = list(range(1, src.count + 1))
+        with GeoTiffWriter(
             dst_path, src.count, height, width, np.float32, georef, nodata=nodata,
             names=names,
         ) as out:  # fmt: skip
-            for top in range(0, height, rows):
-                h = min(rows, height - top)
-                out.write(top, vrt.read(window=Window(0, top, width, h)))
+            if by_gcps:
+                # rasterio's WarpedVRT reads no GCPs (all nodata): GDAL's warper
+                # through reproject, from the open file, does
+                for top in range(0, height, rows):
+                    h = min(rows, height - top)
+                    band = np.full((src.count, h, width), nodata, np.float32)
+                    reproject(
+                        rasterio.band(src, bands), band, gcps=gcps, src_crs=gcp_crs,
+                        src_nodata=nodata, dst_transform=transform * Affine.translation(0, top),
+                        dst_crs=crs, dst_nodata=nodata, resampling=resampling,
+                    )  # fmt: skip
+                    out.write(top, band)
+                return dst_path
+            with WarpedVRT(
+                src, crs=crs, transform=transform, width=width, height=height,
+                resampling=resampling, src_nodata=nodata, nodata=nodata, dtype="float32",
+            ) as vrt:  # fmt: skip
+                for top in range(0, height, rows):
+                    h = min(rows, height - top)
+                    out.write(top, vrt.read(window=Window(0, top, width, h)))
     return dst_path
 
 
