@@ -256,7 +256,14 @@ declare(
     "dB mapped to [-1, 1]: LO,HI for every band or LO1,HI1,LO2,HI2 per band "
     "(empty: -25,0 for VV/HH and -32.5,0 for VH/HV, as SEN12MS-CR)",
 )
-declare(N, "sar_nodata", "", "SAR nodata value, or nan (empty: the file's; NaN always)")
+declare(
+    N,
+    "sar_nodata",
+    "",
+    "SAR nodata value, 8-bit too: a number, nan, or none to ignore the file's "
+    "(empty: the value the file declares; NaN always); the network sees -1 there "
+    "and the output is nodata",
+)
 declare(
     N,
     "sar_bands",

@@ -14,9 +14,12 @@ training, validation, sampling and the likelihood scale an image the same way:
   10 log10 and 20 log10), then clipped to a dB range per band and mapped linearly
   to [-1, 1]. The default ranges are SEN12MS-CR's: -25..0 dB for the
   co-polarised band (VV, HH), -32.5..0 dB for the cross-polarised one (VH, HV).
-* Nodata (the file's nodata value or ``--sar_nodata``; NaN, and in power or
+* Nodata (the value the file declares, or ``--sar_nodata``; NaN, and in power or
   amplitude any value <= 0, always) is filled with the bottom of the range (-1),
-  counted and kept as a mask, so no log of zero reaches the network.
+  counted and kept as a mask, so no log of zero reaches the network. This holds
+  for 8-bit SAR too (the network sees -1 there, as a 0 would give); a PNG declares
+  no nodata, so SEN1-2's PNGs read as in the original. ``--sar_nodata none`` ignores
+  a declared value (a file whose tag is wrong).
 * Band names in the file (SNAP writes ``Sigma0_VH``, ``Sigma0_VV``, often VH
   first) decide the order over the file's order: co-polarised first.
 * Optical: 8-bit RGB as the original; otherwise ``--opt_bands`` picks the red,
@@ -50,6 +53,10 @@ CLIP_WARN_SHARE = 0.05
 
 # Nodata pixels are filled with the bottom of the range: "no return".
 NODATA_FILL = -1.0
+
+# Scaling.sar_nodata for --sar_nodata none: the file's declared nodata value is not
+# used (NaN still is nodata).
+NODATA_OFF = "none"
 
 # Pillow modes with more than 8 bits per sample (16-bit integer, 32-bit int, float)
 _WIDE_MODES = ("I", "F")
@@ -96,15 +103,21 @@ def parse_db_range(text, flag="--sar_db_range"):
 
 
 def parse_nodata(text, flag="--sar_nodata"):
-    """:return: None ("": the file's own nodata value), NaN or a number."""
+    """
+    :return: None ("": the value the file declares), :data:`NODATA_OFF` ("none":
+        not the file's), NaN or a number.
+    """
     text = str(text).strip()
-    if text == "" or text.lower() == "none":
+    if text == "":
         return None
+    if text.lower() == NODATA_OFF:
+        return NODATA_OFF
     try:
         return float(text)
     except ValueError:
         raise DataError(
-            f"{flag} {text}: give a number (e.g. 0 or -9999) or nan"
+            f"{flag} {text}: give a number (e.g. 0 or -9999), nan, or none to "
+            "ignore the nodata value the file declares"
         ) from None
 
 
@@ -150,8 +163,9 @@ class Scaling:
     :param sar_input: one of :data:`SAR_INPUTS`.
     :param sar_db_range: (lo, hi) per band, one pair for every band, or () for
         the convention (:data:`CO_POL_DB`, :data:`CROSS_POL_DB`).
-    :param sar_nodata: the nodata value; None for the file's own (NaN is always
-        nodata).
+    :param sar_nodata: the nodata value, whatever the file's data type (8-bit
+        too); None for the one the file declares, :data:`NODATA_OFF` for none but
+        NaN (NaN is always nodata).
     :param sar_bands: bands to take, by 1-based index or name, in model order;
         () for the file's bands, named ones ordered co-polarised first.
     :param sar_band_names: the band names the model learned on (from the
@@ -163,7 +177,7 @@ class Scaling:
     sar_channels: int = 3
     sar_input: str = "uint8"
     sar_db_range: tuple = ()
-    sar_nodata: float | None = None
+    sar_nodata: float | str | None = None
     sar_bands: tuple = ()
     sar_band_names: tuple = ()
     opt_bands: tuple = ()
@@ -210,15 +224,18 @@ class Scaling:
         return replace(self, **changes), sorted(changes)
 
     def record(self):
-        """A JSON-ready dict (NaN written as "nan"); :meth:`from_record` reads it."""
+        """
+        A JSON-ready dict (NaN written as "nan", :data:`NODATA_OFF` as "none");
+        :meth:`from_record` reads it.
+        """
         nodata = self.sar_nodata
+        if isinstance(nodata, float) and math.isnan(nodata):
+            nodata = "nan"
         return {
             "sar_channels": self.sar_channels,
             "sar_input": self.sar_input,
             "sar_db_range": [list(r) for r in self.sar_db_range],
-            "sar_nodata": None
-            if nodata is None
-            else ("nan" if math.isnan(nodata) else nodata),
+            "sar_nodata": nodata,
             "sar_bands": list(self.sar_bands),
             "sar_band_names": list(self.sar_band_names),
             "opt_bands": list(self.opt_bands),
@@ -227,14 +244,25 @@ class Scaling:
 
     @classmethod
     def from_record(cls, record):
+        """
+        The Scaling of a :meth:`record`. A record made before 8-bit nodata was read
+        (issue 23) holds sar_nodata null, which means the same: the value the file
+        declares, now for 8-bit files too. Its PNGs declare none and read as they
+        did; an 8-bit GeoTIFF tagged with a nodata value now has those pixels
+        filled with -1 and masked (``--sar_nodata none`` reads them as data again).
+        """
         nodata = record.get("sar_nodata")
+        if nodata is not None and str(nodata).strip().lower() == NODATA_OFF:
+            nodata = NODATA_OFF
+        elif nodata is not None:
+            nodata = float(nodata)
         return cls(
             sar_channels=int(record.get("sar_channels", 3)),
             sar_input=record.get("sar_input", "uint8"),
             sar_db_range=tuple(
                 tuple(map(float, r)) for r in record.get("sar_db_range", ())
             ),
-            sar_nodata=None if nodata is None else float(nodata),
+            sar_nodata=nodata,
             sar_bands=tuple(record.get("sar_bands", ())),
             sar_band_names=tuple(record.get("sar_band_names", ())),
             opt_bands=tuple(record.get("opt_bands", ())),
@@ -257,6 +285,13 @@ class Scaling:
                 or "the convention's dB ranges"
             )
             sar = f"SAR {self.sar_input} -> dB, {ranges}"
+        if self.sar_nodata is None:
+            nodata = "the file's declared nodata"
+        elif self.sar_nodata == NODATA_OFF:
+            nodata = "NaN (a declared nodata value ignored)"
+        else:
+            nodata = f"nodata {self.sar_nodata:g}"
+        sar += f", {nodata} filled with -1 and masked"
         if self.opt_range:
             bands = ",".join(map(str, self.opt_bands)) if self.opt_bands else "1,2,3"
             opt = f"optical bands {bands}, {self.opt_range[0]:g}..{self.opt_range[1]:g}"
@@ -785,6 +820,25 @@ def _sar_selection(raster: Raster, scaling: Scaling):
     return _band_stack(raster)[chosen], labels, chosen
 
 
+def sar_nodata_value(raster: Raster, scaling: Scaling):
+    """
+    The value that marks nodata in this SAR file: ``--sar_nodata`` when given,
+    else the one the file declares (rasterio's ``nodata``; a PNG declares none),
+    whatever its data type; None for none (NaN is nodata anyway).
+    """
+    if scaling.sar_nodata == NODATA_OFF:
+        return None
+    value = scaling.sar_nodata if scaling.sar_nodata is not None else raster.nodata
+    return None if value is None or math.isnan(value) else value
+
+
+def _nodata_pixels(bands, value):
+    """(H, W) bool: a band holds ``value`` there (None: nowhere), as for float SAR."""
+    if value is None:
+        return np.zeros(bands.shape[1:], bool)
+    return (bands == value).any(axis=0)
+
+
 def sar_bands_scaled(raster: Raster, scaling: Scaling):
     """
     The SAR bands of a file in [-1, 1] at full resolution.
@@ -798,13 +852,14 @@ def sar_bands_scaled(raster: Raster, scaling: Scaling):
     data = raw.astype(np.float64)
     stats = SarStats(raster.path, pixels=data.shape[1] * data.shape[2], labels=labels)
     if scaling.sar_input == "uint8":
-        valid = np.ones(data.shape[1:], bool)
-        return data / 127.5 - 1, valid, stats
+        valid = ~_nodata_pixels(raw, sar_nodata_value(raster, scaling))
+        out = data / 127.5 - 1
+        out[:, ~valid] = NODATA_FILL  # what a 0 gives: the float bands' fill
+        stats.nodata = int(valid.size - valid.sum())
+        return out, valid, stats
 
     valid = np.isfinite(data).all(axis=0)
-    nodata = scaling.sar_nodata if scaling.sar_nodata is not None else raster.nodata
-    if nodata is not None and not math.isnan(nodata):
-        valid &= ~(data == nodata).any(axis=0)
+    valid &= ~_nodata_pixels(data, sar_nodata_value(raster, scaling))
     if scaling.sar_input in ("power", "amplitude"):
         valid &= (data > 0).all(axis=0)  # no log of zero
         factor = 10.0 if scaling.sar_input == "power" else 20.0
@@ -873,11 +928,23 @@ def load_sar_patch(
     if img is not None:
         # the original code's path: Pillow converts, resizes and replicates
         grey = channels == 1 or img.mode in ("1", "L", "LA", "La")
+        value = sar_nodata_value(raster, scaling)
+        nodata = None if value is None else _nodata_pixels(_band_stack(raster), value)
         img = img.convert("L" if grey else "RGB")
-        arr = eight_bit_array(img, image_size, channels, crop, flip)
         stats = SarStats(path, pixels=img.size[0] * img.size[1])
-        stats.valid_in_window = image_size * image_size
-        return arr, np.ones((image_size, image_size), bool), stats
+        if nodata is None or not nodata.any():  # a PNG: exactly the original's
+            arr = eight_bit_array(img, image_size, channels, crop, flip)
+            stats.valid_in_window = image_size * image_size
+            return arr, np.ones((image_size, image_size), bool), stats
+        # 0 becomes -1, the fill of float nodata; resized as float SAR's fill is
+        pixels = np.array(img)
+        pixels[nodata] = 0
+        img = Image.fromarray(pixels)  # L or RGB, as converted above
+        arr = eight_bit_array(img, image_size, channels, crop, flip)
+        window_valid = mask_array(~nodata, image_size, crop, flip)
+        stats.nodata = int(nodata.sum())
+        stats.valid_in_window = int(window_valid.sum())
+        return arr, window_valid, stats
     data, valid, stats = sar_bands_scaled(raster, scaling)
     arr = float_array(data, image_size, crop, flip)
     window_valid = mask_array(valid, image_size, crop, flip)

@@ -739,6 +739,13 @@ def job_key(job, tile, overlap, flags):
         key["use_tf32"] = True
     if job.sample:
         key["sample"] = job.sample
+    # issue 23: 8-bit SAR's declared nodata is nodata; a job saved before has no
+    # such entry, so it differs, and the difference reads as the reason
+    key["nodata_rule"] = (
+        "2: the file's declared nodata, 8-bit too (a job saved by an earlier "
+        "version, which read 8-bit nodata as data, must be finished with that "
+        "version or its work folder deleted)"
+    )
     return key
 
 
