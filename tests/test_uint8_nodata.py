@@ -10,10 +10,12 @@ strip written here, and the output's mask read back with rasterio.
 """
 
 import json
+import os
 import runpy
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,8 +32,12 @@ from guided_diffusion.io.rasters import (
     read_raster,
     sar_bands_scaled,
 )
-from guided_diffusion.translation.scene import SceneSampler
-from guided_diffusion.translation.scene_translation import BUNDLED_MODEL
+from guided_diffusion.translation.scene import JobMismatch, SceneSampler
+from guided_diffusion.translation.scene_translation import (
+    BUNDLED_MODEL,
+    SAMPLES_FILE,
+    samples_done,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "scripts" / "translate_scene.py")
@@ -112,6 +118,22 @@ def test_sar_nodata_none_reads_the_strip_as_data_and_a_number_overrides(tmp_path
     np.testing.assert_allclose(data[:, strip], 200 / 127.5 - 1)
 
 
+def test_a_palette_files_nodata_is_an_index_not_a_colour(tmp_path):
+    index = np.full((1, 6, 8), 5, np.uint8)
+    index[0, :, :2] = 3  # the declared nodata index
+    path = tmp_path / "p.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=6, count=1,
+                       dtype="uint8", nodata=3, photometric="palette", crs="EPSG:32632",
+                       transform=Affine(10, 0, 600000, 0, -10, 5100000)) as dst:  # fmt: skip
+        dst.write(index)
+        # index 5 is coloured (3, 3, 3): a colour equal to the nodata index
+        dst.write_colormap(1, {3: (10, 20, 30, 255), 5: (3, 3, 3, 255)})
+    data, valid, _ = sar_bands_scaled(read_raster(str(path)), Scaling())
+    np.testing.assert_array_equal(valid, index[0] != 3)
+    np.testing.assert_allclose(data[:, :, 2:], 3 / 127.5 - 1)
+    assert (data[:, :, :2] == -1).all()
+
+
 def test_a_png_declares_no_nodata_and_reads_as_the_original(tmp_path):
     values = eight_bit(1, 20, 24, seed=2)[0]
     values[:, :STRIP] = 0  # zeros are data in a PNG
@@ -177,6 +199,17 @@ def test_a_declared_nodata_strip_of_an_8_bit_scene_is_nodata_in_the_output(
     np.testing.assert_array_equal(masked, strip)
     masked = translate(monkeypatch, scene, tmp_path / "data.tif", "--sar_nodata", "none")
     assert not masked.any()
+
+
+def test_finished_samples_saved_before_the_rule_are_refused_too(tmp_path):
+    job = SimpleNamespace(work_dir=str(tmp_path / "out.tif.work"),
+                          output=str(tmp_path / "out.tif"))  # fmt: skip
+    os.makedirs(job.work_dir)
+    key = {"seed": 0, "nodata_rule": "2: ..."}
+    old = {"key": {"seed": 0}, "done": [0]}  # as written before the rule
+    (tmp_path / "out.tif.work" / SAMPLES_FILE).write_text(json.dumps(old))
+    with pytest.raises(JobMismatch, match="1 finished sample.*nodata_rule None"):
+        samples_done(job, key)
 
 
 def test_a_scene_job_saved_before_the_rule_is_refused_in_one_line(

@@ -339,6 +339,9 @@ class Raster:
     :param nodata: the file's nodata value, or None.
     :param crs: the coordinate reference system as text, or None.
     :param pixel_size: (x, y) pixel size in CRS units, or None.
+    :param nodata_pixels: (H, W) bool where the file declares nodata, for a file
+        whose values are not its pixels' (a palette's indices: ``nodata`` is an
+        index, the bands are colours); None to compare the bands with ``nodata``.
     """
 
     path: str
@@ -348,6 +351,7 @@ class Raster:
     nodata: float | None = None
     crs: str | None = None
     pixel_size: tuple | None = None
+    nodata_pixels: np.ndarray | None = None
 
     @property
     def size(self):
@@ -425,11 +429,14 @@ def _open_rasterio(path, rows=None):
                     palette = src.colormap(1)
     except Exception as exc:  # rasterio.errors.RasterioIOError and GDAL's CPLE_* errors
         raise _unreadable(path, exc) from None
+    nodata_pixels = None
     if palette is not None:
         lut = np.zeros((256, 3), np.uint8)
         for index, rgba in palette.items():
             if 0 <= index < 256:
                 lut[index] = rgba[:3]
+        if nodata is not None:
+            nodata_pixels = bands[0] == nodata  # an index, not a colour
         bands = lut[bands[0]].transpose(2, 0, 1)
         names = (None, None, None)
     return Raster(
@@ -439,6 +446,7 @@ def _open_rasterio(path, rows=None):
         nodata=nodata,
         crs=crs if georeferenced else None,
         pixel_size=pixel_size if georeferenced else None,
+        nodata_pixels=nodata_pixels,
     )
 
 
@@ -832,10 +840,16 @@ def sar_nodata_value(raster: Raster, scaling: Scaling):
     return None if value is None or math.isnan(value) else value
 
 
-def _nodata_pixels(bands, value):
-    """(H, W) bool: a band holds ``value`` there (None: nowhere), as for float SAR."""
+def _nodata_pixels(raster, bands, scaling):
+    """
+    (H, W) bool: nodata by :func:`sar_nodata_value`, where any band holds it (as
+    for float SAR), or where a palette file's index is its declared nodata.
+    """
+    value = sar_nodata_value(raster, scaling)
     if value is None:
         return np.zeros(bands.shape[1:], bool)
+    if scaling.sar_nodata is None and raster.nodata_pixels is not None:
+        return raster.nodata_pixels
     return (bands == value).any(axis=0)
 
 
@@ -852,14 +866,14 @@ def sar_bands_scaled(raster: Raster, scaling: Scaling):
     data = raw.astype(np.float64)
     stats = SarStats(raster.path, pixels=data.shape[1] * data.shape[2], labels=labels)
     if scaling.sar_input == "uint8":
-        valid = ~_nodata_pixels(raw, sar_nodata_value(raster, scaling))
+        valid = ~_nodata_pixels(raster, raw, scaling)
         out = data / 127.5 - 1
         out[:, ~valid] = NODATA_FILL  # what a 0 gives: the float bands' fill
         stats.nodata = int(valid.size - valid.sum())
         return out, valid, stats
 
     valid = np.isfinite(data).all(axis=0)
-    valid &= ~_nodata_pixels(data, sar_nodata_value(raster, scaling))
+    valid &= ~_nodata_pixels(raster, data, scaling)
     if scaling.sar_input in ("power", "amplitude"):
         valid &= (data > 0).all(axis=0)  # no log of zero
         factor = 10.0 if scaling.sar_input == "power" else 20.0
@@ -928,8 +942,9 @@ def load_sar_patch(
     if img is not None:
         # the original code's path: Pillow converts, resizes and replicates
         grey = channels == 1 or img.mode in ("1", "L", "LA", "La")
-        value = sar_nodata_value(raster, scaling)
-        nodata = None if value is None else _nodata_pixels(_band_stack(raster), value)
+        nodata = None
+        if sar_nodata_value(raster, scaling) is not None:
+            nodata = _nodata_pixels(raster, _band_stack(raster), scaling)
         img = img.convert("L" if grey else "RGB")
         stats = SarStats(path, pixels=img.size[0] * img.size[1])
         if nodata is None or not nodata.any():  # a PNG: exactly the original's
