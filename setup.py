@@ -31,7 +31,8 @@ setup(
     extras_require={
         # an MPI library for mpiexec when the machine has none (clusters usually do)
         "mpi": ["mpich"],
-        "test": ["pytest", "mpich", "ruff"],
+        # rio-cogeo: its validator checks that scene outputs are Cloud-Optimized
+        "test": ["pytest", "mpich", "ruff", "rio-cogeo"],
         # the web page (scripts/app.py) and its tests: gradio_client drives it over
         # HTTP, playwright drives a real Chromium (the system's: apt-get install chromium)
         "app": ["gradio", "gradio_client", "playwright"],

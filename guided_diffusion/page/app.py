@@ -606,7 +606,7 @@ class Translator:
         if warning:
             notes.append(warning.replace(path, name))
         shown = np.ascontiguousarray(np.broadcast_to(done.sar, (*done.sar.shape[:2], 3)))
-        png, geotiff = _write_result(folder, name, image, path)
+        png, geotiff = _write_result(folder, name, image, path, done.valid)
         result = Result(shown, image, png, geotiff, 0.0, "patch", "", notes, samples=count)
         if count > 1:
             # the sampling script's files of K samples, named after the result
@@ -674,11 +674,13 @@ def _shown_path(path):
     return path if not path.startswith(tempfile.gettempdir()) else os.path.basename(path)
 
 
-def _write_result(folder, name, image, source):
+def _write_result(folder, name, image, source, valid):
     """
     The result as a PNG, and as a GeoTIFF with the input's georeference when it
-    has one (nodata 0, the bands named, as translate_scene.py writes them).
+    has one (a Cloud-Optimized GeoTIFF, its dataset mask the SAR's valid pixels,
+    the bands named, as translate_scene.py writes them).
 
+    :param valid: (H, W) bool, the pixels where the SAR has data.
     :return: (png path, GeoTIFF path or None).
     """
     stem = os.path.join(folder, os.path.splitext(name)[0] + "_optical")
@@ -687,7 +689,7 @@ def _write_result(folder, name, image, source):
     if not georef:
         return stem + ".png", None
     write_geotiff(stem + ".tif", np.ascontiguousarray(image.transpose(2, 0, 1)), georef,
-                  nodata=0, names=("red", "green", "blue"))  # fmt: skip
+                  names=("red", "green", "blue"), valid=valid, cog=True)  # fmt: skip
     return stem + ".png", stem + ".tif"
 
 

@@ -9,6 +9,7 @@ mean, spread and spread picture (:func:`write_spread_outputs`, files named by
 
 import math
 import os
+import shutil
 import warnings
 from contextlib import ExitStack, nullcontext
 
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .. import logger
-from ..base.atomic import write_atomic
+from ..base.atomic import disk_of, write_atomic
 from ..io import pictures
 from ..io.geotiff import GeoTiffWriter, georeference
 from ..io.pictures import SPREAD_MAX, spread_picture
@@ -93,7 +94,8 @@ def write_outputs(job, scaling, rows, height, width):
         lo, hi = scaling.opt_range
         dtype, nodata = np.float32, float("nan")
     else:
-        dtype, nodata = np.uint8, 0
+        # no nodata value: a generated 0 is a dark pixel; the mask says what is not
+        dtype, nodata = np.uint8, None
     quicklook = job.quicklook and not job.sample
     # a sample's GeoTIFF is read by the pass over the samples, kept or not
     geotiff = job.geotiff or job.samples_per_input > 1
@@ -107,10 +109,14 @@ def write_outputs(job, scaling, rows, height, width):
     writer = nullcontext()
     if geotiff:
         os.makedirs(os.path.dirname(target), exist_ok=True)  # the work folder's samples/
+        # what the user keeps is a COG (job.cog); what only the pass over the
+        # samples reads, in the work folder, need not be
+        kept = job.keep_samples if job.sample else job.geotiff
         writer = GeoTiffWriter(
             target, 3, height, width, dtype, georeference(job.input), nodata=nodata,
-            names=("red", "green", "blue"),
+            names=("red", "green", "blue"), mask=nodata is None, cog=job.cog and kept,
         )  # fmt: skip
+        log_disk_needed(writer)
     with writer as out:
         for top, bottom, x, valid, sar in _rows_of(rows, height):
             if job.output_units == "optical":
@@ -120,7 +126,7 @@ def write_outputs(job, scaling, rows, height, width):
                 image = to_uint8(x[None])[0].transpose(2, 0, 1).copy()
                 image[:, ~valid] = 0
             if out is not None:
-                out.write(top, image)
+                out.write(top, image, valid)
             if png:
                 full.append(np.where(valid[..., None], to_uint8(x[None])[0], 0))
             if not quicklook:
@@ -144,14 +150,42 @@ def write_outputs(job, scaling, rows, height, width):
 
 
 def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
-    """SAR | result side by side, downscaled so the pair is at most ``width`` wide."""
+    """
+    SAR | result side by side, downscaled so the pair is at most ``width`` wide, as
+    RGBA: transparent where the SAR has no data, in both halves (black there could
+    be a dark pixel), opaque elsewhere. Where the downscaling merges pixels with and
+    without data, the pixel is opaque, of its pixels with data (Pillow resizes RGBA
+    with premultiplied alpha).
+
+    :param valid: (H, W) bool, the pixels where the SAR has data.
+    """
     result = np.where(valid[..., None], result, 0).astype(np.uint8)
-    both = Image.fromarray(pictures.side_by_side([[sar, result]], gap=4))
+    both = pictures.side_by_side([[sar, result]], gap=4)
+    shown = np.where(valid, 255, 0).astype(np.uint8)
+    alpha = pictures.side_by_side([[shown, shown]], gap=4)[..., :1]
+    both = Image.fromarray(np.concatenate([both, alpha], axis=2), "RGBA")
     if both.width > width:
         both = both.resize(
             (width, max(1, round(both.height * width / both.width))), Image.BOX
         )
+        rgba = np.asarray(both).copy()
+        rgba[..., 3] = np.where(rgba[..., 3] > 0, 255, 0)
+        both = Image.fromarray(rgba, "RGBA")
     pictures.write_png(path, both)
+
+
+def log_disk_needed(writer):
+    """Log the disk a GeoTIFF writer needs at most, where, and what is free there."""
+    disk = disk_of(writer.path)
+    try:
+        free = f"{shutil.disk_usage(disk).free / 1e6:,.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    kind = "Cloud-Optimized GeoTIFF" if writer.cog else "GeoTIFF"
+    logger.log(
+        f"writing {writer.path} ({kind}): needs at most "
+        f"{writer.bytes_needed / 1e6:,.1f} MB on the disk at {disk} ({free})"
+    )
 
 
 def write_spread_outputs(job, scaling, count):
@@ -204,16 +238,22 @@ def write_spread_outputs(job, scaling, count):
                     f"not sample {k} of {job.input}: delete it and rerun"
                 )
         mean_out = None
+        writers = []
         if job.geotiff:
-            mean_out = stack.enter_context(GeoTiffWriter(
+            writers.append(GeoTiffWriter(
                 paths["mean"], 3, height, width, np.float32 if optical else np.uint8,
-                georef, nodata=float("nan") if optical else 0, names=names,
+                georef, nodata=float("nan") if optical else None, names=names,
+                mask=not optical, cog=job.cog,
             ))  # fmt: skip
-        mean_rows = []  # the mean as an 8-bit picture, for job.png
-        spread_out = stack.enter_context(GeoTiffWriter(
+        writers.append(GeoTiffWriter(
             paths["spread"], 3, height, width, np.float32, georef,
-            nodata=float("nan"), names=names,
+            nodata=float("nan"), names=names, cog=job.cog,
         ))  # fmt: skip
+        for writer in writers:
+            log_disk_needed(writer)
+        mean_out = stack.enter_context(writers[0]) if job.geotiff else None
+        spread_out = stack.enter_context(writers[-1])
+        mean_rows = []  # the mean as an 8-bit picture, for job.png
         for top, bottom in bands(height, rows):
             window = ((top, bottom), (0, width))
             stacked = np.stack([src.read(window=window) for src in samples])
@@ -227,7 +267,7 @@ def write_spread_outputs(job, scaling, count):
                 mean = np.rint(mean).astype(np.uint8)
                 mean[:, ~valid] = 0
             if mean_out is not None:
-                mean_out.write(top, mean)
+                mean_out.write(top, mean, valid)
             if job.png:
                 mean_rows.append(mean_picture_rows(mean, valid, optical, scaling))
             spread_out.write(top, spread.astype(np.float32))
