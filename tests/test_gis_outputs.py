@@ -269,3 +269,25 @@ def test_full_disk_in_the_cog_copy_is_disk_full_and_leaves_nothing(tmp_path, mon
             out.write(0, noise, np.ones((300, 400), bool))
     assert str(path) in str(caught.value)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["scene.tif"]
+
+
+def test_a_downscaled_quicklook_is_transparent_only_where_no_pixel_had_data(tmp_path):
+    """Halved (44 -> 22 columns): a pixel of two without data is transparent, one
+    of a pixel with and one without is opaque, of the colour of the one with."""
+    from guided_diffusion.translation.scene_outputs import write_quicklook
+
+    valid = np.ones((10, 20), bool)
+    valid[:, :3] = False  # columns 0, 1: none; columns 2, 3: half
+    sar = np.full((10, 20), 90, np.uint8)
+    result = np.zeros((10, 20, 3), np.uint8)
+    result[..., 0] = 200
+    write_quicklook(str(tmp_path / "q.png"), sar, result, valid, width=22)
+    picture = np.asarray(Image.open(tmp_path / "q.png"))
+    assert picture.shape == (5, 22, 4)
+    # SAR columns 0-19 -> 0-9, the gap 20-23 -> 10-11, the result 24-43 -> 12-21
+    for left in (0, 12):
+        assert (picture[:, left, 3] == 0).all()
+        assert (picture[:, left + 1:left + 10, 3] == 255).all()
+    assert (picture[:, 10:12, 3] == 255).all()
+    assert (np.abs(picture[:, 1, :3].astype(int) - 90) <= 1).all()
+    assert (np.abs(picture[:, 13, :3].astype(int) - (200, 0, 0)) <= 1).all()
