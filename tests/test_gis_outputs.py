@@ -291,3 +291,25 @@ def test_a_downscaled_quicklook_is_transparent_only_where_no_pixel_had_data(tmp_
     assert (picture[:, 10:12, 3] == 255).all()
     assert (np.abs(picture[:, 1, :3].astype(int) - 90) <= 1).all()
     assert (np.abs(picture[:, 13, :3].astype(int) - (200, 0, 0)) <= 1).all()
+
+
+def test_a_disk_without_room_for_the_cog_is_refused_before_the_copy(tmp_path, monkeypatch):
+    """Less free space than the intermediate file: DiskFull before GDAL copies
+    anything, saying what is needed and that --cog false writes a plain GeoTIFF."""
+    path = tmp_path / "scene.tif"
+    copies = []
+    monkeypatch.setattr(GeoTiffWriter, "_copy_cog", lambda self, *a: copies.append(a))
+    real = atomic.shutil.disk_usage
+    geo = {"crs": rasterio.crs.CRS.from_epsg(32632), "transform": TRANSFORM}
+    noise = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    with pytest.raises(DiskFull) as caught:
+        with GeoTiffWriter(str(path), 3, 64, 64, np.uint8, geo, mask=True, cog=True) as out:
+            out.write(0, noise, np.ones((64, 64), bool))
+            work = out._work  # one byte less free than the finished intermediate
+            monkeypatch.setattr(
+                atomic.shutil, "disk_usage",
+                lambda p: real(p)._replace(free=os.path.getsize(work) - 1),
+            )  # fmt: skip
+    message = str(caught.value)
+    assert str(path) in message and "--cog false" in message and "needs more than" in message
+    assert copies == [] and os.listdir(tmp_path) == []

@@ -7,11 +7,12 @@ half a file). Reading and scaling rasters is rasters.py's, warping them warp.py'
 
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
 
-from ..base.atomic import temporary_path
+from ..base.atomic import DiskFull, disk_of, temporary_path
 from .rasters import _unreadable
 
 
@@ -77,7 +78,8 @@ class GeoTiffWriter:
     Cloud-Optimized GeoTIFF, building the overviews, the mask's included; the copy
     keeps the georeference (GCPs included), band names, colour interpretation and
     mask, and the intermediate is removed whatever happens. :attr:`bytes_needed`
-    bounds the disk this takes.
+    bounds the disk this takes; a disk with less free space than the intermediate
+    (which the COG outgrows) is refused before the copy, with DiskFull.
 
     :param georef: :func:`georeference` of the input.
     :param mask: write the dataset mask: each :meth:`write` gives its rows' valid
@@ -152,11 +154,18 @@ class GeoTiffWriter:
                 finally:
                     self._dst.close()
                 if exc_type is None and self.cog:
+                    self._check_room(self._work)
                     self._copy_cog(self._work, self._final)
             except BaseException as err:
                 # Finishing, closing or the copy failed (a full disk shows here):
                 # the temporary file goes, and this is the error to report.
-                if not self._tmp.__exit__(type(err), err, err.__traceback__):
+                try:
+                    handled = self._tmp.__exit__(type(err), err, err.__traceback__)
+                except DiskFull as full:
+                    if isinstance(err, DiskFull) and full.__cause__ is err:
+                        raise err from None  # the room check's line says more
+                    raise
+                if not handled:
                     raise
             else:
                 # Renames the file, or removes it after an error in the ``with``
@@ -167,6 +176,23 @@ class GeoTiffWriter:
             # disk (atomic.temporary_path), and removing this frees space
             self._remove_work()
         return False
+
+    def _check_room(self, work):
+        """
+        Refuse the COG copy at once when the disk clearly lacks the room: the COG
+        holds the intermediate's pixels, as compressed, and overviews besides.
+
+        :raises DiskFull: naming the output, the disk and the bytes needed.
+        """
+        needed = os.path.getsize(work)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(work))).free
+        if free < needed:
+            raise DiskFull(
+                self.path,
+                f"disk full: {self.path} needs more than {needed:,} bytes for its "
+                f"Cloud-Optimized copy, and the disk at {disk_of(work)} has {free:,} "
+                "free: free space there, or write a plain GeoTIFF (--cog false)",
+            )
 
     def _remove_work(self):
         if self.cog and self._work and os.path.exists(self._work):
