@@ -46,6 +46,7 @@ _cleanup_registered = False
 _retired_groups = []
 # Set inside alone(): this process works as a group of one within a larger group.
 _alone = False
+_neighbours = 1  # the processes on this machine, within alone()
 
 
 def setup_dist(init_timeout_s=INIT_TIMEOUT_S):
@@ -217,7 +218,7 @@ def _is_multi_process():
 
 
 @contextlib.contextmanager
-def alone():
+def alone(neighbours=1):
     """
     Within it this process runs as if it were the only one: :func:`get_rank` 0,
     :func:`get_world_size` 1, :func:`is_main_process` True, and the collectives
@@ -225,14 +226,53 @@ def alone():
     :func:`sync_params`) return at once; so each rank can run a whole job of its own
     (a scene of an archive) while the group lives on for what the ranks do
     together after it. The device stays this process's (:func:`dev`).
+
+    :param neighbours: the processes on this machine, this one included, each
+        running a job of its own (:func:`processes_on_this_machine`, taken before:
+        it is a collective), for what they share (the memory).
     """
-    global _alone
-    before = _alone
-    _alone = True
+    global _alone, _neighbours
+    before = _alone, _neighbours
+    _alone, _neighbours = True, neighbours
     try:
         yield
     finally:
-        _alone = before
+        _alone, _neighbours = before
+
+
+def processes_on_this_machine():
+    """
+    The processes of the group on this machine (by host name), this one included:
+    a collective every process calls; within :func:`alone`, the count it was given.
+    """
+    if _alone:
+        return _neighbours
+    here = socket.gethostname()
+    return sum(name == here for name in all_gather_object(here))
+
+
+class FailedElsewhere(RuntimeError):
+    """A step that one process ran for all of them failed there (its one line)."""
+
+
+def on_main_process(work):
+    """
+    Run ``work()`` on the main process while the others wait, and take the same way
+    out on every process: its error is raised where it happened and, as
+    :class:`FailedElsewhere` naming the rank, on the others (a bare barrier after it
+    would leave them waiting for a process that raised).
+    """
+    error = None
+    if is_main_process():
+        try:
+            work()
+        except Exception as err:  # every error: the others must hear of it
+            error = err
+    found = problem_anywhere(None if error is None else str(error) or type(error).__name__)
+    if error is not None:
+        raise error
+    if found is not None:
+        raise FailedElsewhere(f"on rank {found[0]}: {found[1]}")
 
 
 def dev():

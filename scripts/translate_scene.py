@@ -48,7 +48,6 @@ folder of patches at the model's size, resizing larger inputs as training did.
 """
 
 import argparse
-import contextlib
 import os
 import sys
 from dataclasses import replace
@@ -59,13 +58,10 @@ from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.base.settings import str2bool  # noqa: E402
 from guided_diffusion.io.rasters import DataError  # noqa: E402
 from guided_diffusion.translation.archive import (  # noqa: E402
-    Summary,
     archive_outputs,
     archive_scenes,
     is_archive,
-    output_complete,
-    scenes_of_rank,
-    shares_scenes,
+    translate_archive,
 )
 from guided_diffusion.translation.jobs import SceneJob  # noqa: E402
 from guided_diffusion.translation.sampling import add_sampling_flags, write_log  # noqa: E402
@@ -102,101 +98,6 @@ def main():
     dist_util.cleanup()
     if not finished:
         sys.exit(128 + STOP["signal"])
-
-
-# What one scene of an archive may fail with, and the run goes on with the others.
-SCENE_FAULTS = (DataError, ValueError, OSError, JobMismatch, SceneError)
-
-
-def scene_job(template, scene, output):
-    """
-    The checked job of one scene of an archive: ``template`` (the command's job)
-    with the scene's input, output and work folder (OUTPUT.work, or a folder of
-    that name in --work_dir).
-
-    :raises ValueError: the scene cannot run (no such file ...).
-    """
-    work_dir = ""
-    if template.work_dir != template.output + ".work":  # --work_dir given
-        work_dir = os.path.join(template.work_dir, os.path.basename(output) + ".work")
-    job = replace(template, input=scene, output=output, work_dir=work_dir)
-    return job.placed().check()
-
-
-def translate_archive(template, scenes, checkpoint, rank, world):
-    """
-    Translate the scenes of an archive, each into its output, and say what became of
-    them. With more scenes than ranks each rank translates whole scenes by itself
-    (scene i on rank i % world); otherwise the ranks share the tiles of each scene.
-    A scene whose outputs are complete is skipped; one that fails gets one line and
-    the run goes on.
-
-    :param template: the command's job (archive.archive_outputs gives each scene's).
-    :param scenes: (scene, output) pairs (archive.archive_outputs).
-    :return: the exit status, the same on every rank: 0, 1 when a scene failed,
-        128 + the signal that stopped the run.
-    """
-    import rasterio.errors
-
-    shared = shares_scenes(len(scenes), world)
-    if shared:  # every rank logs the scenes it translates
-        with dist_util.alone():
-            logger.configure(dir=template.output, format_strs=["stdout"])
-        mine = scenes_of_rank(len(scenes), rank, world)
-    else:
-        mine = range(len(scenes))
-    logger.log(
-        f"{len(scenes)} scenes into {template.output}: "
-        + (f"{world} ranks, each translating whole scenes" if shared and world > 1
-           else f"the tiles of each shared by {world} rank(s)" if world > 1 else "one process")
-    )  # fmt: skip
-    summary, stopped = Summary(), None
-    for i in mine:
-        scene, output = scenes[i]
-        problem = None
-        try:
-            job = scene_job(template, scene, output)
-        except SCENE_FAULTS as err:
-            problem = str(err)
-        if not shared:  # the ranks skip a scene together
-            found = dist_util.problem_anywhere(problem)
-            if found is not None and found[1] != problem:
-                problem = f"on rank {found[0]}: {found[1]}"
-        if problem is None:
-            complete = output_complete(job)
-            if not shared:  # rank 0 writes the outputs: its view decides
-                complete = dist_util.broadcast_object(complete)
-            if complete:
-                logger.log(f"{scene}: {output} is complete, skipped")
-                summary.skipped.append(scene)
-                continue
-            logger.log(f"scene {i + 1} of {len(scenes)}: {scene} -> {output}")
-            try:
-                with dist_util.alone() if shared else contextlib.nullcontext():
-                    finished = translate_scene(
-                        job, checkpoint, rank=0 if shared else rank,
-                        world=1 if shared else world, catch_signals=True,
-                    )  # fmt: skip
-            except SCENE_FAULTS + (rasterio.errors.RasterioError,) as err:
-                problem = str(err)
-            else:
-                if not finished:
-                    stopped = STOP["signal"]
-                    break
-                summary.done.append(scene)
-        if problem is not None:
-            summary.failed.append((scene, problem))
-            if shared or dist_util.is_main_process():
-                print(f"failed: {scene}: {problem}", file=sys.stderr, flush=True)
-    parts = dist_util.all_gather_object((summary, stopped))
-    # with the tiles shared every rank saw every scene: rank 0's summary is the run's
-    summary = Summary.merged(part for part, _ in (parts if shared else parts[:1]))
-    stopped = max((s for _, s in parts if s), default=None)
-    if dist_util.is_main_process():
-        print(summary.line() + (" (stopped)" if stopped else ""), flush=True)
-    if stopped:
-        return 128 + stopped
-    return 1 if summary.failed else 0
 
 
 def create_argparser():
@@ -316,6 +217,7 @@ def parse_run(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError, JobMismatch, SceneError) as err:
+    except (DataError, ValueError, FileNotFoundError, JobMismatch, SceneError,
+            dist_util.FailedElsewhere) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

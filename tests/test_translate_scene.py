@@ -288,11 +288,21 @@ def test_a_scene_of_other_pixels_is_warned_of_and_resampled_on_request(
     assert (out[:, :, :4] == 0).all() and (out[:, :, 5:] > 0).any()
     assert not np.array_equal(out, plain)
     assert not (tmp_path / "out.tif.work").exists()
-    # a scene placed by ground control points cannot be resampled here
-    gcps = write_scene(tmp_path / "gcps.tif", 30, 44, gcps=True)
-    with pytest.raises(SystemExit):
-        translate(monkeypatch, gcps, tmp_path / "g.tif", checkpoint, "--resample")
-    assert "no map transform" in capsys.readouterr().err
+    # a scene placed by ground control points only is warped onto a map grid and
+    # back: the output has its size, its GCPs and its nodata strip
+    gcps = write_scene(tmp_path / "gcps.tif", 30, 44, gcps=True, strip=4)
+    out, profile, _, (points, crs), _ = translate(
+        monkeypatch, gcps, tmp_path / "g.tif", checkpoint, "--resample"
+    )
+    with rasterio.open(gcps) as src:
+        expected, expected_crs = src.gcps
+    assert out.shape == (3, 30, 44) and crs == expected_crs
+    assert [(p.row, p.col, p.x, p.y) for p in points] == [
+        (p.row, p.col, p.x, p.y) for p in expected
+    ]
+    with rasterio.open(tmp_path / "g.tif") as src:
+        valid = src.dataset_mask() > 0
+    assert not valid[:, :4].any() and valid[:, 5:-1].all()
 
 
 def test_a_full_disk_ends_in_one_line_naming_what_survived(

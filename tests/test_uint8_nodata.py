@@ -32,7 +32,7 @@ from guided_diffusion.io.rasters import (
     read_raster,
     sar_bands_scaled,
 )
-from guided_diffusion.translation.scene import JobMismatch, SceneSampler
+from guided_diffusion.translation.scene import KEY_VERSION, JobMismatch, SceneSampler
 from guided_diffusion.translation.scene_translation import (
     BUNDLED_MODEL,
     SAMPLES_FILE,
@@ -205,10 +205,10 @@ def test_finished_samples_saved_before_the_rule_are_refused_too(tmp_path):
     job = SimpleNamespace(work_dir=str(tmp_path / "out.tif.work"),
                           output=str(tmp_path / "out.tif"))  # fmt: skip
     os.makedirs(job.work_dir)
-    key = {"seed": 0, "nodata_rule": "2: ..."}
+    key = {"seed": 0, "version": KEY_VERSION}
     old = {"key": {"seed": 0}, "done": [0]}  # as written before the rule
     (tmp_path / "out.tif.work" / SAMPLES_FILE).write_text(json.dumps(old))
-    with pytest.raises(JobMismatch, match="1 finished sample.*nodata_rule None"):
+    with pytest.raises(JobMismatch, match="earlier version.*8-bit SAR file declares"):
         samples_done(job, key)
 
 
@@ -236,9 +236,9 @@ def test_a_scene_job_saved_before_the_rule_is_refused_in_one_line(
             translate(monkeypatch, scene, out, *flags)
     saved = tmp_path / "out.tif.work" / "job.json"
     job = json.loads(saved.read_text())
-    assert "nodata_rule" in job["key"]
+    assert job["key"]["version"] == KEY_VERSION == 2
     # the key as the version before this rule wrote it
-    old_key = {k: v for k, v in job["key"].items() if k != "nodata_rule"}
+    old_key = {k: v for k, v in job["key"].items() if k != "version"}
     saved.write_text(json.dumps({**job, "key": old_key}))
     capsys.readouterr()
     with pytest.raises(SystemExit) as stopped:
@@ -247,6 +247,6 @@ def test_a_scene_job_saved_before_the_rule_is_refused_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     line = err[-1]
     assert line.startswith("error: ") and str(out) + ".work" in line
-    assert "earlier version" in line and "8-bit nodata" in line
-    assert "work folder deleted" in line and not out.exists()
-    assert sum("nodata_rule" in e for e in err) == 1
+    assert "earlier version" in line and "8-bit SAR file declares is nodata" in line
+    assert "delete the folder" in line and not out.exists()
+    assert "other settings" not in line and sum("earlier version" in e for e in err) == 1

@@ -144,7 +144,7 @@ def warp_to_grid(src_path, dst_path, transform, width, height, *, crs=None, rows
                     band = np.full((src.count, h, width), nodata, np.float32)
                     reproject(
                         rasterio.band(src, bands), band, gcps=gcps, src_crs=gcp_crs,
-                        src_nodata=nodata, dst_transform=transform * Affine.translation(0, top),
+                        src_nodata=nodata, dst_transform=transform @ Affine.translation(0, top),
                         dst_crs=crs, dst_nodata=nodata, resampling=resampling,
                     )  # fmt: skip
                     out.write(top, band)
@@ -164,8 +164,8 @@ def warp_to_gcps(src_path, dst_path, georef, width, height, *, rows=256, cols=10
     Sample a raster on a map grid back at every pixel of a raster georeferenced
     by ground control points (the way back from :func:`utm_grid`): each pixel's
     place through GDAL's GCP transformer (as the warper placed it), bilinearly
-    interpolated from the four nearest pixel centres (NaN where one is outside or
-    nodata), ``rows`` x ``cols`` pixels at a time, into a float32 GeoTIFF of
+    interpolated from the four nearest pixel centres (NaN where one is nodata or
+    the place is outside the raster; within its outer half pixels, the edge's), ``rows`` x ``cols`` pixels at a time, into a float32 GeoTIFF of
     width x height with those GCPs, the same band names and NaN nodata.
 
     :param georef: {"gcps": ..., "gcp_crs": ...} of the destination.
@@ -188,10 +188,17 @@ def warp_to_gcps(src_path, dst_path, georef, width, height, *, rows=256, cols=10
                 r, c = np.mgrid[top : top + h, left : left + w]
                 xs, ys = _pixel_lonlat(gcps, gcp_crs, r.ravel(), c.ravel(), src.crs)
                 # fractional indices of the source's pixel centres
-                fx, fy = inverse * (xs, ys)
+                fx, fy = inverse @ (xs, ys)
                 fx, fy = np.asarray(fx) - 0.5, np.asarray(fy) - 0.5
-                x0, y0 = np.floor(fx).astype(int), np.floor(fy).astype(int)
-                inside = (x0 >= 0) & (y0 >= 0) & (x0 + 1 < src.width) & (y0 + 1 < src.height)
+                # a place within the source's outer pixels (up to half a pixel past
+                # their centres) takes the edge pixel's value, so the result's
+                # border rows and columns are not lost
+                inside = (fx >= -0.5) & (fx <= src.width - 0.5)
+                inside &= (fy >= -0.5) & (fy <= src.height - 0.5)
+                fx = np.clip(fx, 0, src.width - 1)
+                fy = np.clip(fy, 0, src.height - 1)
+                x0 = np.minimum(np.floor(fx), max(src.width - 2, 0)).astype(int)
+                y0 = np.minimum(np.floor(fy), max(src.height - 2, 0)).astype(int)
                 if not inside.any():
                     continue
                 wx0, wy0 = x0[inside].min(), y0[inside].min()

@@ -318,6 +318,34 @@ class JobMismatch(ValueError):
     """A work folder holds a job saved with other settings."""
 
 
+# What a saved job's settings mean. Raised when a change of the project makes the
+# same settings give another result; a job saved under an earlier meaning is
+# refused (:func:`saved_under_older_rules`), not continued under the new one.
+KEY_VERSION = 2
+KEY_CHANGES = {
+    2: "a nodata value an 8-bit SAR file declares is nodata now; it was read as data",
+}
+
+
+def saved_under_older_rules(saved, key, where):
+    """
+    The one line refusing a job saved under an earlier :data:`KEY_VERSION`, or None.
+
+    :param saved: the settings a job was saved with (no "version": version 1).
+    :param key: this run's settings.
+    :param where: what holds the saved job (its folder), for the message.
+    """
+    then, now = saved.get("version", 1), key.get("version", 1)
+    if then == now:
+        return None
+    why = "; ".join(KEY_CHANGES[v] for v in range(then + 1, now + 1) if v in KEY_CHANGES)
+    return (
+        f"{where} holds a job saved by an earlier version of this project, whose "
+        f"results these settings no longer give ({why or f'version {then}, now {now}'}): "
+        "finish it with that version, or delete the folder to start over"
+    )
+
+
 def key_differences(saved, key):
     """
     How a job's settings differ from those it was saved with.
@@ -391,6 +419,9 @@ class SceneSampler:
             return None
         with open(path) as f:
             job = json.load(f)
+        older = saved_under_older_rules(job["key"], self.key, folder)
+        if older:
+            raise JobMismatch(older)
         shown = key_differences(job["key"], self.key)
         if shown:
             raise JobMismatch(

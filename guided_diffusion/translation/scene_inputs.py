@@ -87,14 +87,18 @@ def product_input(job, scaling):
     path = os.path.join(
         job.work_dir, PRODUCT_SUBDIR, f"{product.name}_sigma0_{'_'.join(polarisations)}.tif"
     )
-    if dist_util.is_main_process() and not os.path.exists(path):
+
+    def calibrate():
+        if os.path.exists(path):
+            return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         logger.log(
             f"{job.input}: {', '.join(polarisations)} calibrated to sigma0 with the "
             f"product's tables into {path}"
         )
         sentinel1.write_sigma0(product, path, polarisations)
-    dist_util.barrier()
+
+    dist_util.on_main_process(calibrate)
     if not job.resample and not job.warned:
         spacing = product.pixel_spacing()
         warning = pixel_size_warning(spacing, trained_pixel_size(job.model_path), job.input)
@@ -128,10 +132,12 @@ def resample_input(job, source, trained):
         )
     crs, transform, width, height = grid_at_pixel_size(job.input, trained)
     path = os.path.join(job.work_dir, "input_resampled.tif")
-    if dist_util.is_main_process():
+
+    def warp():
         os.makedirs(job.work_dir, exist_ok=True)
         warp_to_grid(job.input, path, transform, width, height, crs=crs)
-    dist_util.barrier()
+
+    dist_util.on_main_process(warp)
     px = source.pixel_size
     pixels = f" of {px[0]:g} x {px[1]:g}" if px else " (ground control points)"
     logger.log(

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import time
 from dataclasses import replace
 
@@ -46,11 +45,13 @@ from .sampling import (
     tf32_in_effect,
 )
 from .scene import (
+    KEY_VERSION,
     JobMismatch,
     SceneArrays,
     SceneSampler,
     bands,
     key_differences,
+    saved_under_older_rules,
     scene_bytes,
     scene_sample_seed,
 )
@@ -279,6 +280,9 @@ def samples_done(job, key):
         return []
     with open(path) as f:
         saved = json.load(f)
+    older = saved_under_older_rules(saved["key"], key, job.work_dir)
+    if older:
+        raise JobMismatch(older)
     shown = key_differences(saved["key"], key)
     if shown:
         raise JobMismatch(
@@ -472,10 +476,9 @@ def arrays_on_disk(memory, need, available, ranks_here=1):
 
 
 def ranks_on_this_machine():
-    """The processes of the group on this machine (by host name), this one included;
-    every process must call it (a collective)."""
-    here = socket.gethostname()
-    return sum(name == here for name in dist_util.all_gather_object(here))
+    """The processes of the group on this machine, this one included; every process
+    must call it (a collective; :func:`~guided_diffusion.dist_util.processes_on_this_machine`)."""
+    return dist_util.processes_on_this_machine()
 
 
 def saved_job_view(run, folder):
@@ -739,13 +742,8 @@ def job_key(job, tile, overlap, flags):
         key["use_tf32"] = True
     if job.sample:
         key["sample"] = job.sample
-    # issue 23: 8-bit SAR's declared nodata is nodata; a job saved before has no
-    # such entry, so it differs, and the difference reads as the reason
-    key["nodata_rule"] = (
-        "2: the file's declared nodata, 8-bit too (a job saved by an earlier "
-        "version, which read 8-bit nodata as data, must be finished with that "
-        "version or its work folder deleted)"
-    )
+    # the meaning of these settings (a job saved under another is refused)
+    key["version"] = KEY_VERSION
     return key
 
 
