@@ -174,6 +174,31 @@ def write_quicklook(path, sar, result, valid, width=QUICKLOOK_WIDTH):
     pictures.write_png(path, both)
 
 
+def disk_needed(job, height, width):
+    """
+    At most the bytes a job's outputs take on the output's disk while they are
+    written: the GeoTIFFs it keeps (the result, kept samples, the samples' mean and
+    spread), each bounded as :class:`~guided_diffusion.io.geotiff.GeoTiffWriter`
+    bounds it (its intermediate and overviews included), summed; for the line a
+    job logs before it starts.
+    """
+    optical = job.output_units == "optical"
+    dtype = np.float32 if optical else np.uint8
+
+    def bound(dtype, mask):
+        return GeoTiffWriter(
+            job.output, 3, height, width, dtype, {}, mask=mask, cog=job.cog
+        ).bytes_needed
+
+    count = job.samples_per_input
+    files = int(job.geotiff) + (count - 1 if count > 1 and job.keep_samples else 0)
+    files += int(job.geotiff and count > 1)  # the mean
+    need = files * bound(dtype, not optical)
+    if count > 1:
+        need += bound(np.float32, False)  # the spread
+    return need
+
+
 def log_disk_needed(writer):
     """Log the disk a GeoTIFF writer needs at most, where, and what is free there."""
     disk = disk_of(writer.path)

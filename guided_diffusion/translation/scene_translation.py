@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import dist_util, logger
 from ..base import samplers
-from ..base.atomic import DiskFull, write_json
+from ..base.atomic import DiskFull, disk_of, write_json
 from ..io.checkpoints import read_run_config
 from ..io.rasters import RasterRows, SarStats, sar_bands_scaled
 from ..io.sentinel1 import is_product
@@ -65,6 +65,7 @@ from .scene_inputs import (
 )
 from .scene_outputs import (
     SAMPLES_SUBDIR,
+    disk_needed,
     png_path,
     sample_path,
     write_outputs,
@@ -424,6 +425,15 @@ def _translate_scene_file(job, flags, scaling, diffusion, *, rank=0, world=1,
             _raise_together(err, job)
         _raise_together(None, job)
         if not job.warned:  # once for K samples
+            need = disk_needed(job, source.height, source.width)
+            disk = disk_of(job.output)
+            free = shutil.disk_usage(disk).free
+            logger.log(
+                f"the outputs will need at most {need / 1e6:,.1f} MB on the disk at "
+                f"{disk} ({free / 1e6:,.0f} MB free)"
+                + ("" if need <= free else ": free space before the job ends, or "
+                   "give --output on a larger disk")
+            )  # fmt: skip
             if stats.nodata:
                 logger.log(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata")
             warning = stats.clipping_warning()
