@@ -32,6 +32,8 @@ import torch.distributed.nn.functional  # noqa: F401
 # rank that is busy for a while (checkpointing, evaluation) is not killed.
 INIT_TIMEOUT_S = 60.0
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# How long processes that meet after unequal work wait for each other (patient_group).
+PATIENT_TIMEOUT = datetime.timedelta(days=7)
 
 # Variables that MPI launchers set in every process they start.
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")
@@ -441,16 +443,32 @@ def broadcast_object(obj):
     return box[0]
 
 
-def all_gather_object(obj):
+def all_gather_object(obj, group=None):
     """
     :param obj: any picklable object.
+    :param group: the group to gather over (:func:`patient_group`); None: all
+        processes, within :data:`COLLECTIVE_TIMEOUT`.
     :return: a list with every rank's ``obj``, indexed by rank.
     """
     if not _is_multi_process():
         return [obj]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def patient_group():
+    """
+    Every process, in a group whose collectives wait up to :data:`PATIENT_TIMEOUT`
+    (on gloo, so objects never pass through a GPU): for processes that meet after
+    unequal work, such as ranks that translated different scenes of an archive
+    alone, where the default group's :data:`COLLECTIVE_TIMEOUT` would end the run
+    of a rank that waits for a long scene elsewhere. A collective: every process
+    calls it. None for a single process.
+    """
+    if not _is_multi_process():
+        return None
+    return dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
 
 
 def problem_anywhere(problem):

@@ -214,6 +214,8 @@ def translate_archive(template, scenes, checkpoint, rank, world):
     )  # fmt: skip
     shared = shares_scenes(len(scenes), world)
     neighbours = dist_util.processes_on_this_machine()  # a collective: before alone()
+    # ranks translating scenes alone meet at the end after unequal work
+    meeting = dist_util.patient_group() if shared else None
     if shared:  # every rank logs the scenes it translates
         with dist_util.alone():
             logger.configure(dir=template.output, format_strs=["stdout"])
@@ -276,7 +278,7 @@ def translate_archive(template, scenes, checkpoint, rank, world):
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    parts = dist_util.all_gather_object((summary, STOP["signal"]))
+    parts = dist_util.all_gather_object((summary, STOP["signal"]), group=meeting)
     # with the tiles shared every rank saw every scene: rank 0's summary is the run's
     summary = Summary.merged(part for part, _ in (parts if shared else parts[:1]))
     stopped = max((s for _, s in parts if s), default=None)
