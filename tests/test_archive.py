@@ -224,3 +224,83 @@ def test_two_ranks_sharing_the_tiles_skip_a_corrupt_scene_together(tmp_path, sin
     assert len(failed_lines(proc.stderr, "bad.tif")) == 1
     assert proc.stdout.count("1 scene(s) translated, 0 skipped (already complete), 1 failed") == 1
     assert_same_as_single(out / "a.tif", singles["a"][1], 1)
+
+
+# -- one model, and a stop between scenes ------------------------------------------------
+
+
+def three_scenes(folder):
+    folder.mkdir()
+    for i, name in enumerate(("a", "b", "c")):
+        write_scene(folder / f"{name}.tif", 10 + i, x=600000 + 1000 * i)
+    return folder
+
+
+def test_the_model_is_loaded_once_for_all_scenes(tmp_path, monkeypatch, capfd):
+    from guided_diffusion.translation import sampling, scene_translation
+
+    loads = []
+    original = scene_translation.load_prepared_model
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return original(*args, **kwargs)
+
+    # scene_translation holds the name it imported from sampling: both are counted
+    monkeypatch.setattr(sampling, "load_prepared_model", counted)
+    monkeypatch.setattr(scene_translation, "load_prepared_model", counted)
+    folder, out = three_scenes(tmp_path / "in"), tmp_path / "out"
+    assert run_here(monkeypatch, "--input", str(folder), "--output", str(out)) == 0
+    assert "3 scene(s) translated, 0 skipped (already complete), 0 failed" in capfd.readouterr().out
+    assert all((out / f"{name}.tif").is_file() for name in "abc")
+    assert len(loads) == 1
+
+
+# Runs the script on an archive with translate_scene wrapped: once the first scene is
+# done, the process sends itself SIGTERM, as a user's kill between two scenes would.
+STOPPER = r"""
+import os, runpy, signal, sys
+from guided_diffusion.translation import scene_translation
+
+original = scene_translation.translate_scene
+started = []
+
+def translate_then_stop(job, *args, **kwargs):
+    started.append(job.input)
+    finished = original(job, *args, **kwargs)
+    if len(started) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return finished
+
+scene_translation.translate_scene = translate_then_stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_between_scenes_stops_the_run_cleanly(tmp_path, monkeypatch, capfd):
+    """SIGTERM after the first of three scenes: exit status 128 + 15 without a
+    traceback, the first scene complete, the others not started, "(stopped)" in the
+    summary; the rerun skips the first and translates the others."""
+    folder, out = three_scenes(tmp_path / "in"), tmp_path / "out"
+    stopper = tmp_path / "stopper.py"
+    stopper.write_text(STOPPER)
+    proc = subprocess.run(
+        [sys.executable, str(stopper), SCRIPT, "--input", str(folder), "--output", str(out),
+         *FLAGS],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 128 + 15, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "1 scene(s) translated, 0 skipped (already complete), 0 failed (stopped)" in proc.stdout
+    assert (out / "a.tif").is_file() and (out / "a_quicklook.png").is_file()
+    assert not (out / "a.tif.work").exists()
+    for name in "bc":
+        assert not (out / f"{name}.tif").exists() and not (out / f"{name}.tif.work").exists()
+    written = os.stat(out / "a.tif").st_mtime_ns
+
+    assert run_here(monkeypatch, "--input", str(folder), "--output", str(out)) == 0
+    assert "2 scene(s) translated, 1 skipped (already complete), 0 failed" in capfd.readouterr().out
+    assert os.stat(out / "a.tif").st_mtime_ns == written
+    assert all((out / f"{name}.tif").is_file() for name in "abc")

@@ -266,3 +266,74 @@ def test_load_state_dict_missing_and_corrupt_files(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:2000])
     with pytest.raises(ValueError, match="truncated.pt"):
         dist_util.load_state_dict(truncated)
+
+
+# Run by each of two ranks: a step of rank 0's for all that fails, then one that
+# writes a file (slowly, so that a rank that did not wait would miss it), then the
+# count of the processes on this machine, outside and inside alone(3).
+ON_MAIN = r"""
+import faulthandler, json, os, time
+from guided_diffusion import dist_util
+
+# a rank left waiting ends itself (each launcher starts its ranks in groups of
+# their own, which killing the launcher does not reach)
+faulthandler.dump_traceback_later(40, exit=True)
+dist_util.setup_dist()
+rank = dist_util.get_rank()
+report = dict(rank=rank)
+
+def fail():
+    with open(f"ran-{rank}", "a") as f:
+        f.write("fail\n")
+    raise ValueError("the product has no VV band")
+
+def make():
+    time.sleep(1)
+    with open("made.txt", "w") as f:
+        f.write("made by rank 0")
+
+try:
+    dist_util.on_main_process(fail)
+except Exception as err:
+    report["error"] = [type(err).__name__, str(err),
+                       isinstance(err, dist_util.FailedElsewhere)]
+dist_util.on_main_process(make)
+report["seen"] = open("made.txt").read() if os.path.exists("made.txt") else None
+report["machine"] = dist_util.processes_on_this_machine()
+with dist_util.alone(3):
+    report["alone"] = dist_util.processes_on_this_machine()
+report["after"] = dist_util.processes_on_this_machine()
+with open(f"on-main-{rank}.json", "w") as f:
+    json.dump(report, f)
+dist_util.cleanup()
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_on_main_process_takes_the_same_way_out_on_every_rank(tmp_path, launcher):
+    if shutil.which(launcher) is None and launcher == "mpiexec":
+        pytest.skip("no mpiexec (pip install mpich)")
+    script = tmp_path / "on_main.py"
+    script.write_text(ON_MAIN)
+    start = dict(
+        torchrun=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "2"],
+        mpiexec=["mpiexec", "-n", "2", sys.executable],
+    )[launcher]  # fmt: skip
+    with open(tmp_path / "output.txt", "w") as output:
+        proc = subprocess.run([*start, str(script)], cwd=tmp_path, env=_clean_env(),
+                              stdout=output, stderr=subprocess.STDOUT, timeout=90)  # fmt: skip
+    assert proc.returncode == 0, (tmp_path / "output.txt").read_text()[-3000:]
+    reports = [json.loads((tmp_path / f"on-main-{r}.json").read_text()) for r in (0, 1)]
+    # rank 0 ran the step, once, and raised its own error; rank 1 heard of it
+    assert (tmp_path / "ran-0").read_text() == "fail\n"
+    assert not (tmp_path / "ran-1").exists()
+    assert reports[0]["error"] == ["ValueError", "the product has no VV band", False]
+    assert reports[1]["error"] == [
+        "FailedElsewhere", "on rank 0: the product has no VV band", True
+    ]
+    # rank 1 came out of the call after rank 0's file was written
+    assert [r["seen"] for r in reports] == ["made by rank 0"] * 2
+    assert [r["machine"] for r in reports] == [2, 2]
+    assert [r["alone"] for r in reports] == [3, 3]
+    assert [r["after"] for r in reports] == [2, 2]
