@@ -168,6 +168,29 @@ class GaussianEpsModel(th.nn.Module):
         return eps.to(x.dtype)
 
 
+
+def save_dual_pol_run(folder, model, flags, name):
+    """
+    Save ``model`` as checkpoint ``name`` of a training run in ``folder``, with the
+    config.json of a run trained on VV and VH in dB (SEN12MS's ranges), Sentinel-2's
+    bands 4,3,2 over 0..3000, 10 m pixels in EPSG:32632, and the model ``flags``.
+
+    :return: the checkpoint's path.
+    """
+    import json
+
+    from guided_diffusion.base import settings
+    from guided_diffusion.io.rasters import Scaling
+
+    th.save(model.state_dict(), folder / name)
+    inputs = Scaling(sar_channels=2, sar_input="db", sar_db_range=((-25.0, 0.0), (-32.5, 0.0)),
+                     sar_band_names=("VV", "VH"), opt_bands=(4, 3, 2),
+                     opt_range=(0.0, 3000.0)).record()  # fmt: skip
+    config = {**settings.defaults(*{s.group for s in settings.SETTINGS.values()}), **flags,
+              "inputs": {**inputs, "crs": "EPSG:32632", "pixel_size": [10.0, 10.0]}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder / name
+
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     import socket

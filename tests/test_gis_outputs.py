@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch as th
+from conftest import save_dual_pol_run
 from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
@@ -37,7 +38,6 @@ from rasterio.transform import Affine
 from guided_diffusion.base import atomic, settings
 from guided_diffusion.base.atomic import DiskFull
 from guided_diffusion.io.geotiff import GeoTiffWriter
-from guided_diffusion.io.rasters import Scaling
 from guided_diffusion.page import app
 from guided_diffusion.script_util import create_model
 
@@ -67,14 +67,7 @@ def black_model(tmp_path_factory):
     with th.no_grad():
         last.weight.zero_()
         last.bias.copy_(th.tensor(BIAS))
-    th.save(model.state_dict(), run / "model000001.pt")
-    inputs = Scaling(sar_channels=2, sar_input="db", sar_db_range=((-25.0, 0.0), (-32.5, 0.0)),
-                     sar_band_names=("VV", "VH"), opt_bands=(4, 3, 2),
-                     opt_range=(0.0, 3000.0)).record()  # fmt: skip
-    config = {**settings.defaults(*{s.group for s in settings.SETTINGS.values()}), **FLAGS,
-              "inputs": {**inputs, "crs": "EPSG:32632", "pixel_size": [10.0, 10.0]}}  # fmt: skip
-    (run / "config.json").write_text(json.dumps(config))
-    return run / "model000001.pt"
+    return save_dual_pol_run(run, model, FLAGS, "model000001.pt")
 
 
 def write_scene(path, height, width, *, strip, gcps=False):

@@ -19,13 +19,12 @@ import numpy as np
 import pytest
 import rasterio
 import torch as th
-from conftest import randomize_
+from conftest import randomize_, save_dual_pol_run
 from PIL import Image
 from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
 
 from guided_diffusion.base import settings
-from guided_diffusion.io.rasters import Scaling
 from guided_diffusion.script_util import create_model
 from guided_diffusion.translation.scene import SceneSampler
 
@@ -47,14 +46,7 @@ def checkpoint(tmp_path_factory):
     th.manual_seed(0)
     model = create_model(**{k: v for k, v in model_flags.items()}, learn_sigma=False)
     randomize_(model)
-    th.save(model.state_dict(), run / "ema_0.9999_000001.pt")
-    inputs = Scaling(sar_channels=2, sar_input="db", sar_db_range=((-25.0, 0.0), (-32.5, 0.0)),
-                     sar_band_names=("VV", "VH"), opt_bands=(4, 3, 2),
-                     opt_range=(0.0, 3000.0)).record()  # fmt: skip
-    config = {**settings.defaults(*{s.group for s in settings.SETTINGS.values()}), **FLAGS,
-              "inputs": {**inputs, "crs": "EPSG:32632", "pixel_size": [10.0, 10.0]}}  # fmt: skip
-    (run / "config.json").write_text(json.dumps(config))
-    return run / "ema_0.9999_000001.pt"
+    return save_dual_pol_run(run, model, FLAGS, "ema_0.9999_000001.pt")
 
 
 def write_scene(path, height, width, *, gcps=False, strip=0, seed=0, transform=TRANSFORM):
