@@ -364,7 +364,7 @@ HOST_SITES = {
         "each band's noise is drawn on the host, with the scene's arrays",
     ("translation/scene_translation.py", "sample_scene.should_stop", "tensor"):
         "a host flag; all_reduce takes it to the device and back",
-    ("translation/scene_translation.py", "resampled_rows.rows", "from_numpy"):
+    ("translation/scene_inputs.py", "resampled_rows.rows", "from_numpy"):
         "the scene's rows are read on the host",
 }  # fmt: skip
 
