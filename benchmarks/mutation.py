@@ -69,6 +69,12 @@ JOBS, FOLDER = (
     "guided_diffusion/translation/jobs.py",
     "guided_diffusion/translation/folder.py",
 )
+GEOTIFF, SCENE_OUT, S1, ARCHIVE = (
+    "guided_diffusion/io/geotiff.py",
+    "guided_diffusion/translation/scene_outputs.py",
+    "guided_diffusion/io/sentinel1.py",
+    "guided_diffusion/translation/archive.py",
+)
 T = "tests/"
 SCALING_TESTS = (T + "test_scene_scaling.py", T + "test_rasters.py")
 FUSION_TESTS = (T + "test_fusion_windows.py", T + "test_tiling.py")
@@ -88,13 +94,17 @@ BUGS = [
         "out[i] = (np.clip(band, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0",
         "out[i] = (band - lo) / (hi - lo) * 2.0 - 1.0", SCALING_TESTS),
     Bug("nodata value tested on the first band only", R,
-        "valid &= ~(data == nodata).any(axis=0)", "valid &= ~(data[0] == nodata)",
+        "return (bands == value).any(axis=0)", "return bands[0] == value",
         SCALING_TESTS),
     Bug("NaN tested on the first band only", R,
         "valid = np.isfinite(data).all(axis=0)", "valid = np.isfinite(data[0])",
         SCALING_TESTS),
     Bug("nodata filled in the first band only", R,
-        "out[:, ~valid] = NODATA_FILL", "out[0, ~valid] = NODATA_FILL", SCALING_TESTS),
+        "    out[:, ~valid] = NODATA_FILL\n    return out, valid, stats",
+        "    out[0, ~valid] = NODATA_FILL\n    return out, valid, stats", SCALING_TESTS),
+    Bug("8-bit SAR's declared nodata ignored", R,
+        "        valid = ~_nodata_pixels(raster, raw, scaling)\n",
+        "        valid = np.ones(raw.shape[1:], bool)\n", (T + "test_uint8_nodata.py",)),
     Bug("optical bands sorted (2,3,4: BGR)", R,
         "data = data[[b - 1 for b in bands]]", "data = data[[b - 1 for b in sorted(bands)]]",
         (T + "test_nodata_scripts.py", T + "test_rasters.py")),
@@ -122,7 +132,7 @@ BUGS = [
     Bug("scene resume reseeds the generators", SCENE,
         "g.set_state(state)", "g.manual_seed(0)", (T + "test_tiling.py",)),
     # -- where the outputs lie ---------------------------------------------------
-    Bug("georeference off by a pixel", R,
+    Bug("georeference off by a pixel", GEOTIFF,
         'return {"crs": src.crs, "transform": src.transform}',
         'return {"crs": src.crs, "transform": src.transform * src.transform.translation(1, 0)}',
         PAGE_TESTS + (T + "test_translate_scene.py",)),
@@ -132,8 +142,22 @@ BUGS = [
         '    if "transform" in georef:\n'
         '        georef["transform"] = georef["transform"] * georef["transform"].translation(0, 1)\n',
         PAGE_TESTS),
-    Bug("scene nodata not blacked out", SC,
+    Bug("scene nodata not blacked out", SCENE_OUT,
         "                image[:, ~valid] = 0\n", "", (T + "test_translate_scene.py",)),
+    Bug("8-bit scene output without its mask", SCENE_OUT,
+        "mask=nodata is None, cog=job.cog and kept", "mask=False, cog=job.cog and kept",
+        (T + "test_gis_outputs.py",)),
+    Bug("--cog ignored: plain GeoTIFFs", SCENE_OUT,
+        "mask=nodata is None, cog=job.cog and kept", "mask=nodata is None, cog=False",
+        (T + "test_gis_outputs.py",)),
+    Bug("sigma0 as DN / A^2", S1, "out = dn**2 / a**2", "out = dn / a**2",
+        (T + "test_sentinel1.py",)),
+    Bug("calibration table's lines not interpolated", S1,
+        "return (1 - w)[:, None] * along[below] + w[:, None] * along[below + 1]",
+        "return along[below]", (T + "test_sentinel1.py",)),
+    Bug("archive: a scene with a work folder left counts as complete", ARCHIVE,
+        "return os.path.exists(last) and not os.path.exists(job.work_dir)",
+        "return os.path.exists(last)", (T + "test_archive.py",)),
     # -- the page's command ------------------------------------------------------
     Bug("page command unquoted", APP,
         'a if a.startswith("  #") else shlex.quote(a) for a in argv',
