@@ -9,6 +9,7 @@ is wrapped so that it always sees the ORIGINAL timestep indices it was trained o
 import numpy as np
 import torch as th
 
+from .base.consistency import trailing_timesteps
 from .gaussian_diffusion import GaussianDiffusion
 
 
@@ -19,13 +20,19 @@ def space_timesteps(num_timesteps, section_counts):
     The base process is cut into equal sections and each section keeps the given
     number of evenly strided steps: "10,15,20" over 300 steps keeps 10 of the first
     100, 15 of the next 100 and 20 of the last 100. "ddimN" keeps N steps with the
-    fixed integer stride of the DDIM paper.
+    fixed integer stride of the DDIM paper. "trailingN" keeps T - 1 and every T / N
+    steps down (base/consistency.trailing_timesteps: where a consistency model is
+    sampled).
 
     :param num_timesteps: the number of steps of the base process.
-    :param section_counts: a list of ints, or a string "N", "N1,N2,...", or "ddimN".
+    :param section_counts: a list of ints, or a string "N", "N1,N2,...", "ddimN" or
+        "trailingN".
     :return: the set of kept step indices.
     """
     if isinstance(section_counts, str):
+        if section_counts.startswith("trailing"):
+            count = _parse_count(section_counts[len("trailing") :], section_counts)
+            return trailing_timesteps(num_timesteps, count)
         if section_counts.startswith("ddim"):
             desired_count = _parse_count(section_counts[len("ddim") :], section_counts)
             for stride in range(1, num_timesteps):

@@ -368,6 +368,28 @@ def dpm_solver_pp(
 # -- random numbers -------------------------------------------------------------------
 
 
+@register("consistency")
+def consistency(denoiser, x, timesteps, *, generator=None, history=None):
+    """
+    Multistep consistency sampling (Song et al. 2023, "Consistency Models",
+    Algorithm 1), for a distilled student (base/consistency.py), whose x_0
+    prediction is the consistency function: x_0 from x_t in one call, then, before
+    every later timestep, x_0 noised again to it (x = sqrt(abar) x_0 + sqrt(1 - abar) z);
+    the last x_0 is the sample. Noise is drawn only where it is added (not after
+    the last step). A run continues from any step with no history.
+    """
+    abar = denoiser.alphas_cumprod
+    timesteps = list(timesteps)
+    for t, t_next in zip(timesteps, timesteps[1:] + [None]):
+        x0 = denoiser(x, t)["pred_xstart"]
+        if t_next is None:
+            x = x0
+        else:
+            z = noise_like(x, generator)
+            x = math.sqrt(abar[t_next]) * x0 + math.sqrt(1.0 - abar[t_next]) * z
+        yield {"sample": x, "pred_xstart": x0}
+
+
 def noise_like(x, generator=None):
     """
     Standard normal noise shaped like ``x``.
