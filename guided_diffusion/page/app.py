@@ -52,7 +52,10 @@ from ..translation import scene_outputs, scene_translation
 from ..translation.folder import translate_items
 from ..translation.jobs import FolderJob, Sampling, SceneJob, resolve
 from ..translation.sampling import (
+    STUDENT_STEPS,
     BatchedModel,
+    checkpoint_is_student,
+    fitting_samplers,
     load_prepared_model,
     sar_for_display,
     to_uint8,
@@ -67,7 +70,10 @@ EXAMPLES_DIR = os.path.join(REPO, "assets", "examples")
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS
 # The page's names of samplers in samplers.SAMPLERS, in the order it shows them; a
 # sampler registered without one here is offered under its registered name, after these.
-SAMPLER_LABELS = {"dpm++2m": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM"}
+SAMPLER_LABELS = {
+    "dpm++2m": "DPM-Solver++", "ddim": "DDIM", "ddpm": "DDPM",
+    "consistency": "Consistency (distilled student)",
+}  # fmt: skip
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SEED = "DPM-Solver++", 20, 0
 # Samples per request (--samples_per_input): the most the page takes, and its default.
 MAX_SAMPLES, DEFAULT_SAMPLES = 8, 1
@@ -460,6 +466,16 @@ class Translator:
             argv = job.command(shown)
         return " ".join(a if a.startswith("  #") else shlex.quote(a) for a in argv)
 
+    def sampler_choices(self, model_name):
+        """
+        The samplers that fit a model, as the page shows them (a distilled student:
+        the consistency sampler alone; a diffusion model: the others).
+
+        :param model_name: a key of ``models``.
+        :return: shown name -> registered name (:func:`sampler_choices`).
+        """
+        return sampler_choices(checkpoint_is_student(self.model_path(model_name)))
+
     def settings(self, model_path, steps=None):
         """
         The settings of a model, resolved from its checkpoint once per request
@@ -706,16 +722,38 @@ def find_examples(folders):
 # -- the page ---------------------------------------------------------------------------
 
 
-def sampler_choices():
+def sampler_choices(student=None):
     """
-    The samplers the page offers: every one registered in samplers.SAMPLERS when the
+    The samplers the page offers: those registered in samplers.SAMPLERS when the
     page is built, those of :data:`SAMPLER_LABELS` first.
 
+    :param student: True: those that sample a distilled student; False: those that
+        sample a diffusion model (``sampling.fitting_samplers``); None: every one.
     :return: shown name -> registered name.
     """
     names = [n for n in SAMPLER_LABELS if n in samplers.SAMPLERS]
     names += [n for n in samplers.SAMPLERS if n not in SAMPLER_LABELS]
+    if student is not None:
+        names = [n for n in names if n in fitting_samplers(student)]
     return {SAMPLER_LABELS.get(n, n): n for n in names}
+
+
+def sampler_update(translator, model_name, sampler_name):
+    """
+    The sampler and steps controls for a newly chosen model: the samplers that fit
+    it; the sampler shown kept when it fits, else the model's first with its steps
+    (a student's :data:`~guided_diffusion.translation.sampling.STUDENT_STEPS`, a
+    diffusion model's :data:`DEFAULT_STEPS`).
+
+    :return: (the sampler's choices, the sampler shown, the steps, or None to keep
+        them).
+    """
+    fits = list(translator.sampler_choices(model_name))
+    if sampler_name in fits:
+        return fits, sampler_name, None
+    first = DEFAULT_SAMPLER if DEFAULT_SAMPLER in fits else fits[0]
+    student = checkpoint_is_student(translator.model_path(model_name))
+    return fits, first, STUDENT_STEPS if student else DEFAULT_STEPS
 
 
 def build_page(translator, examples=()):
@@ -787,8 +825,12 @@ def build_page(translator, examples=()):
                     elem_id="sar-upload",
                 )  # fmt: skip
                 model = gr.Dropdown(names, value=names[0], label="Model")
-                sampler = gr.Radio(list(choices), value=DEFAULT_SAMPLER, label="Sampler")
-                steps = gr.Slider(1, 1000, value=DEFAULT_STEPS, step=1, label="Steps")
+                fits, first, first_steps = sampler_update(translator, names[0], DEFAULT_SAMPLER)
+                sampler = gr.Radio(fits, value=first, label="Sampler", elem_id="sampler")
+                steps = gr.Slider(
+                    1, 1000, value=first_steps or DEFAULT_STEPS, step=1, label="Steps",
+                    elem_id="steps",
+                )  # fmt: skip
                 seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
                 samples = gr.Slider(
                     1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1, label="Samples",
@@ -822,6 +864,13 @@ def build_page(translator, examples=()):
                 example_labels=[os.path.basename(p) for p in examples],
             )  # fmt: skip
         upload.change(preview, [upload, model], [sar_view, info], api_name=False)
+
+        def model_chosen(model_name, sampler_name):
+            fits, shown, new_steps = sampler_update(translator, model_name, sampler_name)
+            kept = gr.update() if new_steps is None else gr.update(value=new_steps)
+            return gr.update(choices=fits, value=shown), kept
+
+        model.change(model_chosen, [model, sampler], [sampler, steps], api_name=False)
         samples.change(
             lambda k: [gr.update(visible=k > 1)] * 2, [samples], [mean_view, spread_view],
             api_name=False,

@@ -24,7 +24,13 @@ from ..base.samplers import SAMPLERS, sampler_options
 from ..io.sentinel1 import is_product
 from ..script_util import model_and_diffusion_defaults
 from .samples import check_samples_per_input
-from .sampling import check_sampler, checkpoint_settings, sampler_settings
+from .sampling import (
+    check_sampler,
+    check_sampler_fits,
+    checkpoint_settings,
+    default_sampler,
+    sampler_settings,
+)
 
 
 def _default(name):
@@ -60,7 +66,8 @@ class Sampling:
     How a checkpoint samples: what a folder job and a scene job share.
 
     :param model_path: a model or EMA file; its run's config.json gives the model.
-    :param sampler: a name in samplers.SAMPLERS.
+    :param sampler: a name in samplers.SAMPLERS that fits the model
+        (``sampling.fitting_samplers``: "consistency" for a distilled student).
     :param options: the sampler's options (``eta`` of ddim, ``solver_order`` and
         ``lower_order_final`` of dpm++2m); those left out take their defaults.
     :param seed: the seed of every image's noise (with the image's name).
@@ -121,7 +128,10 @@ class Sampling:
             raise ValueError(
                 f"--use_ddim True contradicts --sampler {values['sampler']}; give one"
             )
-        sampler = values.get("sampler") or ("ddim" if values.get("use_ddim") else "ddpm")
+        # not given: ddim with the original's --use_ddim, else the model's own
+        # (a distilled student's is "consistency", a diffusion model's ddpm)
+        own_default = default_sampler(values.get("model_path") or "")
+        sampler = values.get("sampler") or ("ddim" if values.get("use_ddim") else own_default)
         explicit = {
             k: values[k]
             for k in model_and_diffusion_defaults()
@@ -163,6 +173,7 @@ class Sampling:
         if not os.path.isfile(self.model_path):
             raise ValueError(f"--model_path {self.model_path}: no such file")
         check_sampler(self.sampler, **self.options)
+        check_sampler_fits(self.sampler, self.model_path)
         check_samples_per_input(self.samples_per_input)
         return self
 

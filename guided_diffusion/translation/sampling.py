@@ -16,8 +16,10 @@ from dataclasses import replace
 import numpy as np
 import torch as th
 
+from .. import gaussian_diffusion as gd
 from .. import logger
 from ..base import samplers, settings
+from ..base.consistency import ConsistencyModel
 from ..base.seeds import hashed_seed
 from ..base.settings import NON_OUTPUT_FLAGS, SAMPLING_FLAGS
 from ..io.checkpoints import load_state_dict as _load_state_dict
@@ -34,6 +36,7 @@ from ..script_util import (
     model_and_diffusion_defaults,
     model_defaults,
     parse_channel_mult,
+    prediction_target,
     read_unet_flags,
 )
 
@@ -52,6 +55,117 @@ PAPER_FLAGS = {
     "diffusion_steps": 2000,
     "noise_schedule": "linear",
 }
+
+
+# A distilled student (config.json with a "distillation" record) samples with this
+# sampler alone, and with this many steps when --timestep_respacing is not given.
+STUDENT_SAMPLER = "consistency"
+STUDENT_STEPS = 4
+
+
+def is_student(run_config) -> bool:
+    """
+    Whether a training run's record is a distilled student's: its config.json has a
+    "distillation" record (scripts/image_distill.py writes it).
+
+    :param run_config: :func:`read_run_config`'s record, or None.
+    """
+    return bool(run_config) and "distillation" in run_config
+
+
+def checkpoint_is_student(model_path) -> bool:
+    """
+    Whether the checkpoint is a distilled student's (:func:`is_student` of the
+    config.json beside it); False for a path that is no file.
+
+    :raises ValueError: an unreadable config.json.
+    """
+    return os.path.isfile(model_path) and is_student(read_run_config(model_path))
+
+
+def fitting_samplers(student) -> list[str]:
+    """
+    The samplers that sample a model: a student only with :data:`STUDENT_SAMPLER`, a
+    diffusion model with every other registered one.
+
+    :param student: the model is a distilled student.
+    :return: names in samplers.SAMPLERS, in their registered order.
+    """
+    if student:
+        return [STUDENT_SAMPLER]
+    return [n for n in samplers.SAMPLERS if n != STUDENT_SAMPLER]
+
+
+def default_sampler(model_path) -> str:
+    """The sampler when none is given: :data:`STUDENT_SAMPLER` for a student's
+    checkpoint, ddpm (the original's) for any other."""
+    return STUDENT_SAMPLER if checkpoint_is_student(model_path) else "ddpm"
+
+
+def check_sampler_fits(sampler, model_path):
+    """
+    Fail on a sampler that does not fit the checkpoint's model: a diffusion model's
+    sampler would read a student's x_0 as one step of a trajectory (wrong images, no
+    error), and the student's sampler a diffusion model's x_0 as its end.
+
+    :param sampler: the sampler's name.
+    :param model_path: a model or EMA file.
+    :raises ValueError: one line naming the sampler(s) that fit.
+    """
+    student = checkpoint_is_student(model_path)
+    fits = fitting_samplers(student)
+    if sampler in samplers.SAMPLERS and sampler not in fits:
+        if student:
+            raise ValueError(
+                f"--sampler {sampler}: {model_path} is a distilled student (its "
+                f"config.json has a distillation record); sample it with --sampler "
+                f"{STUDENT_SAMPLER}"
+            )
+        raise ValueError(
+            f"--sampler {sampler} samples distilled students only; {model_path} is a "
+            f"diffusion model: choose one of {', '.join(fits)}"
+        )
+
+
+def student_respacing(respacing, num_timesteps) -> str:
+    """
+    A student's --timestep_respacing as the consistency sampler takes it: a plain
+    count N (the student's network calls) becomes "trailingN" (T - 1 and every T / N
+    below, base/consistency.trailing_timesteps); empty, :data:`STUDENT_STEPS`.
+
+    :param respacing: the flag's value ("", "4", "trailing4").
+    :param num_timesteps: the teacher's T (--diffusion_steps).
+    :return: "trailingN".
+    :raises ValueError: any other form ("ddim50", "10,20"), or N outside 1 .. T.
+    """
+    text = str(respacing or STUDENT_STEPS).strip()
+    count = text[len("trailing") :] if text.startswith("trailing") else text
+    if not count.isdigit() or not 1 <= int(count) <= num_timesteps:
+        raise ValueError(
+            f"--timestep_respacing {respacing}: a distilled student takes a number of "
+            f"steps from 1 to {num_timesteps} (e.g. --timestep_respacing "
+            f"{STUDENT_STEPS})"
+        )
+    return f"trailing{int(count)}"
+
+
+def student_model(net, flags):
+    """
+    A student's network read as a consistency model (base/consistency.py), with its
+    teacher's schedule, prediction target and timestep scaling from ``flags``.
+
+    :param net: the network, holding the student's weights.
+    :param flags: the student's model and diffusion flags (its teacher's).
+    :return: a ConsistencyModel, called as the network is.
+    """
+    betas = gd.get_named_beta_schedule(flags["noise_schedule"], flags["diffusion_steps"])
+    return ConsistencyModel(
+        net,
+        np.cumprod(1.0 - betas),  # the teacher's own T steps, not the respaced ones
+        prediction_target(flags["predict"], flags["predict_xstart"]),
+        OPT_CHANNELS,
+        rescale_timesteps=flags["rescale_timesteps"],
+    )
 
 
 def sample_seed(seed: int, name: str) -> int:
@@ -529,8 +643,10 @@ def checkpoint_settings(model_path, explicit, given_inputs):
     :param explicit: the model and diffusion flags given on the command line.
     :param given_inputs: the "inputs" settings given (None where not given).
     :return: (flags, scaling, diffusion, log): ``log`` holds the lines to log once
-        the log is set up, as (is_warning, text).
-    :raises ValueError: as :func:`checkpoint_model_flags`.
+        the log is set up, as (is_warning, text). A distilled student's
+        ``timestep_respacing`` is given as "trailingN" (:func:`student_respacing`).
+    :raises ValueError: as :func:`checkpoint_model_flags`, or a student's steps
+        that are no count.
     """
     flags, conflicts, read_note = checkpoint_model_flags(model_path, explicit)
     scaling, input_conflicts = input_scaling(
@@ -546,6 +662,17 @@ def checkpoint_settings(model_path, explicit, given_inputs):
                    f"{config_path}; using {mine}")
         )  # fmt: skip
     log.append((False, f"inputs: {scaling.describe()}"))
+    if is_student(read_run_config(model_path)):
+        given = flags["timestep_respacing"]
+        flags = {
+            **flags,
+            "timestep_respacing": student_respacing(given, flags["diffusion_steps"]),
+        }
+        log.append(
+            (False, f"a distilled student: --timestep_respacing {given or '(not given)'} "
+                    f"samples at {flags['timestep_respacing']} of its teacher's "
+                    f"{flags['diffusion_steps']} steps")
+        )  # fmt: skip
     diffusion = create_gaussian_diffusion(
         steps=flags["diffusion_steps"],
         **{k: flags[k] for k in diffusion_defaults() if k != "diffusion_steps"},
@@ -607,7 +734,8 @@ def load_model(model_path, model_flags, device, *, use_bf16=False):
     :param use_bf16: the caller runs the model under bfloat16 autocast (see
         :func:`translate`): a ``use_fp16`` model then keeps its float32 weights.
     :return: the model in eval mode, in float16 when :func:`runs_in_fp16`
-        (``model.dtype`` tells).
+        (``model.dtype`` tells); a distilled student's (:func:`is_student`) wrapped
+        in a ConsistencyModel (:func:`student_model`; the network is its ``net``).
     :raises FileNotFoundError: no such file.
     :raises ValueError: the file is not a state dict, or its names and shapes
         do not fit a model built from ``model_flags``.
@@ -636,4 +764,6 @@ def load_model(model_path, model_flags, device, *, use_bf16=False):
     model.load_state_dict(state_dict, strict=True)
     if use_fp16:
         model.convert_to_fp16()
+    if is_student(read_run_config(model_path)):
+        model = student_model(model, flags)
     return model.to(device).eval()
