@@ -12,6 +12,7 @@ config.json: the plumbing does not depend on what the weights learned.
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +179,7 @@ def test_the_scene_script_samples_a_student_as_computed_directly(
     assert np.array_equal(written, expected)
 
 
-def test_the_page_samples_a_student_on_both_routes(runs, tmp_path):
+def test_the_page_samples_a_student_on_both_routes(runs, tmp_path, run_in_process):
     pytest.importorskip("gradio", reason="the page needs the app extra")
     from guided_diffusion.page import app
 
@@ -201,6 +202,17 @@ def test_the_page_samples_a_student_on_both_routes(runs, tmp_path):
     scene = write_geotiff(tmp_path / "wide.tif", sar_image(21, 48)[:32])
     result = translator.translate(str(scene), "student", "consistency", 2, 7)
     assert result.route == "scene" and result.image.shape == (32, 48, 3)
+    argv = shlex.split(result.command, comments=True)
+    assert (
+        argv[:2] == ["python", "scripts/translate_scene.py"] and "consistency" in argv
+    )
+    shown = {"OUT.tif": str(tmp_path / "by_hand.tif"), "wide.tif": str(scene)}
+    argv = [shown.get(a, a) for a in argv[2:]]
+    argv[argv.index("--model_path") + 1] = str(student)
+    proc = run_in_process(SCENE_SCRIPT, argv)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with rasterio.open(tmp_path / "by_hand.tif") as src:
+        assert np.array_equal(src.read().transpose(1, 2, 0), result.image)
     with pytest.raises(app.PageError, match="sample it with --sampler consistency"):
         translator.translate(str(upload), "student", "ddim", 2, 7)
     with pytest.raises(app.PageError, match="choose one of ddpm, ddim, dpm\\+\\+2m"):
@@ -240,6 +252,9 @@ def test_the_loaded_student_returns_its_input_at_the_smallest_timestep(runs):
     )
     model = sampling.load_model(str(student), flags, "cpu")
     assert isinstance(model, ConsistencyModel) and model.mean_type == "eps"
+    # what the folder and scene jobs and the page load: wrapped too
+    job = FolderJob(model_path=str(student), sampler="consistency", channels_last=True)
+    assert isinstance(sampling.load_prepared_model(job, flags, "cpu"), ConsistencyModel)
     plain = create_gaussian_diffusion(steps=FLAGS["diffusion_steps"])
     gen = th.Generator().manual_seed(0)
     x = th.randn(2, 3, 32, 32, generator=gen) * 0.5
