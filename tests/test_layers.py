@@ -24,7 +24,7 @@ LAYERS = {
                              "original_sampling", "respace", "resample", "script_util",
                              "dist_util", "logger", "image_datasets"]),  # fmt: skip
     2: ("files", ["io.checkpoints", "io.results"]),
-    3: ("training", ["train_util"]),
+    3: ("training", ["train_util", "distillation"]),
     4: ("translation", ["translation.*"]),
     5: ("evaluation", ["evaluation.*"]),
     6: ("applications", ["page.*", "demo.*"]),
