@@ -161,12 +161,8 @@ class GaussianDiffusion(OriginalSampling):
         if not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must lie in (0, 1]")
         self.num_timesteps = int(betas.shape[0])
-        if self.num_timesteps < 2:
-            # The clipped posterior log-variance needs the value at t = 1.
-            raise ValueError(
-                f"a diffusion process needs at least 2 steps, got {self.num_timesteps}: "
-                "raise --timestep_respacing (or --diffusion_steps)"
-            )
+        if self.num_timesteps < 1:
+            raise ValueError("a diffusion process needs at least 1 step")
 
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas, axis=0)
@@ -187,8 +183,11 @@ class GaussianDiffusion(OriginalSampling):
         self.posterior_variance = (
             betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         )
+        # the variance at t = 0 is 0: its log is clipped to t = 1's, or, in a process of
+        # one step (a distilled student sampled in one call), to that step's beta
+        first = self.posterior_variance[1] if self.num_timesteps > 1 else betas[0]
         self.posterior_log_variance_clipped = np.log(
-            np.append(self.posterior_variance[1], self.posterior_variance[1:])
+            np.append(first, self.posterior_variance[1:])
         )
         self.posterior_mean_coef1 = (
             betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
@@ -202,7 +201,7 @@ class GaussianDiffusion(OriginalSampling):
         # The reverse process: fixed "large" variance (beta_t, with the posterior's
         # value at t = 0 so the log stays finite), the learned range's upper end, and
         # the inversion of the posterior mean for PREVIOUS_X models.
-        self.fixed_large_variance = np.append(self.posterior_variance[1], betas[1:])
+        self.fixed_large_variance = np.append(first, betas[1:])
         self.fixed_large_log_variance = np.log(self.fixed_large_variance)
         self.log_betas = np.log(betas)
         self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1

@@ -272,9 +272,13 @@ def test_too_few_linear_steps_are_rejected():
     assert gd.get_named_beta_schedule("linear", 21)[-1] < 1
 
 
-def test_single_step_respacing_is_rejected():
-    with pytest.raises(ValueError, match="at least 2 steps"):
-        create_gaussian_diffusion(steps=50, timestep_respacing="1")
+def test_a_single_step_process_has_a_finite_variance():
+    # one step (a distilled student sampled in one call): the clipped log-variance at
+    # t = 0, where the posterior's is 0, is that step's beta (1 - abar of step 0)
+    one = create_gaussian_diffusion(steps=50, timestep_respacing="1")
+    assert one.num_timesteps == 1
+    assert one.posterior_log_variance_clipped[0] == np.log(one.betas[0])
+    assert np.isfinite(one.posterior_log_variance_clipped).all()
     assert (
         create_gaussian_diffusion(steps=50, timestep_respacing="2").num_timesteps == 2
     )

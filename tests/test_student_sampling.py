@@ -115,20 +115,7 @@ def write_geotiff(path, image):
     return path
 
 
-# One step: a respaced diffusion of one timestep is refused by GaussianDiffusion
-# ("needs at least 2 steps", its clipped posterior variance reads t = 1); the
-# consistency sampler needs none of that. Strict: passes once the core allows it.
-ONE_STEP = pytest.param(
-    1,
-    marks=pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="GaussianDiffusion refuses one timestep",
-    ),
-)
-
-
-@pytest.mark.parametrize("steps", [ONE_STEP, 2, 4])
+@pytest.mark.parametrize("steps", [1, 2, 4])
 def test_the_folder_script_samples_a_student_as_computed_directly(
     runs, steps, tmp_path, run_in_process
 ):
