@@ -33,6 +33,7 @@ from guided_diffusion.image_datasets import (  # noqa: E402
 )
 from guided_diffusion.translation.sampling import (  # noqa: E402
     add_model_flags,
+    checkpoint_is_student,
     checkpoint_settings,
     explicit_model_flags,
     load_model,
@@ -46,6 +47,12 @@ def main():
     if not os.path.isfile(args.model_path):
         raise FileNotFoundError(
             f"--model_path {args.model_path!r}: no such file (a model or EMA checkpoint)"
+        )
+    if checkpoint_is_student(args.model_path):
+        raise ValueError(
+            f"--model_path {args.model_path}: a distilled student (its config.json has a "
+            "distillation record) is not a diffusion model and has no likelihood; give "
+            "its teacher (the record's 'teacher')"
         )
     flags, scaling, diffusion, notes = checkpoint_settings(
         args.model_path,

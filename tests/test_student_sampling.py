@@ -42,6 +42,7 @@ from guided_diffusion.translation.scene import band_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER_SCRIPT = ROOT / "scripts" / "image_sample_realtime.py"
+NLL_SCRIPT = ROOT / "scripts" / "image_nll.py"
 SCENE_SCRIPT = ROOT / "scripts" / "translate_scene.py"
 # x_0-predicting: a random network's x_0 stays inside [-1, 1], so clipping hides nothing
 FLAGS = {**TINY_FLAGS, "predict_xstart": True}
@@ -277,6 +278,16 @@ def test_a_sampler_that_does_not_fit_stops_with_one_line(
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert re.search(message, lines[0]), lines[0]
+
+
+def test_the_likelihood_script_refuses_a_student_in_one_line(runs, tmp_path, run_in_process):
+    student, _, _ = runs
+    proc = run_in_process(NLL_SCRIPT, [
+        "--data_dir", tmp_path, "--model_path", student,
+    ], env={"OPENAI_LOGDIR": tmp_path / "log"})  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr  # sys.exit(message)
+    assert "a distilled student" in lines[0] and "give its teacher" in lines[0]
 
 
 def test_the_default_sampler_follows_the_model(runs, tmp_path):
