@@ -215,7 +215,8 @@ class DistillationLoop(TrainLoop):
     :param mean_type: what the networks predict.
     :param skip: k; :param distance: "huber" or "l2"; :param huber_c: c (negative: the
         default for the image size).
-    :param target_ema: the target's EMA rate; added to ``ema_rate`` when not in it.
+    :param target_ema: the target's EMA rate; put first in ``ema_rate`` (added when
+        not in it), so that validation translates with the target's weights.
     :param given: TrainLoop's settings (batch_size, lr, ema_rate, ...).
     """
 
@@ -226,8 +227,8 @@ class DistillationLoop(TrainLoop):
         rates = _parse_rates(given.get("ema_rate", "0.9999"))
         if not 0.0 < target_ema < 1.0:
             raise ValueError(f"--target_ema {target_ema}: a rate in (0, 1) like 0.95")
-        if target_ema not in rates:
-            rates.append(target_ema)
+        # The target first: TrainLoop validates with the first EMA.
+        rates = [target_ema] + [r for r in rates if r != target_ema]
         given["ema_rate"] = ",".join(str(r) for r in rates)
         given.pop("schedule_sampler", None)  # the skip grid's
         size = given.get("image_size", 256)

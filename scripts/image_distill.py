@@ -15,7 +15,10 @@ target and the input scaling; the student starts from its weights. The data flag
 are image_train.py's, on data of the teacher's kind. The run folder is a training
 run's ($OPENAI_LOGDIR, else ./logs/<date>_<time>; --resume_checkpoint auto
 continues), and its config.json adds a "distillation" record, which makes the
-sampling scripts and the page sample it with --sampler consistency.
+sampling scripts and the page sample it with --sampler consistency. With
+--val_data_dir, every --val_interval steps the target network translates the
+validation pairs at 1, 2 and 4 steps: val_NNNNNN_<n>step.png and val_ssim_<n>step,
+val_psnr_<n>step in progress.csv.
 """
 
 import argparse
@@ -29,10 +32,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.base import settings  # noqa: E402
 from guided_diffusion.base.atomic import DiskFull  # noqa: E402
+from guided_diffusion.base.consistency import ConsistencyModel  # noqa: E402
 from guided_diffusion.distillation import (  # noqa: E402
     DistillationLoop,
     distillation_defaults,
 )
+from guided_diffusion.evaluation.validation import Validator  # noqa: E402
 from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
 from guided_diffusion.io.checkpoints import (  # noqa: E402
     latest_run_dir,
@@ -55,12 +60,15 @@ from guided_diffusion.translation.sampling import (  # noqa: E402
     resolve_model_flags,
 )
 
-# image_train.py's flags but two kinds: the timesteps are the skip grid's (no
-# --schedule_sampler), and validation during distillation is not offered yet (no --val_*).
+# image_train.py's flags but three: the timesteps are the skip grid's (no
+# --schedule_sampler), validation samples the student with its own sampler at
+# VAL_STEPS (no --val_sampler, --val_timestep_respacing).
 LOOP_FLAGS = [
     n for n in settings.names(*TRAINING_GROUPS)
-    if n != "schedule_sampler" and not n.startswith("val_")
+    if n not in ("schedule_sampler", "val_sampler", "val_timestep_respacing")
 ]  # fmt: skip
+# The student's numbers of steps that validation translates with, one grid each.
+VAL_STEPS = (1, 2, 4)
 
 
 def main():
@@ -116,6 +124,9 @@ def main():
             num_workers=None if args.num_workers < 0 else args.num_workers, pairs=pairs,
         )  # fmt: skip
 
+    # None on ranks > 0, which do not validate
+    validator = make_validator(args, flags, scaling) if args.val_data_dir else None
+
     # -- the run folder --------------------------------------------------------------
     run_dir = None
     if args.resume_checkpoint == "auto" and not os.environ.get("OPENAI_LOGDIR"):
@@ -124,6 +135,7 @@ def main():
     method = {k: getattr(args, k) for k in distillation_defaults()}
     loop = DistillationLoop(
         model=student, diffusion=diffusion, teacher=teacher, target=target, data=data,
+        validator=validator,
         mean_type=prediction_target(flags["predict"], flags["predict_xstart"]),
         **{k: v for k, v in method.items() if k != "teacher_path"},
         **{k: getattr(args, k) for k in LOOP_FLAGS}, **flags,
@@ -159,6 +171,65 @@ def main():
     loop.run_loop()
     logger.log(f"done at step {loop.step}; checkpoints are in {logger.get_dir()}")
     dist_util.cleanup()
+
+
+class StudentNet(ConsistencyModel):
+    """The student as validation samples it: its weights load into the network."""
+
+    def load_state_dict(self, state_dict, strict=True):
+        return self.net.load_state_dict(state_dict, strict)
+
+
+class StudentValidator:
+    """
+    Validation of the student at each of :data:`VAL_STEPS` with the target
+    network's weights (the first EMA, which TrainLoop hands over):
+    val_NNNNNN_<n>step.png and the scores with the suffix _<n>step.
+    """
+
+    def __init__(self, validators):
+        self.validators = validators
+
+    def __call__(self, state_dict, step, folder):
+        scores = {}
+        for n, validator in self.validators.items():
+            for key, value in validator(state_dict, step, folder).items():
+                scores[f"{key}_{n}step"] = value
+            grid = os.path.join(folder, f"val_{step:06d}.png")
+            os.replace(grid, os.path.join(folder, f"val_{step:06d}_{n}step.png"))
+        return scores
+
+
+def make_validator(args, flags, scaling):
+    """
+    The validator on rank 0 (None on the others); a validation folder that rank 0
+    cannot use stops every rank with its message.
+    """
+    validator, error = None, None
+    if dist_util.is_main_process():
+        try:
+            validators = {}
+            for n in VAL_STEPS:
+                net, diffusion = create_model_and_diffusion(
+                    **{**flags, "use_fp16": False, "timestep_respacing": f"trailing{n}"}
+                )
+                model = StudentNet(
+                    net, create_model_and_diffusion(**flags)[1].alphas_cumprod,
+                    prediction_target(flags["predict"], flags["predict_xstart"]), 3,
+                    rescale_timesteps=flags["rescale_timesteps"],
+                )  # fmt: skip
+                validators[n] = Validator(
+                    model=model.to(dist_util.dev()), diffusion=diffusion,
+                    data_dir=args.val_data_dir, image_size=flags["image_size"],
+                    scaling=scaling, num=args.val_num, sampler="consistency", seed=args.seed,
+                )  # fmt: skip
+            validator = StudentValidator(validators)
+        except (DataError, ValueError, FileNotFoundError) as err:
+            error = str(err)
+    error = dist_util.broadcast_object(error)
+    if error is not None:
+        raise DataError(error)
+    return validator
 
 
 def read_teacher(path):

@@ -227,10 +227,15 @@ def distill_args(pairs_dir, teacher, *extra):
             "--random_flip=True", "--progress=False", "--ema_rate=0.9", *extra]  # fmt: skip
 
 
-def test_resume_equals_uninterrupted_run(pairs_dir, random_teacher, tmp_path):
+def test_resume_equals_uninterrupted_run_and_validation_leaves_it_alone(pairs_dir, random_teacher, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = distill_args(pairs_dir, random_teacher, "--batch_size=2")
-    run(DISTILL, [*common, "--max_steps=4"], {"OPENAI_LOGDIR": str(straight)})
+    # validation in the straight run only: it must leave the trajectory alone
+    run(DISTILL, [*common, "--max_steps=4", f"--val_data_dir={pairs_dir}", "--val_num=2",
+                  "--val_interval=4"], {"OPENAI_LOGDIR": str(straight)})  # fmt: skip
+    for n in (1, 2, 4):  # a grid and scores at each of the student's step counts
+        assert (straight / f"val_000004_{n}step.png").exists()
+        assert f"val_ssim_{n}step" in (straight / "progress.csv").read_text()
     run(DISTILL, [*common, "--max_steps=2"], {"OPENAI_LOGDIR": str(resumed)})
     proc = run(DISTILL, [*common, "--max_steps=4", "--resume_checkpoint=auto"],
                {"OPENAI_LOGDIR": str(resumed)})  # fmt: skip
