@@ -26,16 +26,29 @@ place of the diffusion (it offers ``training_losses`` with the same signature) a
 training has: ranks, exact resume, atomic checkpoints, bf16, the logs. The target
 network's weights are the loop's EMA at --target_ema (saved and resumed as
 ``ema_<rate>_NNNNNN.pt``, like every EMA).
+
+With --adv_weight w > 0 an adversarial term joins the loss, as Bai et al. 2024
+("Accelerating Diffusion for SAR-to-Optical Image Translation via Adversarial
+Consistency Distillation", arXiv 2407.06095) add one against blur and colour shift:
+a :class:`Discriminator` made from the teacher's encoder judges the student's x_0,
+f(x_t, t), against the real x_0, both with the SAR; the student's loss gains
+w * (-D(f)), and the discriminator takes a hinge-loss step after each of the
+student's steps (its head and optimizer are saved in the state file).
 """
 
+import copy
 import math
 
 import numpy as np
 import torch as th
+import torch.distributed as dist
+from torch import nn
 
+from . import dist_util
 from .base.consistency import ConsistencyModel
+from .nn import conv_nd, normalization, timestep_embedding
 from .resample import ScheduleSampler
-from .train_util import TrainLoop, _parse_rates
+from .train_util import TrainLoop, _parse_rates, derive_seed
 
 # The pseudo-Huber constant per unit of sqrt(C H W) (Song & Dhariwal 2023): the
 # constant scales with the norm of an image's difference.
@@ -55,6 +68,8 @@ def distillation_defaults():
                           "(Song & Dhariwal 2023)"),
         "target_ema": (0.95, "the EMA rate of the target network (one of the run's "
                              "EMAs: saved as ema_<rate>_NNNNNN.pt)"),
+        "adv_weight": (0.0, "the weight of the adversarial term (a discriminator on the "
+                            "teacher's frozen encoder); 0: none"),
     }  # fmt: skip
 
 
@@ -111,6 +126,46 @@ def teacher_x0(out, x_t, a, s, mean_type):
     return a * x_t - s * out  # v = a eps - s x_0
 
 
+class Discriminator(nn.Module):
+    """
+    A discriminator made from the teacher's encoder: copies of its time embedding,
+    input blocks and middle block, frozen, read at t = 0 on cat([x_0, SAR]) (a clean
+    image and its condition, the teacher's own input), and a small trainable head on
+    the middle block's features (norm, SiLU, 3x3 conv, SiLU, 1x1 conv), averaged
+    over positions. Frozen, the encoder keeps the teacher's features, which a few
+    thousand steps of a hinge game could only wear down; the head learns the game.
+
+    :param teacher: the teacher (a UNetModel, float32).
+    """
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.model_channels = teacher.model_channels
+        self.time_embed = copy.deepcopy(teacher.time_embed)
+        self.input_blocks = copy.deepcopy(teacher.input_blocks)
+        self.middle_block = copy.deepcopy(teacher.middle_block)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        ch = teacher.middle_block[-1].out_channels
+        self.head = nn.Sequential(
+            normalization(ch), nn.SiLU(), conv_nd(2, ch, ch, 3, padding=1), nn.SiLU(),
+            conv_nd(2, ch, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, x_0, condition):
+        """
+        :param x_0: images, (N, C, H, W); :param condition: their SAR, (N, C_sar, H, W).
+        :return: (N,) logits, high for real.
+        """
+        t = th.zeros(x_0.shape[0], device=x_0.device, dtype=th.long)
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
+        h = th.cat([x_0, condition.to(x_0.dtype)], 1)
+        for module in self.input_blocks:
+            h = module(h, emb)
+        h = self.middle_block(h, emb)
+        return self.head(h).float().mean(dim=(1, 2, 3))
+
+
 class ConsistencyDistillation:
     """
     The distillation loss, offered as a diffusion's ``training_losses`` so that
@@ -125,11 +180,14 @@ class ConsistencyDistillation:
     :param distance: "huber" or "l2".
     :param huber_c: the pseudo-Huber constant (for "huber").
     :param channels: the optical channels C.
+    :param discriminator: a :class:`Discriminator` for the adversarial term, or None.
+    :param adv_weight: the term's weight w.
     """
 
     def __init__(
-        self, diffusion, teacher, target, *, mean_type, skip, distance, huber_c, channels=3
-    ):
+        self, diffusion, teacher, target, *, mean_type, skip, distance, huber_c, channels=3,
+        discriminator=None, adv_weight=0.0,
+    ):  # fmt: skip
         if distance not in DISTANCES:
             raise ValueError(f"--distance {distance!r}: choose huber or l2")
         self.diffusion = diffusion
@@ -142,6 +200,11 @@ class ConsistencyDistillation:
         self.huber_c = huber_c
         self.channels = channels
         self.alphas_cumprod = th.from_numpy(diffusion.alphas_cumprod)
+        self.discriminator = discriminator
+        self.adv_weight = adv_weight
+        # (the student's x_0, detached; the real x_0; the SAR) of each micro-batch
+        # since the discriminator's last step
+        self.stash = []
 
     def consistency_model(self, net):
         """``net`` read as a consistency function in the teacher's schedule."""
@@ -199,7 +262,12 @@ class ConsistencyDistillation:
             loss = diff.pow(2).mean(1)
         else:
             loss = (diff.pow(2).sum(1) + self.huber_c**2).sqrt() - self.huber_c
-        return {"loss": loss}
+        if not self.adv_weight:
+            return {"loss": loss}
+        # the generator's hinge term: raise the discriminator's score of f
+        adv = -self.discriminator(f, condition)
+        self.stash.append((f.detach(), x_start, condition))
+        return {"loss": loss + self.adv_weight * adv, "consistency": loss, "adv": adv}
 
 
 class DistillationLoop(TrainLoop):
@@ -215,6 +283,7 @@ class DistillationLoop(TrainLoop):
     :param mean_type: what the networks predict.
     :param skip: k; :param distance: "huber" or "l2"; :param huber_c: c (negative: the
         default for the image size).
+    :param adv_weight: the adversarial term's weight (0: none; see :class:`Discriminator`).
     :param target_ema: the target's EMA rate; put first in ``ema_rate`` (added when
         not in it), so that validation translates with the target's weights.
     :param given: TrainLoop's settings (batch_size, lr, ema_rate, ...).
@@ -222,7 +291,8 @@ class DistillationLoop(TrainLoop):
 
     def __init__(
         self, *, model, diffusion, teacher, target, data, mean_type, skip=20,
-        distance="huber", huber_c=-1.0, target_ema=0.95, validator=None, **given,
+        distance="huber", huber_c=-1.0, target_ema=0.95, adv_weight=0.0, validator=None,
+        **given,
     ):  # fmt: skip
         rates = _parse_rates(given.get("ema_rate", "0.9999"))
         if not 0.0 < target_ema < 1.0:
@@ -235,9 +305,21 @@ class DistillationLoop(TrainLoop):
         self.huber_c = resolve_huber_c(huber_c, (3, size, size))
         teacher.eval().requires_grad_(False)
         target.eval().requires_grad_(False)
+        # Made before TrainLoop, whose resume restores it (load_extra_state); the head's
+        # initial weights from the seed alone, so every rank starts with the same.
+        self.discriminator = self.disc_opt = None
+        if adv_weight:
+            with th.random.fork_rng(devices=[]):
+                th.manual_seed(derive_seed(given.get("seed", 0), 4))
+                self.discriminator = Discriminator(teacher).to(dist_util.dev())
+            self.disc_opt = th.optim.AdamW(
+                self.discriminator.head.parameters(), lr=given.get("lr", 1e-4),
+                betas=(0.0, 0.99), weight_decay=0.0,
+            )  # fmt: skip
         loss = ConsistencyDistillation(
             diffusion, teacher, target, mean_type=mean_type, skip=skip,
-            distance=distance, huber_c=self.huber_c,
+            distance=distance, huber_c=self.huber_c, discriminator=self.discriminator,
+            adv_weight=adv_weight,
         )  # fmt: skip
         super().__init__(
             model=model, diffusion=loss, data=data, validator=validator,
@@ -251,3 +333,47 @@ class DistillationLoop(TrainLoop):
             if p.shape != ema.shape:
                 raise ValueError("the target network's architecture is not the student's")
             p.data = ema
+
+    def run_step(self, batch, cond):
+        """The student's step (TrainLoop's), then the discriminator's."""
+        super().run_step(batch, cond)
+        if self.discriminator is not None:
+            self._discriminator_step()
+
+    def _discriminator_step(self):
+        """
+        One hinge-loss step of the discriminator's head on this step's real and
+        generated x_0: mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), its
+        gradient averaged over the ranks (each holds its block of the global batch).
+        """
+        stash = self.diffusion.stash
+        fake, real, sar = (th.cat(parts) for parts in zip(*stash))
+        stash.clear()
+        self.disc_opt.zero_grad(set_to_none=True)  # the generator's term reached the head too
+        with th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.cfg.use_bf16):
+            d_real = self.discriminator(real, sar)
+            d_fake = self.discriminator(fake, sar)
+        loss = th.relu(1 - d_real).mean() + th.relu(1 + d_fake).mean()
+        loss.backward()
+        if self.world_size > 1:
+            for p in self.discriminator.head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+        self.disc_opt.step()
+        self._pending_logs.append((None, {"disc_loss": loss.detach()}))
+
+    def extra_state(self):
+        if self.discriminator is None:
+            return {}
+        return {
+            "discriminator_head": self.discriminator.head.state_dict(),
+            "discriminator_opt": self.disc_opt.state_dict(),
+        }
+
+    def load_extra_state(self, state):
+        if self.discriminator is None:
+            return
+        if "discriminator_head" not in state:
+            return  # a checkpoint without the term: the discriminator starts here
+        self.discriminator.head.load_state_dict(state["discriminator_head"])
+        self.disc_opt.load_state_dict(state["discriminator_opt"])

@@ -247,6 +247,7 @@ class TrainLoop:
             )
         self.mp_trainer.lg_loss_scale = float(state["lg_loss_scale"])
         self.schedule_sampler.load_state_dict(state.get("schedule_sampler", {}))
+        self.load_extra_state(state)
         # "rng_cpu" and "rng_cuda" are not read: every step reseeds the generators.
 
     # -- the loop -----------------------------------------------------------------
@@ -556,6 +557,16 @@ class TrainLoop:
         self.last_saved_step = self.step
         dist_util.barrier()
 
+    def extra_state(self):
+        """
+        What a loop built on this one saves in the state file besides (a
+        discriminator and its optimizer: distillation.py): name -> object; none here.
+        """
+        return {}
+
+    def load_extra_state(self, state):
+        """Restore :meth:`extra_state` from a checkpoint's state dict; nothing here."""
+
     def _save_files(self, folder):
         """The checkpoint's files in ``folder``, state file last."""
         paths = checkpoint_paths(folder, self.step, self.ema_rates)
@@ -584,6 +595,7 @@ class TrainLoop:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = th.cuda.get_rng_state(self.device)
+        state.update(self.extra_state())
         save_atomic(state, paths["state"])
         logger.log(f"saved checkpoint {paths['model']}")
         if self.cfg.keep_checkpoints > 0:

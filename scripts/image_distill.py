@@ -151,7 +151,7 @@ def main():
             "distillation": {
                 "method": "consistency", "teacher": teacher_path, "skip": args.skip,
                 "distance": args.distance, "huber_c": loop.huber_c,
-                "target_ema": args.target_ema, "adv_weight": 0.0, "solver": "ddim",
+                "target_ema": args.target_ema, "adv_weight": args.adv_weight, "solver": "ddim",
                 "seed": args.seed,
             },
             "world_size": dist_util.get_world_size(),

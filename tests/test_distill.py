@@ -227,9 +227,12 @@ def distill_args(pairs_dir, teacher, *extra):
             "--random_flip=True", "--progress=False", "--ema_rate=0.9", *extra]  # fmt: skip
 
 
-def test_resume_equals_uninterrupted_run_and_validation_leaves_it_alone(pairs_dir, random_teacher, tmp_path):
+@pytest.mark.parametrize("adv_weight", [0.0, 0.5])
+def test_resume_equals_uninterrupted_run_and_validation_leaves_it_alone(
+    pairs_dir, random_teacher, tmp_path, adv_weight
+):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    common = distill_args(pairs_dir, random_teacher, "--batch_size=2")
+    common = distill_args(pairs_dir, random_teacher, "--batch_size=2", f"--adv_weight={adv_weight}")
     # validation in the straight run only: it must leave the trajectory alone
     run(DISTILL, [*common, "--max_steps=4", f"--val_data_dir={pairs_dir}", "--val_num=2",
                   "--val_interval=4"], {"OPENAI_LOGDIR": str(straight)})  # fmt: skip
@@ -249,11 +252,21 @@ def test_resume_equals_uninterrupted_run_and_validation_leaves_it_alone(pairs_di
     for i, state in opt_a["state"].items():
         for key, value in state.items():
             assert th.equal(value, opt_b["state"][i][key]), (i, key)
+    # the discriminator's head and optimizer, saved in the state file, resume too
+    state_a, state_b = load(straight / "state000004.pt"), load(resumed / "state000004.pt")
+    assert ("discriminator_head" in state_a) == bool(adv_weight)
+    if adv_weight:
+        head_a, head_b = state_a["discriminator_head"], state_b["discriminator_head"]
+        assert all(th.equal(head_a[k], head_b[k]) for k in head_a)
+        assert "disc_loss" in (straight / "progress.csv").read_text()
 
 
-def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, random_teacher, tmp_path):
+@pytest.mark.parametrize("adv_weight", [0.0, 0.5])
+def test_two_ranks_equal_one_process_at_twice_the_batch(
+    pairs_dir, random_teacher, tmp_path, adv_weight
+):
     single, mpi = tmp_path / "single", tmp_path / "mpi"
-    common = distill_args(pairs_dir, random_teacher, "--max_steps=2")
+    common = distill_args(pairs_dir, random_teacher, "--max_steps=2", f"--adv_weight={adv_weight}")
     run(DISTILL, [*common, "--batch_size=4"], {"OPENAI_LOGDIR": str(single)})
     run(DISTILL, [*common, "--batch_size=2"], {"OPENAI_LOGDIR": str(mpi)},
         launcher=["mpiexec", "-n", "2"])  # fmt: skip
@@ -268,6 +281,10 @@ def test_two_ranks_equal_one_process_at_twice_the_batch(pairs_dir, random_teache
         assert (diff > 1e-5).float().mean() < 1e-3 and (moved > 1e-5).float().mean() > 0.5, name
         assert diff.max() <= 2 * 2e-3, name
     assert load(mpi / "state000002.pt")["global_batch"] == 4
+    if adv_weight:  # the discriminator's head: its gradient averaged over the ranks
+        a, b = (load(run / "state000002.pt")["discriminator_head"] for run in (mpi, single))
+        diff = th.cat([(a[k] - b[k]).abs().flatten() for k in b])
+        assert (diff > 1e-5).float().mean() < 1e-3 and diff.max() <= 2 * 2e-3
 
 
 # -- bad input: one line each ----------------------------------------------------------
