@@ -357,7 +357,8 @@ declare(
 )
 declare(P, "num_samples", -1, "the first N inputs in name order (-1: all)")
 declare(P, "clip_denoised", True, "clip every x_0 prediction to [-1, 1]")
-declare(P, "sampler", "", "the sampler (empty: ddpm, or ddim with --use_ddim True)",
+declare(P, "sampler", "", "the sampler (empty: consistency for a distilled student; "
+        "else ddpm, or ddim with --use_ddim True)",
         choices=lambda: ["", *samplers.SAMPLERS])  # fmt: skip
 declare(P, "use_ddim", False, "the original's flag: the same as --sampler ddim")
 declare(P, "eta", 0.0, "DDIM's noise scale (0: deterministic)")
