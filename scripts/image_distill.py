@@ -192,11 +192,8 @@ class StudentValidator:
 
     def __call__(self, state_dict, step, folder):
         scores = {}
-        for n, validator in self.validators.items():
-            for key, value in validator(state_dict, step, folder).items():
-                scores[f"{key}_{n}step"] = value
-            grid = os.path.join(folder, f"val_{step:06d}.png")
-            os.replace(grid, os.path.join(folder, f"val_{step:06d}_{n}step.png"))
+        for validator in self.validators.values():
+            scores.update(validator(state_dict, step, folder))
         return scores
 
 
@@ -222,6 +219,7 @@ def make_validator(args, flags, scaling):
                     model=model.to(dist_util.dev()), diffusion=diffusion,
                     data_dir=args.val_data_dir, image_size=flags["image_size"],
                     scaling=scaling, num=args.val_num, sampler="consistency", seed=args.seed,
+                    label=f"_{n}step",
                 )  # fmt: skip
             validator = StudentValidator(validators)
         except (DataError, ValueError, FileNotFoundError) as err:

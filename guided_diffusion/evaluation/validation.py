@@ -28,6 +28,8 @@ class Validator:
     :param num: how many pairs to translate (the first ones by name).
     :param sampler: a sampler name of guided_diffusion.translation.sampling.
     :param seed: the noise seed; each pair's noise depends on (seed, name) only.
+    :param label: added to the picture's name and the scores' keys (a distilled
+        student's validation at several step counts: "_4step").
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class Validator:
         num,
         sampler,
         seed=0,
+        label="",
     ):
         pairs = find_test_pairs(data_dir)
         missing_gt = [name for _, opt, name in pairs if opt is None]
@@ -67,6 +70,7 @@ class Validator:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.diffusion = diffusion
+        self.label = label
         # the sampler's defaults, one sample, each pair's noise from (seed, name)
         self.job = Sampling(sampler=sampler, seed=seed, batch_size=len(pairs))
 
@@ -74,8 +78,9 @@ class Validator:
         """
         Translate the pairs with the weights in ``state_dict``.
 
-        :return: a dict of "val_ssim" and "val_psnr" (means over the pairs); the
-            picture is written to ``folder/val_{step:06d}.png``.
+        :return: a dict of "val_ssim" and "val_psnr" (means over the pairs; with the
+            label after them); the picture is written to
+            ``folder/val_{step:06d}{label}.png``.
         """
         self.model.load_state_dict(state_dict)
         device = next(self.model.parameters()).device
@@ -88,11 +93,11 @@ class Validator:
         finite = [p for p in psnr if np.isfinite(p)]
         save_grid(
             [sar_for_display(to_uint8(self.sar)), generated, self.gt],
-            os.path.join(folder, f"val_{step:06d}.png"),
+            os.path.join(folder, f"val_{step:06d}{self.label}.png"),
         )
         return {
-            "val_ssim": float(np.mean(ssim)),
-            "val_psnr": float(np.mean(finite)) if finite else float("inf"),
+            f"val_ssim{self.label}": float(np.mean(ssim)),
+            f"val_psnr{self.label}": float(np.mean(finite)) if finite else float("inf"),
         }
 
 
