@@ -90,3 +90,10 @@ def test_the_sampler_noises_x0_again_between_steps():
         want = np.sqrt(abar) * c + np.sqrt(1 - abar) * noise
         assert th.allclose(steps[i]["sample"], want.float(), atol=1e-6)
     assert th.equal(steps[-1]["sample"], c)
+
+
+def test_the_registry_tells_a_students_samplers_from_a_diffusion_models():
+    assert samplers.samplers_for(student=True) == ["consistency"]
+    diffusion = samplers.samplers_for(student=False)
+    assert "consistency" not in diffusion and {"ddpm", "ddim", "dpm++2m"} <= set(diffusion)
+    assert sorted(diffusion + ["consistency"]) == sorted(samplers.SAMPLERS)

@@ -366,6 +366,10 @@ HOST_SITES = {
         "a host flag; all_reduce takes it to the device and back",
     ("translation/scene_inputs.py", "resampled_rows.rows", "from_numpy"):
         "the scene's rows are read on the host",
+    ("base/consistency.py", "ConsistencyModel.__init__", "as_tensor"):
+        "the schedule, a buffer: it moves with the module (and is indexed on x's device)",
+    ("distillation.py", "ConsistencyDistillation.__init__", "from_numpy"):
+        "the schedule, once; each step indexes it on the images' device",
 }  # fmt: skip
 
 

@@ -39,16 +39,32 @@ import torch as th
 
 # Sampler name -> generator function; filled by @register.
 SAMPLERS = {}
+# The samplers of distilled students (base/consistency.py); the others sample
+# diffusion models.
+STUDENT_SAMPLERS = set()
 
 
-def register(name):
-    """Add a sampler to :data:`SAMPLERS` under ``name``."""
+def register(name, *, students=False):
+    """
+    Add a sampler to :data:`SAMPLERS` under ``name``.
+
+    :param students: it samples distilled students (consistency models), not
+        diffusion models.
+    """
 
     def add(fn):
         SAMPLERS[name] = fn
+        if students:
+            STUDENT_SAMPLERS.add(name)
         return fn
 
     return add
+
+
+def samplers_for(student):
+    """The registered samplers of a distilled student (True) or of a diffusion model
+    (False), in their registered order."""
+    return [n for n in SAMPLERS if (n in STUDENT_SAMPLERS) == bool(student)]
 
 
 def sampler_options(name):
@@ -368,7 +384,7 @@ def dpm_solver_pp(
 # -- random numbers -------------------------------------------------------------------
 
 
-@register("consistency")
+@register("consistency", students=True)
 def consistency(denoiser, x, timesteps, *, generator=None, history=None):
     """
     Multistep consistency sampling (Song et al. 2023, "Consistency Models",

@@ -85,15 +85,13 @@ def checkpoint_is_student(model_path) -> bool:
 
 def fitting_samplers(student) -> list[str]:
     """
-    The samplers that sample a model: a student only with :data:`STUDENT_SAMPLER`, a
-    diffusion model with every other registered one.
+    The samplers that sample a model: a student's (samplers.STUDENT_SAMPLERS), or a
+    diffusion model's (every other registered one).
 
     :param student: the model is a distilled student.
     :return: names in samplers.SAMPLERS, in their registered order.
     """
-    if student:
-        return [STUDENT_SAMPLER]
-    return [n for n in samplers.SAMPLERS if n != STUDENT_SAMPLER]
+    return samplers.samplers_for(student)
 
 
 def default_sampler(model_path) -> str:
