@@ -431,6 +431,35 @@ def test_quality_benchmark_quick_run(tmp_path, results_md_state):
     assert (path.exists() and path.stat().st_mtime_ns) == results_md_state
 
 
+# ~20 s on two idle cores: the bundled scene model distilled 2 steps in 4 runs,
+# then 10 teacher rows and 16 student rows on 2 generated test patches.
+@pytest.mark.slow
+def test_distillation_benchmark_quick_run(tmp_path, results_md_state):
+    results = tmp_path / "results.md"
+    out = run_benchmark(
+        "bench_distill.py", "--work_dir", str(tmp_path / "work"), "--results", str(results),
+        timeout=300,
+    )  # fmt: skip
+    tables = results.read_text().split("\n## ")[1:]  # after the file's heading
+    assert len(tables) == 2  # the cost, then the scores
+    runs = ["student"] * 2 + ["student + adversarial term"] * 2 + ["teacher's training"]
+    assert table_rows(tables[0]) == runs
+    rows = table_rows(tables[1])
+    assert rows[:10] == ["teacher dpm++2m"] * 4 + ["teacher ddim"] * 4 + [
+        "teacher dpm++2m", "teacher ddim"
+    ]  # fmt: skip
+    # per variant and step count: the two seeds, then their mean
+    assert len(rows) == 10 + 2 * 4 * 3
+    for variant in ("plain", "adv"):
+        for seed in (0, 1):
+            state = json.loads((tmp_path / "work" / f"{variant}_seed{seed}" / "bench_state.json").read_text())
+            assert state["step"] == 2 and state["done"]
+    assert (tmp_path / "work" / "figure.png").is_file()
+    assert "wrote" in out
+    path = BENCH / "RESULTS.md"
+    assert (path.exists() and path.stat().st_mtime_ns) == results_md_state
+
+
 def test_a_failed_variant_is_a_table_row():
     sys.path.insert(0, str(BENCH))
     try:
