@@ -32,12 +32,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.base import settings  # noqa: E402
 from guided_diffusion.base.atomic import DiskFull  # noqa: E402
-from guided_diffusion.base.consistency import ConsistencyModel  # noqa: E402
 from guided_diffusion.distillation import (  # noqa: E402
     DistillationLoop,
     distillation_defaults,
 )
-from guided_diffusion.evaluation.validation import Validator  # noqa: E402
+from guided_diffusion.evaluation.validation import (  # noqa: E402
+    Validator,
+    built_on_main_process,
+)
 from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
 from guided_diffusion.io.checkpoints import (  # noqa: E402
     latest_run_dir,
@@ -49,7 +51,9 @@ from guided_diffusion.io.checkpoints import (  # noqa: E402
 from guided_diffusion.io.rasters import resolve  # noqa: E402
 from guided_diffusion.script_util import (  # noqa: E402
     check_state_dict_fits,
+    create_gaussian_diffusion,
     create_model_and_diffusion,
+    diffusion_defaults,
     prediction_target,
 )
 from guided_diffusion.train_util import TRAINING_GROUPS, check_precision  # noqa: E402
@@ -58,6 +62,7 @@ from guided_diffusion.translation.sampling import (  # noqa: E402
     explicit_model_flags,
     input_scaling,
     resolve_model_flags,
+    student_model,
 )
 
 # image_train.py's flags but three: the timesteps are the skip grid's (no
@@ -125,7 +130,9 @@ def main():
         )  # fmt: skip
 
     # None on ranks > 0, which do not validate
-    validator = make_validator(args, flags, scaling) if args.val_data_dir else None
+    validator = None
+    if args.val_data_dir:
+        validator = built_on_main_process(lambda: build_validator(args, flags, scaling))
 
     # -- the run folder --------------------------------------------------------------
     run_dir = None
@@ -173,13 +180,6 @@ def main():
     dist_util.cleanup()
 
 
-class StudentNet(ConsistencyModel):
-    """The student as validation samples it: its weights load into the network."""
-
-    def load_state_dict(self, state_dict, strict=True):
-        return self.net.load_state_dict(state_dict, strict)
-
-
 class StudentValidator:
     """
     Validation of the student at each of :data:`VAL_STEPS` with the target
@@ -197,37 +197,26 @@ class StudentValidator:
         return scores
 
 
-def make_validator(args, flags, scaling):
+def build_validator(args, flags, scaling):
     """
-    The validator on rank 0 (None on the others); a validation folder that rank 0
-    cannot use stops every rank with its message.
+    The student's validation at each of :data:`VAL_STEPS`: one float32 copy of the
+    network read as a consistency model, and a respaced diffusion per step count.
     """
-    validator, error = None, None
-    if dist_util.is_main_process():
-        try:
-            validators = {}
-            for n in VAL_STEPS:
-                net, diffusion = create_model_and_diffusion(
-                    **{**flags, "use_fp16": False, "timestep_respacing": f"trailing{n}"}
-                )
-                model = StudentNet(
-                    net, create_model_and_diffusion(**flags)[1].alphas_cumprod,
-                    prediction_target(flags["predict"], flags["predict_xstart"]), 3,
-                    rescale_timesteps=flags["rescale_timesteps"],
-                )  # fmt: skip
-                validators[n] = Validator(
-                    model=model.to(dist_util.dev()), diffusion=diffusion,
-                    data_dir=args.val_data_dir, image_size=flags["image_size"],
-                    scaling=scaling, num=args.val_num, sampler="consistency", seed=args.seed,
-                    label=f"_{n}step",
-                )  # fmt: skip
-            validator = StudentValidator(validators)
-        except (DataError, ValueError, FileNotFoundError) as err:
-            error = str(err)
-    error = dist_util.broadcast_object(error)
-    if error is not None:
-        raise DataError(error)
-    return validator
+    net, _ = create_model_and_diffusion(**{**flags, "use_fp16": False})
+    model = student_model(net, flags).to(dist_util.dev())
+    validators = {}
+    for n in VAL_STEPS:
+        diffusion = create_gaussian_diffusion(
+            steps=flags["diffusion_steps"], timestep_respacing=f"trailing{n}",
+            **{k: flags[k] for k in diffusion_defaults() if k not in (
+                "diffusion_steps", "timestep_respacing")},
+        )  # fmt: skip
+        validators[n] = Validator(
+            model=model, diffusion=diffusion, data_dir=args.val_data_dir,
+            image_size=flags["image_size"], scaling=scaling, num=args.val_num,
+            sampler="consistency", seed=args.seed, label=f"_{n}step",
+        )  # fmt: skip
+    return StudentValidator(validators)
 
 
 def read_teacher(path):

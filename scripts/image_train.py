@@ -27,7 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion import dist_util, logger  # noqa: E402
 from guided_diffusion.base import settings  # noqa: E402
 from guided_diffusion.base.atomic import DiskFull  # noqa: E402
-from guided_diffusion.evaluation.validation import Validator  # noqa: E402
+from guided_diffusion.evaluation.validation import (  # noqa: E402
+    Validator,
+    built_on_main_process,
+)
 from guided_diffusion.image_datasets import DataError, find_pairs, load_data  # noqa: E402
 from guided_diffusion.io.checkpoints import (  # noqa: E402
     latest_run_dir,
@@ -87,7 +90,9 @@ def main():
         )
 
     # None on ranks > 0
-    validator = make_validator(args, scaling) if args.val_data_dir else None
+    validator = None
+    if args.val_data_dir:
+        validator = built_on_main_process(lambda: build_validator(args, scaling))
 
     # -- the run folder, once the inputs are known to be usable --------------------
     run_dir = None
@@ -129,25 +134,6 @@ def main():
     loop.run_loop()
     logger.log(f"done at step {loop.step}; checkpoints are in {logger.get_dir()}")
     dist_util.cleanup()
-
-
-def make_validator(args, scaling):
-    """
-    The validator on rank 0 (a float32 copy of the model and a respaced diffusion
-    for the fast sampler); None on the other ranks, which do not validate and so
-    need no second model. A validation folder that rank 0 cannot use stops every
-    rank with rank 0's message, instead of leaving them waiting for it.
-    """
-    validator, error = None, None
-    if dist_util.is_main_process():
-        try:
-            validator = build_validator(args, scaling)
-        except (DataError, ValueError, FileNotFoundError) as err:
-            error = str(err)
-    error = dist_util.broadcast_object(error)
-    if error is not None:
-        raise DataError(error)
-    return validator
 
 
 def build_validator(args, scaling):

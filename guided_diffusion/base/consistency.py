@@ -88,6 +88,14 @@ class ConsistencyModel(nn.Module):
             "alphas_cumprod", th.as_tensor(alphas_cumprod, dtype=th.float64), persistent=False
         )
 
+    # A student's weights are its network's own (its checkpoints hold the network's
+    # state dict, which the teacher's architecture loads): the wrapper is transparent.
+    def state_dict(self, *args, **kwargs):
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        return self.net.load_state_dict(state_dict, strict, **kwargs)
+
     def index(self, t):
         """The teacher's timestep index of the network's ``t``."""
         steps = len(self.alphas_cumprod)

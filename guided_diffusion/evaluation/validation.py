@@ -9,6 +9,7 @@ import os
 import numpy as np
 import torch as th
 
+from .. import dist_util
 from ..image_datasets import DataError, find_test_pairs, load_opt
 from ..io.pictures import columns_side_by_side, write_png
 from ..io.rasters import Scaling
@@ -16,6 +17,25 @@ from ..translation.folder import load_batch, translate_batch
 from ..translation.jobs import Sampling
 from ..translation.sampling import sar_for_display, to_uint8
 from . import metrics
+
+
+def built_on_main_process(build):
+    """
+    ``build()`` (a validator) on the main process, which alone validates; None on
+    the others. A validation folder the main process cannot use (DataError,
+    ValueError, FileNotFoundError) stops every process with its message, instead of
+    leaving the others waiting for it.
+    """
+    validator, error = None, None
+    if dist_util.is_main_process():
+        try:
+            validator = build()
+        except (DataError, ValueError, FileNotFoundError) as err:
+            error = str(err)
+    error = dist_util.broadcast_object(error)
+    if error is not None:
+        raise DataError(error)
+    return validator
 
 
 class Validator:
