@@ -200,6 +200,7 @@ class ConsistencyDistillation:
         self.huber_c = huber_c
         self.channels = channels
         self.alphas_cumprod = th.from_numpy(diffusion.alphas_cumprod)
+        self._wrapped = {}  # id(network) -> its ConsistencyModel
         self.discriminator = discriminator
         self.adv_weight = adv_weight
         # (the student's x_0, detached; the real x_0; the SAR) of each micro-batch
@@ -207,14 +208,19 @@ class ConsistencyDistillation:
         self.stash = []
 
     def consistency_model(self, net):
-        """``net`` read as a consistency function in the teacher's schedule."""
-        return ConsistencyModel(
-            net, self.diffusion.alphas_cumprod, self.mean_type, self.channels,
-            rescale_timesteps=self.diffusion.rescale_timesteps,
-        )  # fmt: skip
+        """``net`` read as a consistency function in the teacher's schedule (made
+        once per network: every training step reads the student and the target)."""
+        if id(net) not in self._wrapped:
+            self._wrapped[id(net)] = ConsistencyModel(
+                net, self.diffusion.alphas_cumprod, self.mean_type, self.channels,
+                rescale_timesteps=self.diffusion.rescale_timesteps,
+            )  # fmt: skip
+        return self._wrapped[id(net)]
 
     def _abar(self, t, like):
-        abar = self.alphas_cumprod.to(like.device)[t].to(like.dtype)
+        if self.alphas_cumprod.device != like.device:  # once: not a copy every step
+            self.alphas_cumprod = self.alphas_cumprod.to(like.device)
+        abar = self.alphas_cumprod[t].to(like.dtype)
         return abar.view(-1, *([1] * (like.dim() - 1)))
 
     def teacher_step(self, x_t, condition, t, s, model_kwargs):

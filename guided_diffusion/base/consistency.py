@@ -105,7 +105,10 @@ class ConsistencyModel(nn.Module):
 
     def _coefficients(self, t, like):
         i = self.index(t)
-        abar = self.alphas_cumprod.to(like.device)[i]
+        if self.alphas_cumprod.device != like.device:
+            # a wrapper made around a network already on its device: moved once
+            self.alphas_cumprod = self.alphas_cumprod.to(like.device)
+        abar = self.alphas_cumprod[i]
         c_skip, c_out = boundary_scalings(i.to(like.device))
 
         def shaped(v):
