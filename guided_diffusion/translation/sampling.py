@@ -647,9 +647,8 @@ def checkpoint_settings(model_path, explicit, given_inputs):
         that are no count.
     """
     flags, conflicts, read_note = checkpoint_model_flags(model_path, explicit)
-    scaling, input_conflicts = input_scaling(
-        read_run_config(model_path), given_inputs, flags["sar_channels"]
-    )
+    run_config = read_run_config(model_path)
+    scaling, input_conflicts = input_scaling(run_config, given_inputs, flags["sar_channels"])
     config_path = os.path.join(
         os.path.dirname(os.path.abspath(model_path)), "config.json"
     )
@@ -660,7 +659,7 @@ def checkpoint_settings(model_path, explicit, given_inputs):
                    f"{config_path}; using {mine}")
         )  # fmt: skip
     log.append((False, f"inputs: {scaling.describe()}"))
-    if is_student(read_run_config(model_path)):
+    if is_student(run_config):
         given = flags["timestep_respacing"]
         flags = {
             **flags,
@@ -762,6 +761,6 @@ def load_model(model_path, model_flags, device, *, use_bf16=False):
     model.load_state_dict(state_dict, strict=True)
     if use_fp16:
         model.convert_to_fp16()
-    if is_student(read_run_config(model_path)):
+    if checkpoint_is_student(model_path):
         model = student_model(model, flags)
     return model.to(device).eval()
