@@ -24,6 +24,7 @@ rows at a time into the GeoTIFF the scene job reads anyway.
 """
 
 import os
+import warnings
 import xml.etree.ElementTree as ET
 import zipfile
 
@@ -322,12 +323,16 @@ def write_sigma0(product, path, polarisations, *, rows=512):
     """
     import rasterio
     from rasterio.crs import CRS
+    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
     sources = []
     try:
         try:
-            sources = [rasterio.open(product.bands[p].measurement) for p in polarisations]
+            # the product places its pixels by the annotation's grid (written below)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                sources = [rasterio.open(product.bands[p].measurement) for p in polarisations]
         except rasterio.errors.RasterioIOError as exc:
             raise DataError(
                 f"{product.path}: cannot read its measurement ({exc}); the product "

@@ -94,7 +94,8 @@ def product_input(job, scaling):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         logger.log(
             f"{job.input}: {', '.join(polarisations)} calibrated to sigma0 with the "
-            f"product's tables into {path}"
+            f"product's tables into {path}, read as linear power (10 log10 to dB, "
+            "then the model's dB ranges)"
         )
         sentinel1.write_sigma0(product, path, polarisations)
 

@@ -66,9 +66,14 @@ def _rows_of(rows, height):
 
 
 def rasterio_open(path):
+    """rasterio.open, quiet about a file without a map transform (an input placed
+    by ground control points, or none: the job writes what it has)."""
     import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
 
-    return rasterio.open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
 
 
 def quicklook_path(output):
@@ -237,7 +242,6 @@ def write_spread_outputs(job, scaling, count):
     :param count: K, the samples written by :func:`sample_path`.
     :return: the dict of :func:`spread_paths`.
     """
-    from rasterio.errors import NotGeoreferencedWarning
 
     paths = spread_paths(job.output)
     source = RasterRows(job.input)
@@ -250,12 +254,9 @@ def write_spread_outputs(job, scaling, count):
     shape = (math.ceil(height / step), math.ceil(width / step))
     sums, pixels = np.zeros(shape), np.zeros(shape)
     with ExitStack() as stack:
-        with warnings.catch_warnings():  # an input without a place gives one too
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            samples = [
-                stack.enter_context(rasterio_open(sample_path(job, k)))
-                for k in range(count)
-            ]
+        samples = [
+            stack.enter_context(rasterio_open(sample_path(job, k))) for k in range(count)
+        ]
         for k, src in enumerate(samples):
             if (src.count, src.height, src.width) != (3, height, width):
                 raise ValueError(
