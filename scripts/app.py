@@ -62,8 +62,12 @@ def create_argparser():
     parser.add_argument("--no_bundled", action="store_true",
                         help="leave the bundled demo model and its examples out "
                              "(only with --model_path or --runs_dir)")  # fmt: skip
-    parser.add_argument("--cache_size", type=int, default=CACHE_SIZE,
-                        help="models kept loaded at once (the last used)")
+    parser.add_argument(
+        "--cache_size",
+        type=int,
+        default=CACHE_SIZE,
+        help="models kept loaded at once (the last used)",
+    )
     parser.add_argument("--work_dir", default=None,
                         help="where the results of requests are kept for download "
                              "(default: a new temporary folder)")  # fmt: skip
@@ -84,7 +88,9 @@ def parse_args(argv=None):
 def main():
     args = parse_args()
     models = find_models(args.model_path, args.runs_dir, bundled=not args.no_bundled)
-    bundled = [] if args.no_bundled or not os.path.isdir(EXAMPLES_DIR) else [EXAMPLES_DIR]
+    bundled = (
+        [] if args.no_bundled or not os.path.isdir(EXAMPLES_DIR) else [EXAMPLES_DIR]
+    )
     examples = find_examples(bundled + args.examples)
     try:
         import gradio  # noqa: F401

@@ -24,7 +24,9 @@ import pytest
 from conftest import free_port
 from PIL import Image
 
-pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
+pytest.importorskip(
+    "gradio", reason="the page needs the app extra: pip install -e '.[app]'"
+)
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[app]'")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,9 @@ def served(tmp_path_factory):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    threading.Thread(
+        target=lambda: [lines.put(x) for x in proc.stdout], daemon=True
+    ).start()
     seen = []
     try:
         while True:
@@ -118,7 +122,10 @@ def test_upload_translate_see_and_download(served, tmp_path):
             page.wait_for_function(
                 "() => document.querySelector('#mean-view img').complete"
             )
-            assert mean.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [32, 32]
+            assert mean.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [
+                32,
+                32,
+            ]
             assert "2 samples" in page.locator("#info").inner_text()
             page.locator("#downloads a[href$='my_sar_optical_spread.npz']").wait_for()
             page.mouse.move(0, 0)
@@ -127,7 +134,9 @@ def test_upload_translate_see_and_download(served, tmp_path):
             browser.close()
     picture = Image.open(io.BytesIO(shot))
     assert picture.size == (VIEWPORT["width"], VIEWPORT["height"])
-    target = SCREENSHOT if os.environ.get("UPDATE_ASSETS") == "1" else tmp_path / "app.png"
+    target = (
+        SCREENSHOT if os.environ.get("UPDATE_ASSETS") == "1" else tmp_path / "app.png"
+    )
     picture.save(target, optimize=True)
 
 

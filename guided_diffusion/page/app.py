@@ -139,7 +139,9 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     models = OrderedDict()
     for path in dict.fromkeys(paths):  # each file once, in order
         run = os.path.basename(os.path.dirname(path))
-        name = run + (" (bundled demo)" if path == scene_translation.BUNDLED_MODEL else "")
+        name = run + (
+            " (bundled demo)" if path == scene_translation.BUNDLED_MODEL else ""
+        )
         if name in models:
             name = f"{run} ({os.path.basename(path)})"
         models[name] = path
@@ -293,7 +295,9 @@ def check_upload(path):
         named with what to upload instead.
     """
     if not path:
-        raise PageError("No SAR image: upload a PNG, TIFF or GeoTIFF, or click an example")
+        raise PageError(
+            "No SAR image: upload a PNG, TIFF or GeoTIFF, or click an example"
+        )
     name = os.path.basename(path)
     if not os.path.isfile(path):
         raise PageError(f"{name}: the upload is gone; upload it again")
@@ -374,7 +378,9 @@ class Translator:
         :return: its checkpoint. :raises PageError: no model of that name.
         """
         if name not in self.models:
-            raise PageError(f"no model {name!r}: choose one of {', '.join(self.models)}")
+            raise PageError(
+                f"no model {name!r}: choose one of {', '.join(self.models)}"
+            )
         return self.models[name]
 
     def _message(self, err, path, model_name, scaling=None):
@@ -402,7 +408,9 @@ class Translator:
             return
         name, n, count = os.path.basename(path), flags["sar_channels"], raster.count
         reads = model_reads(flags, scaling)
-        has = raster.describe_bands() + (" of 8-bit values" if is_eight_bit(raster) else "")
+        has = raster.describe_bands() + (
+            " of 8-bit values" if is_eight_bit(raster) else ""
+        )
         if count > n:
             taken = _listed(range(1, n + 1))
             names = scaling.sar_band_names
@@ -416,7 +424,9 @@ class Translator:
             # as many bands as it reads, but other values or other polarisations
             like = "files like this one" if count == n else f"{count}-band SAR"
             todo = f"choose a model trained on {like} under Model, or upload a file with {reads}"
-        raise PageError(f"{name} has {has}, but the model {model_name} reads {reads}: {todo}.")
+        raise PageError(
+            f"{name} has {has}, but the model {model_name} reads {reads}: {todo}."
+        )
 
     def _request_dir(self):
         with self._lock:
@@ -445,7 +455,9 @@ class Translator:
         )  # fmt: skip
         if route == "patch":
             return FolderJob(**common, data_dir=os.path.dirname(path), out_dir=folder)
-        output = os.path.join(folder, os.path.splitext(os.path.basename(path))[0] + "_optical.tif")
+        output = os.path.join(
+            folder, os.path.splitext(os.path.basename(path))[0] + "_optical.tif"
+        )
         # tiles per network call change the speed, never the pixels
         return SceneJob(
             **common, input=path, output=output, batch_size=SCENE_BATCH,
@@ -460,7 +472,9 @@ class Translator:
         shown = {job.model_path: _shown_path(job.model_path)}
         if isinstance(job, FolderJob):
             shown[job.data_dir] = "DATA"
-            argv = job.command(shown) + [f"  # with {os.path.basename(path)} in DATA/sar/"]
+            argv = job.command(shown) + [
+                f"  # with {os.path.basename(path)} in DATA/sar/"
+            ]
         else:
             shown.update({job.input: _shown_path(job.input), job.output: "OUT.tif"})
             argv = job.command(shown)
@@ -509,9 +523,14 @@ class Translator:
             "at the model's size" if (height, width) == (size, size)
             else f"as a whole scene, in tiles of {size} px"
         )  # fmt: skip
-        return sar, f"{os.path.basename(path)}: {width} x {height} pixels, translated {how}"
+        return (
+            sar,
+            f"{os.path.basename(path)}: {width} x {height} pixels, translated {how}",
+        )
 
-    def translate(self, path, model_name, sampler, steps, seed, progress=None, samples=1):
+    def translate(
+        self, path, model_name, sampler, steps, seed, progress=None, samples=1
+    ):
         """
         Translate one upload, once or ``samples`` times.
 
@@ -534,8 +553,14 @@ class Translator:
             raise PageError(f"steps {steps}: give a whole number of 1 or more")
         if seed is None or int(seed) != seed or seed < 0:
             raise PageError(f"seed {seed}: give a whole number of 0 or more")
-        if samples is None or int(samples) != samples or not 1 <= samples <= MAX_SAMPLES:
-            raise PageError(f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}")
+        if (
+            samples is None
+            or int(samples) != samples
+            or not 1 <= samples <= MAX_SAMPLES
+        ):
+            raise PageError(
+                f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}"
+            )
         steps, seed, samples = int(steps), int(seed), int(samples)
         scaling = None
         try:
@@ -546,7 +571,9 @@ class Translator:
             size = flags["image_size"]
             route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
             folder = self._request_dir()
-            job = self.job(route, path, model_path, sampler, steps, seed, samples, folder)
+            job = self.job(
+                route, path, model_path, sampler, steps, seed, samples, folder
+            )
             job.check()
             translate = self._patch if route == "patch" else self._scene
             result = self._within_memory(
@@ -580,7 +607,9 @@ class Translator:
             th.cuda.empty_cache()
         if released:
             names = ", ".join(n for n, p in self.models.items() if p in released)
-            logger.warn(f"out of memory: released {names or len(released)}, trying again")
+            logger.warn(
+                f"out of memory: released {names or len(released)}, trying again"
+            )
             try:
                 result = translate()
             except th.OutOfMemoryError:
@@ -621,13 +650,21 @@ class Translator:
         warning = done.stats.clipping_warning()
         if warning:
             notes.append(warning.replace(path, name))
-        shown = np.ascontiguousarray(np.broadcast_to(done.sar, (*done.sar.shape[:2], 3)))
+        shown = np.ascontiguousarray(
+            np.broadcast_to(done.sar, (*done.sar.shape[:2], 3))
+        )
         png, geotiff = _write_result(folder, name, image, path, done.valid)
-        result = Result(shown, image, png, geotiff, 0.0, "patch", "", notes, samples=count)
+        result = Result(
+            shown, image, png, geotiff, 0.0, "patch", "", notes, samples=count
+        )
         if count > 1:
             # the sampling script's files of K samples, named after the result
             stem = os.path.join(folder, os.path.splitext(name)[0] + "_optical")
-            result.files = [stem + "_mean.png", stem + "_spread.png", stem + "_spread.npz"]
+            result.files = [
+                stem + "_mean.png",
+                stem + "_spread.png",
+                stem + "_spread.npz",
+            ]
             write_spread_files(
                 *result.files, count, done.mean, done.spread, valid=done.valid
             )
@@ -641,7 +678,9 @@ class Translator:
         sar, stats = sar_preview(path, scaling, scaling.sar_channels)
         # this request's tiles per call, halved (and kept for its samples) when a
         # call does not fit in the GPU's memory
-        model = BatchedModel(self.cache.get(job, flags), job.batch_size, pad=job.compile)
+        model = BatchedModel(
+            self.cache.get(job, flags), job.batch_size, pad=job.compile
+        )
         count = job.samples_per_input
         current = {"sample": 0}
 
@@ -666,12 +705,16 @@ class Translator:
                 f"{last} tile{'s' if last > 1 else ''} per call (the same pixels)."
             )
         if stats.nodata:
-            notes.append(f"{stats.nodata} of {stats.pixels} SAR pixels are nodata (black).")
+            notes.append(
+                f"{stats.nodata} of {stats.pixels} SAR pixels are nodata (black)."
+            )
         warning = stats.clipping_warning()
         if warning:
             notes.append(warning.replace(path, os.path.basename(path)))
         geotiff = job.output if job.geotiff else None
-        result = Result(sar, image, png, geotiff, 0.0, "scene", "", notes, samples=count)
+        result = Result(
+            sar, image, png, geotiff, 0.0, "scene", "", notes, samples=count
+        )
         if count > 1:
             paths = scene_outputs.spread_paths(job.output)
             result.mean = scene_outputs.png_path(paths["mean"])
@@ -687,7 +730,9 @@ def _shown_path(path):
     rel = os.path.relpath(path)
     if not rel.startswith(".."):
         return rel
-    return path if not path.startswith(tempfile.gettempdir()) else os.path.basename(path)
+    return (
+        path if not path.startswith(tempfile.gettempdir()) else os.path.basename(path)
+    )
 
 
 def _write_result(folder, name, image, source, valid):
@@ -825,13 +870,19 @@ def build_page(translator, examples=()):
                     elem_id="sar-upload",
                 )  # fmt: skip
                 model = gr.Dropdown(names, value=names[0], label="Model")
-                fits, first, first_steps = sampler_update(translator, names[0], DEFAULT_SAMPLER)
-                sampler = gr.Radio(fits, value=first, label="Sampler", elem_id="sampler")
+                fits, first, first_steps = sampler_update(
+                    translator, names[0], DEFAULT_SAMPLER
+                )
+                sampler = gr.Radio(
+                    fits, value=first, label="Sampler", elem_id="sampler"
+                )
                 steps = gr.Slider(
                     1, 1000, value=first_steps or DEFAULT_STEPS, step=1, label="Steps",
                     elem_id="steps",
                 )  # fmt: skip
-                seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(
+                    value=DEFAULT_SEED, precision=0, label="Seed", elem_id="seed"
+                )
                 samples = gr.Slider(
                     1, MAX_SAMPLES, value=DEFAULT_SAMPLES, step=1, label="Samples",
                     info="above 1: their mean and spread too, in that many times the time",
@@ -866,7 +917,9 @@ def build_page(translator, examples=()):
         upload.change(preview, [upload, model], [sar_view, info], api_name=False)
 
         def model_chosen(model_name, sampler_name):
-            fits, shown, new_steps = sampler_update(translator, model_name, sampler_name)
+            fits, shown, new_steps = sampler_update(
+                translator, model_name, sampler_name
+            )
             kept = gr.update() if new_steps is None else gr.update(value=new_steps)
             return gr.update(choices=fits, value=shown), kept
 
