@@ -17,7 +17,14 @@ Without --model_path or --runs_dir the page offers the small model bundled in
 assets/scene_model/ (trained on generated scenes; VV and VH in dB) and the
 generated examples in assets/examples/. The files are read as the model's
 training run read its data (its config.json). Requests queue and run one at a
-time; the last two models used stay loaded.
+time; the last two models used stay loaded; Cancel stops the user's request at its
+next network call.
+
+On a machine a lab shares (--host 0.0.0.0), each request is limited: its upload's
+size, its pixels, its samples x steps and its seconds (the flags below, their
+defaults stated); a refusal gives the scripts/translate_scene.py command that does
+the same without limits. --auth USER:PASS (or --auth_file) makes the page ask for a
+password; without it, serving beyond 127.0.0.1 logs who can reach the page.
 
 Needs the "app" extra: pip install -e '.[app]'.
 """
@@ -32,6 +39,13 @@ from guided_diffusion import dist_util  # noqa: E402
 from guided_diffusion.page.app import (  # noqa: E402
     CACHE_SIZE,
     EXAMPLES_DIR,
+    MAX_PIXELS_CPU,
+    MAX_PIXELS_GPU,
+    MAX_SAMPLE_STEPS,
+    MAX_SECONDS,
+    MAX_UPLOAD_MB,
+    MAX_WORK_GB,
+    Limits,
     PageError,
     Translator,
     build_page,
@@ -71,7 +85,58 @@ def create_argparser():
     parser.add_argument("--work_dir", default=None,
                         help="where the results of requests are kept for download "
                              "(default: a new temporary folder)")  # fmt: skip
+    limits = parser.add_argument_group("limits per request (for a page others use)")
+    limits.add_argument(
+        "--max_upload_mb",
+        type=float,
+        default=MAX_UPLOAD_MB,
+        help=f"the largest upload, in MB (default {MAX_UPLOAD_MB})",
+    )
+    limits.add_argument("--max_pixels", type=int, default=None,
+                        help="the most pixels of an image the page translates (default "
+                             f"{MAX_PIXELS_GPU:,} on a GPU, {MAX_PIXELS_CPU:,} on a CPU: "
+                             "minutes per request, not hours)")  # fmt: skip
+    limits.add_argument("--max_sample_steps", type=int, default=MAX_SAMPLE_STEPS,
+                        help="the most samples x steps per request (default "
+                             f"{MAX_SAMPLE_STEPS})")  # fmt: skip
+    limits.add_argument("--max_seconds", type=float, default=MAX_SECONDS,
+                        help="a request running longer, or on its way to, is stopped "
+                             f"(default {MAX_SECONDS})")  # fmt: skip
+    limits.add_argument("--max_work_gb", type=float, default=MAX_WORK_GB,
+                        help="the most GB the work folder keeps: the oldest requests' "
+                             f"files go first (default {MAX_WORK_GB:g})")  # fmt: skip
+    access = parser.add_argument_group("who may use the page")
+    access.add_argument("--auth", action="append", default=[], metavar="USER:PASS",
+                        help="ask for this user name and password (Gradio's login); "
+                             "repeat for several users. Other users of this machine "
+                             "see command lines: --auth_file keeps it off them")  # fmt: skip
+    access.add_argument(
+        "--auth_file", default=None, help="a file of USER:PASS lines, one per user"
+    )
     return parser
+
+
+def read_auth(args, parser):
+    """The (user, password) pairs of --auth and --auth_file, or None."""
+    lines = [("--auth", a) for a in args.auth]
+    if args.auth_file:
+        try:
+            with open(args.auth_file) as f:
+                lines += [(f"--auth_file {args.auth_file}", line.strip())
+                          for line in f if line.strip() and not line.startswith("#")]  # fmt: skip
+        except OSError as err:
+            parser.error(f"--auth_file {args.auth_file}: {err.strerror or err}")
+    pairs = []
+    for where, line in lines:
+        user, colon, password = line.partition(":")
+        if not colon or not user or not password:
+            parser.error(
+                f"{where}: give USER:PASS, a user name and a password after a colon"
+            )
+        pairs.append((user, password))
+    if args.auth_file and not pairs:
+        parser.error(f"--auth_file {args.auth_file}: no USER:PASS line in it")
+    return pairs or None
 
 
 def parse_args(argv=None):
@@ -82,6 +147,17 @@ def parse_args(argv=None):
         parser.error("--no_bundled needs --model_path or --runs_dir: a model to offer")
     if args.cache_size < 1:
         parser.error("--cache_size must be 1 or more")
+    for flag in ("max_upload_mb", "max_pixels", "max_sample_steps", "max_seconds",
+                 "max_work_gb"):  # fmt: skip
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag} {value:g}: give a number above 0")
+    args.auth = read_auth(args, parser)
+    args.limits = Limits(
+        upload_mb=args.max_upload_mb, pixels=args.max_pixels,
+        sample_steps=args.max_sample_steps, seconds=args.max_seconds,
+        work_gb=args.max_work_gb,
+    )  # fmt: skip
     return args
 
 
@@ -101,11 +177,16 @@ def main():
     # what the scripts do at their defaults (IEEE float32, no TF32); uploads come in
     # any size, so cuDNN's search per new shape would cost more than it saves
     dist_util.configure_numerics(use_tf32=False, cudnn_benchmark=False)
-    translator = Translator(models, work_dir=args.work_dir, cache_size=args.cache_size)
+    translator = Translator(
+        models, work_dir=args.work_dir, cache_size=args.cache_size, limits=args.limits
+    )
     page = build_page(translator, examples)
-    url = launch(page, translator, examples, host=args.host, port=args.port)
+    url = launch(
+        page, translator, examples, host=args.host, port=args.port, auth=args.auth
+    )
     for name, path in models.items():
         print(f"model {name}: {path}", flush=True)
+    print(f"limits per request: {translator.limits.describe()}", flush=True)
     print(f"The page is at {url}  (Ctrl-C stops it)", flush=True)
     try:
         page.block_thread()

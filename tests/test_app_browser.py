@@ -10,6 +10,7 @@ Playwright cannot download its own browser here, so the test drives the system's
 Chromium (Debian: apt-get install -y chromium), or the one $CHROMIUM names.
 """
 
+import contextlib
 import io
 import os
 import queue
@@ -41,13 +42,12 @@ SCREENSHOT = ROOT / "assets" / "app.png"
 VIEWPORT = {"width": 1280, "height": 860}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def serve(work, *flags):
     """``python scripts/app.py`` on a free port: (its address, its output so far)."""
-    work = tmp_path_factory.mktemp("page")
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "app.py"), "--port", str(free_port()),
-         "--work_dir", str(work)],
+         "--work_dir", str(work), *flags],
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
@@ -68,6 +68,12 @@ def served(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    with serve(tmp_path_factory.mktemp("page")) as address:
+        yield address
 
 
 def test_upload_translate_see_and_download(served, tmp_path):
@@ -159,5 +165,65 @@ def test_a_file_the_model_cannot_read_shows_one_message(served, tmp_path):
             shown = [errors.nth(i).is_visible() for i in range(errors.count())]
             assert sum(shown) == 0, f"{sum(shown)} 'Error' labels"
             assert page.get_by_text("Not translated").count() == 1
+        finally:
+            browser.close()
+
+
+def scene_of(path, size):
+    """A size x size SAR scene made of the bundled scene example, repeated."""
+    import rasterio
+
+    with rasterio.open(ROOT / "assets" / "examples" / "scene_64x96.tif") as src:
+        bands, profile = src.read(), src.profile
+    reps = (1, -(-size // bands.shape[1]), -(-size // bands.shape[2]))
+    profile.update(width=size, height=size)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.tile(bands, reps)[:, :size, :size])
+    return path
+
+
+def test_two_users_one_cancels_the_other_gets_the_worker(tmp_path_factory, tmp_path):
+    # a page limited to uploads of 1 MB
+    long = scene_of(tmp_path / "long_scene.tif", 256)  # about 100 s at 20 steps
+    huge = tmp_path / "huge.tif"
+    huge.write_bytes(long.read_bytes() + bytes(2**20))
+    shared = serve(tmp_path_factory.mktemp("shared"), "--max_upload_mb", "1")
+    with shared as (url, printed), sync_api.sync_playwright() as p:
+        assert any("limits per request: uploads up to 1 MB" in line for line in printed)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            first, second = browser.new_page(), browser.new_page()
+            for page in (first, second):
+                page.goto(url)
+            # an upload over the limit is refused as it arrives, the limit named
+            first.locator("#sar-upload input[type=file]").set_input_files(str(huge))
+            first.get_by_text("exceed the maximum allowed size").wait_for(
+                timeout=10_000
+            )
+            first.reload()
+            # the first user starts a long scene ...
+            first.locator("#sar-upload input[type=file]").set_input_files(str(long))
+            first.locator("#sar-view img").wait_for(timeout=60_000)
+            first.click("#translate")
+            first.get_by_text("step 1/20").first.wait_for(timeout=60_000)
+            # ... the second a small image, which waits its turn in the queue
+            second.locator("#sar-upload input[type=file]").set_input_files(
+                str(ROOT / "assets" / "examples" / "river_32.tif")
+            )
+            second.locator("#sar-view img").wait_for(timeout=60_000)
+            second.click("#translate")
+            second.get_by_text("queue: 1/1").first.wait_for(timeout=30_000)
+            # the first cancels: the second's image comes, the first says so
+            first.click("#cancel")
+            first.locator("#info", has_text="Cancelled").wait_for(timeout=10_000)
+            second.locator("#result-view img").wait_for(timeout=120_000)
+            # the first request's own answer: stopped within a network call
+            first.locator("#info", has_text="Not translated. Cancelled after").wait_for(
+                timeout=10_000
+            )
+            assert "Translated 32 x 32 pixels" in second.locator("#info").inner_text()
+            errors = first.get_by_text("Error", exact=True)
+            assert sum(errors.nth(i).is_visible() for i in range(errors.count())) == 0
+            assert first.locator("#result-view img").count() == 0
         finally:
             browser.close()

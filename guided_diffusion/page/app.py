@@ -98,6 +98,145 @@ class PageError(ValueError):
     """A problem with a request that the page shows as a message."""
 
 
+# -- a page that several people share -------------------------------------------------
+
+# The limits' defaults (scripts/app.py's flags): an upload's megabytes; the pixels of
+# an image the page translates, on a CPU and on a GPU (about minutes of the bundled
+# model on 2 CPU cores, of the paper's 256-pixel model on one GPU); samples x steps,
+# the network calls per image or tile (one sample of the paper's 250 DDPM steps);
+# seconds per request; and the gigabytes the page's work folder keeps.
+MAX_UPLOAD_MB = 256
+MAX_PIXELS_CPU, MAX_PIXELS_GPU = 512 * 512, 4096 * 4096
+MAX_SAMPLE_STEPS = 250
+MAX_SECONDS = 600
+MAX_WORK_GB = 4.0
+# Gradio's copies of uploads and results: deleted this many seconds old, looked for
+# this often.
+GRADIO_CACHE_AGE, GRADIO_CACHE_EVERY = 3600, 900
+# A request is stopped early when, after this share of its network calls, it would
+# take longer than its time limit by this factor (the first calls' time varies).
+PROJECT_AFTER, PROJECT_FACTOR = 0.05, 1.25
+
+
+@dataclass(frozen=True)
+class Limits:
+    """
+    What one request may ask of the page, each refused (or stopped) with a message
+    that says the limit and what to do instead.
+
+    :param upload_mb: the largest upload, in megabytes of 2**20 bytes (as Gradio,
+        which refuses a larger one as it arrives, counts them).
+    :param pixels: the most pixels of an image it translates; None: by the device
+        (:data:`MAX_PIXELS_GPU` on a GPU, else :data:`MAX_PIXELS_CPU`).
+    :param sample_steps: the most samples x steps per request.
+    :param seconds: the longest a request may run.
+    :param work_gb: the most gigabytes the work folder keeps (old requests' files
+        are removed first).
+    """
+
+    upload_mb: float = MAX_UPLOAD_MB
+    pixels: int | None = None
+    sample_steps: int = MAX_SAMPLE_STEPS
+    seconds: float = MAX_SECONDS
+    work_gb: float = MAX_WORK_GB
+
+    def resolved(self, device):
+        """The limits with ``pixels`` set for ``device`` when it was left to it."""
+        if self.pixels is not None:
+            return self
+        from dataclasses import replace
+
+        gpu = th.device(device).type == "cuda"
+        return replace(self, pixels=MAX_PIXELS_GPU if gpu else MAX_PIXELS_CPU)
+
+    @property
+    def upload_bytes(self):
+        return int(self.upload_mb * 2**20)
+
+    def describe(self):
+        """The limits in the page's words, one line."""
+        side = int(self.pixels**0.5)
+        return (
+            f"uploads up to {self.upload_mb:g} MB, images up to {self.pixels:,} pixels "
+            f"(about {side} x {side}), samples x steps up to {self.sample_steps}, "
+            f"{self.seconds:g} s per request"
+        )
+
+
+class Stopped(Exception):
+    """A request stopped before its end: cancelled by its user, or out of time.
+    Not a ValueError, so that nothing on the way up reads it as bad input."""
+
+
+class Control:
+    """
+    One running request: its user can cancel it, and its time is limited. The
+    model calls :meth:`check` before each network call, so a request stops within
+    one network call of a cancel or of its time running out.
+
+    :param seconds: the request's time limit. :param todo: what to do instead of
+        a request stopped for time, in words (the script's command).
+    """
+
+    def __init__(self, seconds, todo=""):
+        self.seconds = seconds
+        self.todo = todo
+        self.began = time.monotonic()
+        self.first_call = None
+        self.calls = 0
+        self.fraction = 0.0  # of the request's network calls, from its progress
+        self._cancelled = threading.Event()
+
+    def cancel(self):
+        self._cancelled.set()
+
+    @property
+    def cancelled(self):
+        return self._cancelled.is_set()
+
+    def progress(self, done, total):
+        self.fraction = done / total if total else 0.0
+
+    def check(self):
+        """Raise :class:`Stopped` when the request was cancelled, has run out of
+        time, or would: its pace so far projects past the limit."""
+        if self.cancelled:
+            raise Stopped(
+                f"Cancelled after {self.calls} network calls; nothing was kept."
+            )
+        now = time.monotonic()
+        elapsed = now - self.began
+        limit = f"the page's limit of {self.seconds:g} s per request (--max_seconds)"
+        if elapsed > self.seconds:
+            raise Stopped(f"Stopped after {elapsed:.0f} s, {limit}; {self.todo}")
+        if self.first_call is None:
+            self.first_call = now
+        elif self.fraction >= PROJECT_AFTER:
+            # the pace since the first call (loading the model not counted twice)
+            whole = (self.first_call - self.began) + (
+                now - self.first_call
+            ) / self.fraction
+            if whole > self.seconds * PROJECT_FACTOR:
+                raise Stopped(
+                    f"Stopped: at its pace it would take about {whole / 60:.0f} min, "
+                    f"more than {limit}; {self.todo}"
+                )
+        self.calls += 1
+
+
+class Checked(th.nn.Module):
+    """The model, asking a :class:`Control` before each call whether to go on."""
+
+    def __init__(self, model, control):
+        super().__init__()
+        self.model = model
+        self.control = control
+
+    def forward(self, x, t, **kwargs):
+        self.control.check()
+        return self.model(x, t, **kwargs)
+
+
 # -- models -----------------------------------------------------------------------------
 
 
@@ -360,17 +499,48 @@ class Translator:
     :param work_dir: where each request's files go (a new temporary folder by
         default); the newest :data:`KEEP_REQUESTS` requests' files are kept.
     :param cache_size: loaded models kept at once.
+    :param limits: what one request may ask (:class:`Limits`, its defaults by
+        default).
     """
 
-    def __init__(self, models, work_dir=None, cache_size=CACHE_SIZE):
+    def __init__(self, models, work_dir=None, cache_size=CACHE_SIZE, limits=None):
         if not models:
             raise PageError("no model to offer: give --model_path or --runs_dir")
         self.models = OrderedDict(models)
         self.work_dir = work_dir or tempfile.mkdtemp(prefix="sar2opt-page-")
         os.makedirs(self.work_dir, exist_ok=True)
         self.cache = ModelCache(cache_size)
+        self.limits = (limits or Limits()).resolved(dist_util.dev())
         self._lock = threading.Lock()
         self._count = 0
+        # one request translates at a time, also when Gradio has let go of one
+        # that is still finishing its network call after a cancel
+        self._worker = threading.Lock()
+        self._running = {}  # the user's session -> the Control of its request
+
+    def expect(self, session):
+        """
+        Note that a request of ``session`` is on its way (the page's Translate
+        button says so before the request joins the queue), so that Cancel reaches
+        it while it waits there.
+        """
+        if session is not None:
+            with self._lock:
+                self._running.setdefault(session, Control(self.limits.seconds))
+
+    def cancel(self, session):
+        """
+        Cancel the request of a user's session, if one runs or waits for the
+        worker: it stops at its next network call (a waiting one as it starts)
+        and its files are removed.
+
+        :return: whether there was one.
+        """
+        with self._lock:
+            control = self._running.get(session)
+        if control is not None:
+            control.cancel()
+        return control is not None
 
     def model_path(self, name):
         """
@@ -428,14 +598,24 @@ class Translator:
             f"{name} has {has}, but the model {model_name} reads {reads}: {todo}."
         )
 
-    def _request_dir(self):
+    def _request_dir(self, need=0):
+        """
+        A new folder for a request's files, after the oldest requests' folders are
+        removed: all but the newest :data:`KEEP_REQUESTS`, and as many more as it
+        takes for ``need`` bytes to fit within the limit on the work folder.
+        """
         with self._lock:
             self._count += 1
             folder = os.path.join(self.work_dir, f"request-{self._count:06d}")
-            os.makedirs(folder)
             done = sorted(glob.glob(os.path.join(self.work_dir, "request-*")))
-            for old in done[:-KEEP_REQUESTS]:
+            gone = done[: max(len(done) - KEEP_REQUESTS + 1, 0)]
+            kept = [(old, folder_bytes(old)) for old in done[len(gone) :]]
+            room = self.limits.work_gb * 1e9 - need
+            while kept and sum(size for _, size in kept) > room:
+                gone.append(kept.pop(0)[0])
+            for old in gone:
                 shutil.rmtree(old, ignore_errors=True)
+            os.makedirs(folder)
         return folder
 
     def job(self, route, path, model_path, sampler, steps, seed, samples=1, folder=""):
@@ -528,11 +708,11 @@ class Translator:
             f"{os.path.basename(path)}: {width} x {height} pixels, translated {how}",
         )
 
-    def translate(
-        self, path, model_name, sampler, steps, seed, progress=None, samples=1
-    ):
+    def translate(self, path, model_name, sampler, steps, seed, progress=None, samples=1,
+                  session=None):  # fmt: skip
         """
-        Translate one upload, once or ``samples`` times.
+        Translate one upload, once or ``samples`` times, within the page's
+        :class:`Limits`; one request at a time.
 
         :param path: the uploaded file (its base name seeds the noise, as a file
             of that name in the sampling script's folder).
@@ -543,50 +723,140 @@ class Translator:
         :param progress: called as progress(steps done, steps) while sampling, the
             steps of every sample counted (K times --timestep_respacing).
         :param samples: K (--samples_per_input), 1 to :data:`MAX_SAMPLES`.
+        :param session: the user's session: :meth:`cancel` with it stops the request.
         :return: a :class:`Result`.
-        :raises PageError: with the message to show.
+        :raises PageError: with the message to show; a request refused, failed,
+            cancelled or stopped leaves no files behind.
         """
-        began = time.perf_counter()
-        check_upload(path)
-        model_path = self.model_path(model_name)
-        if steps is None or int(steps) != steps or steps < 1:
-            raise PageError(f"steps {steps}: give a whole number of 1 or more")
-        if seed is None or int(seed) != seed or seed < 0:
-            raise PageError(f"seed {seed}: give a whole number of 0 or more")
-        if (
-            samples is None
-            or int(samples) != samples
-            or not 1 <= samples <= MAX_SAMPLES
-        ):
-            raise PageError(
-                f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}"
-            )
-        steps, seed, samples = int(steps), int(seed), int(samples)
-        scaling = None
+        with self._lock:
+            control = Control(self.limits.seconds)
+            if session is not None:
+                control = self._running.setdefault(session, control)
         try:
-            probe = RasterRows(path)
-            checkpoint = self.settings(model_path, steps)  # once per request
-            flags, scaling = checkpoint.flags, checkpoint.scaling
-            self._check_bands(path, model_name, flags, scaling)
-            size = flags["image_size"]
-            route = "patch" if (probe.height, probe.width) == (size, size) else "scene"
-            folder = self._request_dir()
-            job = self.job(
-                route, path, model_path, sampler, steps, seed, samples, folder
+            check_upload(path)
+            model_path = self.model_path(model_name)
+            if steps is None or int(steps) != steps or steps < 1:
+                raise PageError(f"steps {steps}: give a whole number of 1 or more")
+            if seed is None or int(seed) != seed or seed < 0:
+                raise PageError(f"seed {seed}: give a whole number of 0 or more")
+            if (
+                samples is None
+                or int(samples) != samples
+                or not 1 <= samples <= MAX_SAMPLES
+            ):
+                raise PageError(
+                    f"samples {samples}: give a whole number from 1 to {MAX_SAMPLES}"
+                )
+            steps, seed, samples = int(steps), int(seed), int(samples)
+            control.todo = self.instead(path, model_path, sampler, steps, seed, samples)
+            self._check_request(path, steps, samples, control.todo)
+            with self._worker:
+                control.began = time.monotonic()  # the wait for the worker not counted
+                began = time.perf_counter()
+                if control.cancelled:
+                    raise Stopped("Cancelled before it started; nothing was kept.")
+                result = self._translate(
+                    path, model_name, model_path, sampler, steps, seed, samples,
+                    progress, control,
+                )  # fmt: skip
+        except Stopped as err:
+            logger.log(f"request for {os.path.basename(path)}: {err}")
+            raise PageError(str(err)) from None
+        finally:
+            with self._lock:
+                if self._running.get(session) is control:
+                    del self._running[session]
+        result.seconds = time.perf_counter() - began
+        return result
+
+    def instead(self, path, model_path, sampler, steps, seed, samples):
+        """What to do with a file the page's limits refuse, in words: the scene
+        script's command for it, which has no such limits."""
+        job = SceneJob(
+            model_path=model_path, sampler=sampler, seed=seed, samples_per_input=samples,
+            model_flags={"timestep_respacing": str(steps)}, input=path,
+            output=os.path.join(self.work_dir, "OUT.tif"),
+        )  # fmt: skip
+        return (
+            "translate it on the server with the scene script, which has no such "
+            f"limit: `{self.command(job, path)}`"
+        )
+
+    def _check_request(self, path, steps, samples, instead):
+        """Refuse an upload larger than the limit, or more samples x steps."""
+        name, limits = os.path.basename(path), self.limits
+        size = os.path.getsize(path)
+        if size > limits.upload_bytes:
+            raise PageError(
+                f"{name} is {megabytes(size)} MB, more than the {limits.upload_mb:g} MB "
+                f"the page takes (--max_upload_mb); {instead}"
             )
-            job.check()
-            translate = self._patch if route == "patch" else self._scene
-            result = self._within_memory(
-                lambda: translate(path, job, checkpoint, folder, progress),
-                route, path, model_path, model_name,
-            )  # fmt: skip
+        if samples * steps > limits.sample_steps:
+            raise PageError(
+                f"{samples} sample{'s' if samples > 1 else ''} x {steps} steps is "
+                f"{samples * steps} network calls per image, more than the page's "
+                f"{limits.sample_steps} (--max_sample_steps): choose fewer steps or "
+                f"samples, or {instead}"
+            )
+
+    def _check_pixels(self, path, height, width, instead):
+        if height * width > self.limits.pixels:
+            raise PageError(
+                f"{os.path.basename(path)} is {width} x {height} = {height * width:,} "
+                f"pixels, more than the {self.limits.pixels:,} the page translates per "
+                f"request (--max_pixels); {instead}"
+            )
+
+    def _translate(self, path, model_name, model_path, sampler, steps, seed, samples,
+                   progress, control):  # fmt: skip
+        """:meth:`translate`'s work, its request's folder removed when it fails."""
+
+        def report(done, total):
+            control.progress(done, total)
+            if progress is not None:
+                progress(done, total)
+
+        scaling = folder = None
+        try:
+            try:
+                probe = RasterRows(path)
+                self._check_pixels(path, probe.height, probe.width, control.todo)
+                checkpoint = self.settings(model_path, steps)  # once per request
+                flags, scaling = checkpoint.flags, checkpoint.scaling
+                self._check_bands(path, model_name, flags, scaling)
+                size = flags["image_size"]
+                route = (
+                    "patch" if (probe.height, probe.width) == (size, size) else "scene"
+                )
+                job = self.job(route, path, model_path, sampler, steps, seed, samples,
+                               self.work_dir)  # fmt: skip
+                need = request_bytes(job, probe.height, probe.width)
+                if need > self.limits.work_gb * 1e9:
+                    raise PageError(
+                        f"{os.path.basename(path)} would need about {need / 1e9:.1f} GB "
+                        f"of the page's work folder, more than its {self.limits.work_gb:g} "
+                        f"GB (--max_work_gb); {control.todo}"
+                    )
+                folder = self._request_dir(need)
+                job = self.job(
+                    route, path, model_path, sampler, steps, seed, samples, folder
+                )
+                job.check()
+                translate = self._patch if route == "patch" else self._scene
+                result = self._within_memory(
+                    lambda: translate(path, job, checkpoint, folder, report, control),
+                    route, path, model_path, model_name,
+                )  # fmt: skip
+            except BaseException:
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
         except (DataError, ValueError, FileNotFoundError, JobMismatch,
                 scene_translation.SceneError) as err:  # fmt: skip
             raise PageError(self._message(err, path, model_name, scaling)) from None
         except DiskFull as err:
             raise PageError(f"{err}: free space on the server and try again") from None
         result.command = self.command(job, path)
-        result.seconds = time.perf_counter() - began
         return result
 
     def _within_memory(self, translate, route, path, model_path, model_name):
@@ -630,15 +900,15 @@ class Translator:
         logger.warn(message)
         raise PageError(message)
 
-    def _patch(self, path, job, checkpoint, folder, progress):
+    def _patch(self, path, job, checkpoint, folder, progress, control):
         """An image at the model's size, as scripts/image_sample_realtime.py
         translates a file of that name (folder.translate_items)."""
         flags, scaling, diffusion, _ = checkpoint
-        model = self.cache.get(job, flags)
+        model = Checked(self.cache.get(job, flags), control)
         name = os.path.basename(path)
         count = job.samples_per_input
         steps = diffusion.num_timesteps * count  # the calls of every sample
-        counter = StepCounter(model, lambda done: progress and progress(done, steps))
+        counter = StepCounter(model, lambda done: progress(done, steps))
         (done,) = translate_items(
             counter, diffusion, [(path, None, name)], job, flags["image_size"], scaling,
             device=dist_util.dev(),
@@ -671,23 +941,24 @@ class Translator:
             result.mean, result.spread = result.files[:2]
         return result
 
-    def _scene(self, path, job, checkpoint, folder, progress):
+    def _scene(self, path, job, checkpoint, folder, progress, control):
         """Any other size, as scripts/translate_scene.py translates it
         (scene_translation.translate_scene), writing what the page offers."""
         flags, scaling, _, _ = checkpoint
         sar, stats = sar_preview(path, scaling, scaling.sar_channels)
         # this request's tiles per call, halved (and kept for its samples) when a
-        # call does not fit in the GPU's memory
+        # call does not fit in the GPU's memory; each call asks the control first
         model = BatchedModel(
-            self.cache.get(job, flags), job.batch_size, pad=job.compile
+            Checked(self.cache.get(job, flags), control),
+            job.batch_size,
+            pad=job.compile,
         )
         count = job.samples_per_input
         current = {"sample": 0}
 
         def tiles(done, total, step, steps):
-            if progress is not None:
-                within = min(steps * done / max(total, 1), steps)
-                progress(current["sample"] * steps + within, count * steps)
+            within = min(steps * done / max(total, 1), steps)
+            progress(current["sample"] * steps + within, count * steps)
 
         def starts(k, samples):
             current["sample"] = k
@@ -722,6 +993,38 @@ class Translator:
             result.files = [result.mean, *([paths["mean"]] if job.geotiff else []),
                             result.spread, paths["spread"]]  # fmt: skip
         return result
+
+
+# Bytes a scene request writes in the work folder per pixel, beyond its GeoTIFFs
+# (scene_outputs.disk_needed): the PNGs and the saved job, generously.
+WORK_BYTES_PER_PIXEL = 64
+
+
+def request_bytes(job, height, width):
+    """At most the bytes a request's files take in the work folder."""
+    if isinstance(job, FolderJob):
+        # the PNG, the GeoTIFF and with K > 1 the mean, spread and its values
+        return 64 * height * width * (1 + (job.samples_per_input > 1)) + 2**20
+    pixels = height * width
+    return scene_outputs.disk_needed(job, height, width) + WORK_BYTES_PER_PIXEL * pixels
+
+
+def megabytes(size):
+    """Bytes in MB (2**20 bytes) as a message shows them: '0.126', '3.41', '1,250.0'."""
+    mb = size / 2**20
+    return f"{mb:,.1f}" if mb >= 10 else f"{mb:.3g}"
+
+
+def folder_bytes(folder):
+    """The bytes of the files under ``folder``."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass  # removed meanwhile
+    return total
 
 
 def _shown_path(path):
@@ -825,7 +1128,7 @@ def build_page(translator, examples=()):
 
     # Gradio finds its progress bar as a default argument
     def run(path, model_name, sampler_name, steps, seed, samples=DEFAULT_SAMPLES,
-            progress=gr.Progress()):  # noqa: B008  # fmt: skip
+            request: gr.Request = None, progress=gr.Progress()):  # noqa: B008  # fmt: skip
         progress(0, desc="starting")
         count = samples if samples and samples == int(samples) and samples >= 1 else 1
 
@@ -843,7 +1146,7 @@ def build_page(translator, examples=()):
                 )
             result = translator.translate(
                 path, model_name, choices[sampler_name], steps, seed, progress=report,
-                samples=samples,
+                samples=samples, session=session_of(request),
             )  # fmt: skip
         except PageError as err:
             # one message, where the result's text goes; gr.Error would mark each
@@ -852,7 +1155,20 @@ def build_page(translator, examples=()):
         return (result.sar, result.png, result.mean, result.spread, result.summary(),
                 result.downloads())  # fmt: skip
 
-    with gr.Blocks(title="SAR to optical", analytics_enabled=False) as page:
+    def expect(request: gr.Request = None):
+        translator.expect(session_of(request))
+
+    def cancel(request: gr.Request = None):
+        if translator.cancel(session_of(request)):
+            return "**Cancelled.** The request stops at its next network call; its files are removed."
+        return "Nothing to cancel: no request of yours is running."
+
+    limits = translator.limits
+
+    # Gradio keeps its own copies of uploads and results: those older than an hour
+    # are deleted every quarter of an hour, so that they too stay bounded
+    with gr.Blocks(title="SAR to optical", analytics_enabled=False,
+                   delete_cache=(GRADIO_CACHE_EVERY, GRADIO_CACHE_AGE)) as page:  # fmt: skip
         gr.Markdown(
             "# SAR to optical\n"
             "Upload a SAR image (PNG, TIFF or GeoTIFF, scaled as the model's training "
@@ -862,12 +1178,15 @@ def build_page(translator, examples=()):
             "`scripts/translate_scene.py` does: the same pixels for the same "
             "settings and file name. With **Samples** above 1 the page also shows "
             "the samples' mean and where they disagree (their spread)."
+            f"\n\nThis page translates {limits.describe()}; a request that would "
+            "take longer, or a larger file, goes to `scripts/translate_scene.py` on "
+            "the server (a refusal gives its command)."
         )
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(
-                    label="SAR image", file_types=list(INPUT_EXTENSIONS),
-                    elem_id="sar-upload",
+                    label=f"SAR image (up to {limits.upload_mb:g} MB)",
+                    file_types=list(INPUT_EXTENSIONS), elem_id="sar-upload",
                 )  # fmt: skip
                 model = gr.Dropdown(names, value=names[0], label="Model")
                 fits, first, first_steps = sampler_update(
@@ -888,7 +1207,9 @@ def build_page(translator, examples=()):
                     info="above 1: their mean and spread too, in that many times the time",
                     elem_id="samples",
                 )  # fmt: skip
-                go = gr.Button("Translate", variant="primary", elem_id="translate")
+                with gr.Row():
+                    go = gr.Button("Translate", variant="primary", elem_id="translate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column(scale=2):
                 with gr.Row():
                     sar_view = gr.Image(label="SAR", type="numpy", format="png",
@@ -933,25 +1254,74 @@ def build_page(translator, examples=()):
             [sar_view, result_view, mean_view, spread_view, info, downloads],
             api_name="translate",
         )  # fmt: skip
+        # not queued, so that a request waiting in the queue can be cancelled
+        go.click(expect, None, None, queue=False, api_name=False)
+        # not queued: it must not wait behind the request it stops (nor stop it
+        # through Gradio, which would mark every output "Error")
+        stop.click(cancel, None, [info], queue=False, api_name="cancel")
     page.queue(default_concurrency_limit=1)
     return page
 
 
-def launch(page, translator, examples=(), *, host="127.0.0.1", port=7860, quiet=True):
+def session_of(request):
+    """The user's session of a Gradio request (one browser tab, one client)."""
+    return getattr(request, "session_hash", None)
+
+
+def is_loopback(host):
+    """Whether ``host`` is an address only this machine reaches."""
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: others may reach it
+
+
+def reach_warning(host, port, auth):
     """
-    Serve the page in the background (no public share link).
+    The line logged when the page serves beyond this machine: who can reach it,
+    and whether it asks for a password; None on a loopback address.
+    """
+    if is_loopback(host):
+        return None
+    where = "any interface of this machine" if host in ("0.0.0.0", "::") else host
+    who = f"anyone who can reach {where} on port {port} can open the page"
+    if auth:
+        users = ", ".join(sorted({user for user, _ in auth}))
+        return f"serving on {host}:{port}: {who}; it asks for a user and password ({users})"
+    return (
+        f"serving on {host}:{port}: {who} and translate with this machine's device; the "
+        "page has no authentication: give --auth USER:PASS (or --auth_file) to ask for "
+        "a password, or serve on 127.0.0.1"
+    )
+
+
+def launch(page, translator, examples=(), *, host="127.0.0.1", port=7860, quiet=True,
+           auth=None):  # fmt: skip
+    """
+    Serve the page in the background (no public share link). Uploads larger than
+    the translator's limit are refused by Gradio as they arrive; serving on an
+    address other machines reach logs who can.
 
     :param page: :func:`build_page`'s. :param translator: the page's :class:`Translator`.
     :param examples: the example files (their folders are served).
+    :param auth: [(user, password), ...] the page asks for (Gradio's login), or None.
     :return: the page's address.
     :raises PageError: the port cannot be served on.
     """
     folders = sorted({os.path.dirname(os.path.abspath(p)) for p in examples})
+    warning = reach_warning(host, port, auth)
+    if warning:
+        logger.warn(warning)
     try:
         page.launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True,
             quiet=quiet, show_error=True, css=PAGE_CSS,
-            allowed_paths=[*folders, translator.work_dir],
+            allowed_paths=[*folders, translator.work_dir], auth=auth or None,
+            max_file_size=translator.limits.upload_bytes,
         )  # fmt: skip
     except OSError:
         # Gradio's own text speaks of its environment variables and launch()
