@@ -9,6 +9,14 @@ the result image on the page, in a real Chromium, on a freshly started page
 
     python benchmarks/bench_app.py                   # about 5 minutes on 2 CPU cores
     python benchmarks/bench_app.py --results ''      # print only
+    python benchmarks/bench_app.py --part shared     # the shared page alone, 1 minute
+
+With --part shared (or all), the page as a lab shares it, two users in two
+browser tabs at once: the first starts the 256 x 256 upload (minutes), the second
+an example, which waits its turn; the first cancels. Measured: how soon the
+second user's image comes after the Cancel click, how soon the first user's
+request says it stopped, and how soon an upload over --max_upload_mb (300 MB
+against the default 256) is refused; then the page serves the next request.
 
 It also reports how long the page took to start (from the command to its printed
 address) and the time the page itself reports for each request. Needs the app
@@ -39,7 +47,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_page(work_dir, timeout=300):
+def start_page(work_dir, *flags, timeout=300):
     """
     ``python scripts/app.py`` on a free port.
 
@@ -48,7 +56,7 @@ def start_page(work_dir, timeout=300):
     began = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "scripts", "app.py"), "--port",
-         str(free_port()), "--work_dir", work_dir],
+         str(free_port()), "--work_dir", work_dir, *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -91,9 +99,64 @@ def timed_click(page, timeout_ms):
     return seconds, float(own.group(1)) if own else float("nan")
 
 
+def shared(args, scene, work):
+    """Two users at once, one cancelling, and an upload over the limit: the rows."""
+    from playwright.sync_api import sync_playwright
+
+    huge = os.path.join(work, "huge_scene.tif")
+    with open(huge, "wb") as f:  # sparse: 300 MB on the page, nothing on the disk
+        f.truncate(300 * 2**20)
+    proc, url, _ = start_page(os.path.join(work, "shared"))
+    rows = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
+            first, second = browser.new_page(), browser.new_page()
+            for page in (first, second):
+                page.goto(url)
+            began = time.perf_counter()
+            first.locator("#sar-upload input[type=file]").set_input_files(huge)
+            first.get_by_text("exceed the maximum allowed size").wait_for(timeout=60_000)
+            rows.append(["an upload of 300 MB (limit 256 MB) refused",
+                         f"{time.perf_counter() - began:.2f}"])  # fmt: skip
+            first.reload()
+            first.locator("#sar-upload input[type=file]").set_input_files(scene)
+            first.locator("#sar-view img").wait_for(timeout=120_000)
+            first.click("#translate")
+            first.get_by_text("step 2/20").first.wait_for(timeout=600_000)
+            second.get_by_role("button", name=EXAMPLE).click()
+            second.locator("#sar-view img").wait_for(timeout=120_000)
+            second.click("#translate")
+            second.get_by_text("queue: 1/1").first.wait_for(timeout=60_000)
+            began = time.perf_counter()
+            first.click("#cancel")
+            first.locator("#info", has_text="Not translated. Cancelled after").wait_for(
+                timeout=600_000
+            )
+            stopped = time.perf_counter() - began
+            second.locator("#result-view img").wait_for(timeout=600_000)
+            second.wait_for_function(
+                "() => document.querySelector('#result-view img').complete"
+            )
+            came = time.perf_counter() - began
+            rows.append(["Cancel click to the first user's 'Cancelled' answer", f"{stopped:.2f}"])
+            rows.append(["Cancel click to the waiting user's image (32 x 32, 20 steps)",
+                         f"{came:.2f}"])  # fmt: skip
+            first.get_by_role("button", name=EXAMPLE).click()
+            first.locator("#sar-view img").wait_for(timeout=120_000)
+            seconds, _ = timed_click(first, 600_000)
+            rows.append(["the first user's next request, click to image", f"{seconds:.2f}"])
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--part", default="all", choices=["response", "shared", "all"])
     parser.add_argument("--size", type=int, default=256, help="the side of the upload (px)")
     parser.add_argument("--results", default=common.DEFAULT_RESULTS,
                         help="the file the section is appended to ('' for none)")  # fmt: skip
@@ -110,6 +173,10 @@ def main():
     try:
         scene = make_scene(work, height=args.size, width=args.size, seed=0,
                            name=f"upload_{args.size}")["sar"]  # fmt: skip
+        if args.part in ("shared", "all"):
+            report_shared(shared(args, scene, work), args)
+        if args.part == "shared":
+            return
         proc, url, startup = start_page(os.path.join(work, "page"))
         rows = []
         try:
@@ -157,6 +224,23 @@ def main():
             "click to image: Playwright clicks Translate in headless Chromium and waits "
             "until the new result image has loaded; the page's own time is the one it "
             "prints, from the request's start in the worker to the result",
+        ],
+        args.results,
+    )
+
+
+def report_shared(rows, args):
+    common.report(
+        "The web page shared: a cancel, a wait, an upload too large",
+        common.markdown_table(["what", "seconds"], rows),
+        [
+            "python scripts/app.py with its default limits and the bundled model, "
+            "DPM-Solver++ 20 steps; two tabs of one headless Chromium: the first "
+            f"starts a {args.size} x {args.size} upload (about 100 s) and cancels it "
+            f"at step 2, while the second's request for the example {EXAMPLE} waits "
+            "in the queue",
+            "the 300 MB file is refused by the page before it is sent (Gradio's "
+            "limit, set by --max_upload_mb)",
         ],
         args.results,
     )
