@@ -94,6 +94,11 @@ def shown(path):
 # -- distill --------------------------------------------------------------------------
 
 
+def seeds_of(args, variant):
+    """The distillation seeds of a variant (--adv_seeds for the adversarial one)."""
+    return args.adv_seeds if variant == "adv" else args.seeds
+
+
 def run_dir(args, variant, seed):
     return os.path.join(args.work_dir, f"{variant}_seed{seed}")
 
@@ -194,14 +199,14 @@ def distill(args, variant, seed):
 
 
 def part_distill(args):
-    for (
-        seed
-    ) in args.seeds:  # seed 0 of every variant first: a shortened run compares them
+    # seed 0 of every variant first: a shortened run compares them
+    for seed in dict.fromkeys(args.seeds + args.adv_seeds):
         for variant in args.variants:
-            distill(args, variant, seed)
+            if seed in seeds_of(args, variant):
+                distill(args, variant, seed)
     rows = []
     for variant in args.variants:
-        for seed in args.seeds:
+        for seed in seeds_of(args, variant):
             state = read_state(run_dir(args, variant, seed))
             step, _ = student_checkpoint(args, variant, seed)
             rows.append([label(variant), seed, step, f"{state['seconds'] / 60:.1f}"])
@@ -216,8 +221,9 @@ def part_distill(args):
             + (f", at most {args.max_steps} steps" if args.max_steps else "")
             + f"; batch {args.batch_size}, lr {args.lr}, target EMA {args.target_ema}, "
             f"adversarial weight {args.adv_weight} (adv runs), image_distill.py's other defaults",
-            "minutes: wall time of image_distill.py, start-up and checkpoints included; "
-            "the runs ran one after the other",
+            "minutes: wall time of image_distill.py, start-up, checkpoints and "
+            f"validation included, at {th.get_num_threads()} torch threads per run "
+            "(OMP_NUM_THREADS); with --max_steps the steps are the budget",
         ],
         args.results,
     )
@@ -316,7 +322,7 @@ def eval_jobs(args):
     ]
     for variant in args.variants:
         for n in STUDENT_STEPS:
-            for seed in args.seeds:
+            for seed in seeds_of(args, variant):
                 jobs.append((f"{variant}_seed{seed}_{n}", label(variant), variant, seed,
                              "consistency", n))  # fmt: skip
     return jobs
@@ -391,8 +397,8 @@ def write_eval_report(args, scores, num_images):
         rows.append(
             [title, sampler, steps, "" if seed is None else seed, *cells(scores[key])]
         )
-        if variant is not None and seed == args.seeds[-1]:
-            runs = [scores[f"{variant}_seed{s}_{steps}"] for s in args.seeds
+        if variant is not None and seed == seeds_of(args, variant)[-1]:
+            runs = [scores[f"{variant}_seed{s}_{steps}"] for s in seeds_of(args, variant)
                     if f"{variant}_seed{s}_{steps}" in scores]  # fmt: skip
             if len(runs) > 1:
                 rows.append(
@@ -405,7 +411,7 @@ def write_eval_report(args, scores, num_images):
                     ]
                 )
     for variant in args.variants:
-        for seed in args.seeds:
+        for seed in seeds_of(args, variant):
             student = scores.get(f"{variant}_seed{seed}_4")
             if student is None:
                 continue
@@ -538,6 +544,9 @@ def parse_args():
         "--seeds", default="0,1", help="comma-separated distillation seeds"
     )
     parser.add_argument(
+        "--adv_seeds", default=None, help="the adv variant's seeds (default: --seeds)"
+    )
+    parser.add_argument(
         "--adv_weight",
         type=float,
         default=0.1,
@@ -583,6 +592,11 @@ def parse_args():
                              "a temporary folder")  # fmt: skip
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.adv_seeds = (
+        args.seeds
+        if args.adv_seeds is None
+        else [int(s) for s in args.adv_seeds.split(",")]
+    )
     args.variants = args.variants.split(",")
     if set(args.variants) - {"plain", "adv"}:
         parser.error(f"--variants {','.join(args.variants)}: choose of plain, adv")
