@@ -75,6 +75,10 @@ GEOTIFF, SCENE_OUT, S1, ARCHIVE = (
     "guided_diffusion/io/sentinel1.py",
     "guided_diffusion/translation/archive.py",
 )
+CONSISTENCY, DISTILL = (
+    "guided_diffusion/base/consistency.py",
+    "guided_diffusion/distillation.py",
+)
 T = "tests/"
 SCALING_TESTS = (T + "test_scene_scaling.py", T + "test_rasters.py")
 FUSION_TESTS = (T + "test_fusion_windows.py", T + "test_tiling.py")
@@ -221,6 +225,33 @@ BUGS = [
     Bug("resume restarts the EMA from the model", TRAIN,
         "values = self.mp_trainer.state_dict_to_master_params(ema_state)",
         "values = self.mp_trainer.master_params", (T + "test_train.py",)),
+    # -- the distilled student (issue 24) --------------------------------------------
+    Bug("consistency c_out without its square root", CONSISTENCY,
+        "c_out = scaled / (scaled**2 + SIGMA_DATA**2).sqrt()",
+        "c_out = scaled / (scaled**2 + SIGMA_DATA**2)",
+        (T + "test_consistency.py",)),
+    Bug("consistency sampler re-noises to the timestep it left", "guided_diffusion/base/samplers.py",
+        "x = math.sqrt(abar[t_next]) * x0 + math.sqrt(1.0 - abar[t_next]) * z",
+        "x = math.sqrt(abar[t]) * x0 + math.sqrt(1.0 - abar[t]) * z",
+        (T + "test_sampler_contract.py", T + "test_consistency.py", T + "test_samplers.py")),
+    Bug("distillation pairs without a skip (the teacher steps from t to t)", DISTILL,
+        "s = (t - self.skip).clamp(min=0)", "s = t.clamp(min=0)",
+        (T + "test_distill.py",)),
+    # -- the page on a shared machine (issue 25) --------------------------------------
+    Bug("page Cancel ignored", APP,
+        "        if self.cancelled:\n            raise Stopped(\n",
+        "        if False:\n            raise Stopped(\n",
+        (T + "test_app_shared.py",)),
+    Bug("page keeps a stopped request's files", APP,
+        "                if folder is not None:\n                    shutil.rmtree(folder, ignore_errors=True)\n",
+        "                pass\n",
+        (T + "test_app_shared.py",)),
+    Bug("page time limit read as minutes", APP,
+        "if elapsed > self.seconds:", "if elapsed > self.seconds * 60:",
+        (T + "test_app_shared.py",)),
+    Bug("page work folder drops its newest request first", APP,
+        "gone.append(kept.pop(0)[0])", "gone.append(kept.pop()[0])",
+        (T + "test_app_shared.py",)),
     # -- sampling ------------------------------------------------------------------
     Bug("image noise ignores the file's name", "guided_diffusion/translation/sampling.py",
         "return hashed_seed(int(seed), name)",

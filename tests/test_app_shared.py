@@ -227,24 +227,30 @@ def test_the_pace_stops_a_request_that_would_overrun_at_once(monkeypatch):
 
 def test_the_work_folder_keeps_within_its_size(tmp_path):
     translator = app.Translator(app.find_models(), work_dir=str(tmp_path / "work"))
-    translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, 0)
-    (first,) = Path(translator.work_dir).glob("request-*")
-    size = app.folder_bytes(first)
+    work = Path(translator.work_dir)
+    for seed in range(3):
+        translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, seed)
+    sizes = {p.name: app.folder_bytes(p) for p in work.glob("request-*")}
+    assert len(sizes) == 3 and min(sizes.values()) > 0
     job = translator.job(
         "patch", str(EXAMPLE), translator.models[MODEL], "dpm++2m", 2, 0
     )
     need = app.request_bytes(job, 32, 32)
-    # room for the next request, but not beside the first
-    translator.limits = replace(translator.limits, work_gb=(need + size - 1) / 1e9)
-    translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, 1)
-    assert [p.name for p in Path(translator.work_dir).glob("request-*")] == [
-        "request-000002"
-    ]
-    # with room for both, both stay
-    size = app.folder_bytes(Path(translator.work_dir) / "request-000002")
-    translator.limits = replace(translator.limits, work_gb=(need + size) / 1e9)
-    translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, 2)
-    assert len(list(Path(translator.work_dir).glob("request-*"))) == 2
+    # room for the next request and the newest one before it, not two: the
+    # oldest go first
+    room = need + sizes["request-000003"] + min(sizes.values()) - 1
+    translator.limits = replace(translator.limits, work_gb=room / 1e9)
+    translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, 3)
+    assert sorted(p.name for p in work.glob("request-*")) == [
+        "request-000003", "request-000004"]  # fmt: skip
+    # with room for all, nothing goes
+    size = app.folder_bytes(work / "request-000004")
+    translator.limits = replace(
+        translator.limits, work_gb=(need + size + sizes["request-000003"]) / 1e9
+    )
+    translator.translate(str(EXAMPLE), MODEL, "dpm++2m", 2, 4)
+    assert sorted(p.name for p in work.glob("request-*")) == [
+        "request-000003", "request-000004", "request-000005"]  # fmt: skip
     # a request that alone would not fit is refused, naming the flag
     scene = translator.job("scene", str(SCENE), translator.models[MODEL], "dpm++2m", 2, 0,
                            folder=translator.work_dir)  # fmt: skip
