@@ -35,6 +35,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -332,7 +333,10 @@ def part_eval(args):
     device = dist_util.dev()
     teacher, flags, config = load(args.teacher_path, device)
     images = TestSet(args, flags, config)
-    out_dir = os.path.join(args.work_dir, "eval")
+    # the teacher's rows differ with its respacing: each kind of table its own folder
+    out_dir = os.path.join(
+        args.work_dir, "eval" if args.teacher_respacing == "usual" else "eval_trailing"
+    )
     os.makedirs(out_dir, exist_ok=True)
     # warm-up: a process's first calls set up kernels and would count against the first row
     translate(teacher, diffusion_of(flags, "2"), images.sar[:1], sampler="dpm++2m")
@@ -508,6 +512,43 @@ def part_figure(args):
           f"{', '.join(map(str, FIGURE_STEPS))} calls", flush=True)  # fmt: skip
 
 
+# -- bundle ---------------------------------------------------------------------------
+
+
+def part_bundle(args):
+    """
+    Copy the student chosen with --bundle VARIANT:SEED (its target network's newest
+    EMA file and its config.json) into --bundle_dir, the paths it records made
+    relative to the repository, as the page and translate_scene.py find it.
+    """
+    variant, _, seed = args.bundle.partition(":")
+    step, ckpt = student_checkpoint(args, variant, int(seed))
+    if ckpt is None:
+        sys.exit(
+            f"bench_distill: no student in {shown(run_dir(args, variant, int(seed)))}"
+        )
+    config = read_run_config(ckpt)
+
+    def relative(path):
+        return shown(path) if isinstance(path, str) and path else path
+
+    for key in ("data_dir_sar", "data_dir_opt", "data_dir", "val_data_dir"):
+        if key in config:
+            config[key] = relative(config[key])
+    config["distillation"]["teacher"] = relative(config["distillation"]["teacher"])
+    config["bundled_from"] = {"run": shown(run_dir(args, variant, int(seed))),
+                              "checkpoint": os.path.basename(ckpt), "step": step}  # fmt: skip
+    os.makedirs(args.bundle_dir, exist_ok=True)
+    model = os.path.join(args.bundle_dir, "model.pt")
+    shutil.copyfile(ckpt, model + ".tmp")
+    os.replace(model + ".tmp", model)
+    path = os.path.join(args.bundle_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    print(f"bundled {shown(ckpt)} (step {step}) as {shown(args.bundle_dir)}/model.pt")
+
+
 # -- the command line -----------------------------------------------------------------
 
 
@@ -524,8 +565,15 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", default="all", choices=["distill", "eval", "figure", "all"]
+        "--part", default="all", choices=["distill", "eval", "figure", "all", "bundle"]
     )
+    parser.add_argument(
+        "--bundle",
+        default="plain:0",
+        help="--part bundle: the student VARIANT:SEED to copy",
+    )
+    parser.add_argument("--bundle_dir", default=os.path.join(REPO, "assets", "scene_student"),
+                        help="--part bundle: where (default assets/scene_student)")  # fmt: skip
     parser.add_argument("--teacher_path", default=TEACHER)
     parser.add_argument(
         "--data_dir",
@@ -638,6 +686,8 @@ def main():
         part_eval(args)
     if args.part in ("figure", "all"):
         part_figure(args)
+    if args.part == "bundle":
+        part_bundle(args)
     if args.quick:
         print(f"quick run's files: {args.work_dir}")
 
