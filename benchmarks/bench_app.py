@@ -5,7 +5,10 @@ the result image on the page, in a real Chromium, on a freshly started page
 
 * an example at the model's size (32 x 32), the first request (the model is
   loaded then) and again with another seed;
-* a 256 x 256 upload (a generated scene), translated as a whole scene in tiles.
+* a 256 x 256 upload (a generated scene), translated as a whole scene in tiles;
+
+and the same with the bundled distilled student (assets/scene_student, the
+consistency sampler at 2 calls, chosen in the page's Model list), when it is there.
 
     python benchmarks/bench_app.py                   # about 5 minutes on 2 CPU cores
     python benchmarks/bench_app.py --results ''      # print only
@@ -39,6 +42,13 @@ import common
 
 REPO = os.path.dirname(common.BENCH_DIR)
 EXAMPLE = "fields_32.tif"
+# (the page's name, the file, the sampler and steps the page picks for it)
+MODELS = [
+    ("scene_model (bundled demo)",
+     os.path.join(REPO, "assets", "scene_model", "model.pt"), "DPM-Solver++", 20),
+    ("scene_student (bundled demo, distilled student)",
+     os.path.join(REPO, "assets", "scene_student", "model.pt"), "Consistency", 2),
+]  # fmt: skip
 
 
 def free_port():
@@ -153,6 +163,40 @@ def shared(args, scene, work):
     return rows
 
 
+def response_rows(browser, url, scene, model, args):
+    """The example twice and the upload with one bundled model, on a new tab."""
+    name, _, sampler, steps = model
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.goto(url)
+    page.locator("#model input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+    page.wait_for_function(
+        "n => document.querySelector('#steps input[type=number]').value == n",
+        arg=str(steps), timeout=60_000,
+    )  # fmt: skip
+    what = f"{name}, {sampler} {steps}"
+    rows = []
+    page.get_by_role("button", name=EXAMPLE).click()  # the example
+    page.locator("#sar-view img").wait_for(timeout=120_000)
+    for seed, label in ((0, "first request (model loaded)"),
+                        (1, "again, seed 1 (a new image)")):  # fmt: skip
+        page.locator("#seed input").fill(str(seed))
+        seconds, own = timed_click(page, 600_000)
+        rows.append([what, f"example {EXAMPLE}, 32 x 32, {label}", "patch",
+                     f"{seconds:.2f}", f"{own:.2f}"])  # fmt: skip
+    page.locator("#sar-upload button[aria-label=Clear]").click()  # the example
+    page.locator("#sar-upload input[type=file]").set_input_files(scene)
+    page.wait_for_function(
+        "name => document.querySelector('#info').innerText.includes(name)",
+        arg=os.path.basename(scene), timeout=120_000,
+    )  # fmt: skip
+    seconds, own = timed_click(page, 3_600_000)
+    rows.append([what, f"upload {args.size} x {args.size}", "scene (tiles)",
+                 f"{seconds:.2f}", f"{own:.2f}"])  # fmt: skip
+    page.close()
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -182,25 +226,10 @@ def main():
         try:
             with sync_playwright() as p:
                 browser = p.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
-                page = browser.new_page(viewport={"width": 1280, "height": 860})
-                page.goto(url)
-                page.get_by_role("button", name=EXAMPLE).click()  # the example
-                page.locator("#sar-view img").wait_for(timeout=120_000)
-                for seed, label in ((0, "first request (model loaded)"),
-                                    (1, "again, seed 1 (a new image)")):  # fmt: skip
-                    page.locator("#seed input").fill(str(seed))
-                    seconds, own = timed_click(page, 600_000)
-                    rows.append([f"example {EXAMPLE}, 32 x 32, {label}", "patch",
-                                 f"{seconds:.2f}", f"{own:.2f}"])  # fmt: skip
-                page.locator("#sar-upload button[aria-label=Clear]").click()  # the example
-                page.locator("#sar-upload input[type=file]").set_input_files(scene)
-                page.wait_for_function(
-                    "name => document.querySelector('#info').innerText.includes(name)",
-                    arg=os.path.basename(scene), timeout=120_000,
-                )  # fmt: skip
-                seconds, own = timed_click(page, 3_600_000)
-                rows.append([f"upload {args.size} x {args.size}", "scene (tiles)",
-                             f"{seconds:.2f}", f"{own:.2f}"])  # fmt: skip
+                for model in MODELS:
+                    if not os.path.isfile(model[1]):
+                        continue
+                    rows += response_rows(browser, url, scene, model, args)
                 browser.close()
         finally:
             proc.terminate()
@@ -208,7 +237,7 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = common.markdown_table(
-        ["request", "route", "click to image (s)", "the page's own time (s)"], rows
+        ["model", "request", "route", "click to image (s)", "the page's own time (s)"], rows
     )
     common.report(
         "The web page's response time",
@@ -216,8 +245,10 @@ def main():
         [
             f"python scripts/app.py started in {startup:.1f} s (the command to its "
             "printed address); the requests follow on that fresh page, in this order",
-            "model: the bundled assets/scene_model/model.pt (32 px); DPM-Solver++ "
-            "(dpm++2m), 20 steps, seed 0 (but the second row); the upload is make_scene(seed=0) of "
+            "models: the bundled assets/scene_model/model.pt (32 px) with DPM-Solver++ "
+            "(dpm++2m) at 20 steps, and its distilled student assets/scene_student/model.pt "
+            "with the consistency sampler at 2 calls (the page's choices for each), each "
+            "on its own tab; seed 0 (but the second row of each); the upload is make_scene(seed=0) of "
             "guided_diffusion/demo/sen12ms.py, translated with translate_scene.py's "
             "defaults (overlap 16, tiles moved every step) and the page's 64 tiles per "
             "network call",

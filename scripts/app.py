@@ -14,7 +14,8 @@ GeoTIFF with the input's georeference when it had one. With Samples K above 1
 their spread, and offers their files.
 
 Without --model_path or --runs_dir the page offers the small model bundled in
-assets/scene_model/ (trained on generated scenes; VV and VH in dB) and the
+assets/scene_model/ (trained on generated scenes; VV and VH in dB), its distilled
+student in assets/scene_student/ (2 network calls instead of 20) and the
 generated examples in assets/examples/. The files are read as the model's
 training run read its data (its config.json). Requests queue and run one at a
 time; the last two models used stay loaded; Cancel stops the user's request at its

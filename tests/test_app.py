@@ -32,13 +32,18 @@ pytest.importorskip("gradio_client", reason="pip install -e '.[app]'")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from guided_diffusion.io.checkpoints import read_run_config  # noqa: E402
 from guided_diffusion.page import app  # noqa: E402
-from guided_diffusion.translation.scene_translation import BUNDLED_MODEL  # noqa: E402
+from guided_diffusion.translation.scene_translation import (  # noqa: E402
+    BUNDLED_MODEL,
+    BUNDLED_STUDENT,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "assets" / "examples" / "fields_32.tif"
 SCENE_EXAMPLE = ROOT / "assets" / "examples" / "scene_64x96.tif"
 MODEL = "scene_model (bundled demo)"
+STUDENT = "scene_student (bundled demo, distilled student)"
 # few steps: the facts do not depend on how many
 FAST = ("DPM-Solver++", 4, 3)
 pytestmark = [
@@ -310,6 +315,7 @@ def test_the_models_offered_and_the_two_kept_loaded(tmp_path):
         "run_a": str(runs / "run_a" / "ema_0.9999_000200.pt"),
         "run_b": str(runs / "run_b" / "model000050.pt"),
         MODEL: BUNDLED_MODEL,
+        STUDENT: BUNDLED_STUDENT,  # the bundled student, beside its teacher
     }
     with pytest.raises(app.PageError, match="--model_path nowhere.pt: no such file"):
         app.find_models(["nowhere.pt"])
@@ -403,7 +409,8 @@ def test_out_of_gpu_memory_retries_at_a_smaller_batch_and_the_page_keeps_working
 def test_a_registered_sampler_is_offered_and_runs(page, client, monkeypatch):
     # The page offers what samplers.SAMPLERS holds when it is built: a sampler
     # registered now (DDIM under another name, recording its calls) is a choice
-    # under its registered name, after the three the page names, and translates.
+    # under its registered name, after the four the page names, fits a diffusion
+    # model, and translates.
     from guided_diffusion.base import samplers
 
     calls = []
@@ -416,7 +423,9 @@ def test_a_registered_sampler_is_offered_and_runs(page, client, monkeypatch):
     _, translator, examples = page
     blocks = app.build_page(translator, examples)
     radio = next(b for b in blocks.blocks.values() if getattr(b, "label", None) == "Sampler")
-    assert [value for _, value in radio.choices] == ["DPM-Solver++", "DDIM", "DDPM", "toy"]
+    assert [value for _, value in radio.choices] == [
+        "DPM-Solver++", "DDIM", "DDPM", "Consistency (distilled student)", "toy"]  # fmt: skip
+    assert list(translator.sampler_choices(MODEL)) == ["DPM-Solver++", "DDIM", "DDPM", "toy"]
     url = app.launch(blocks, translator, examples, port=free_port())
     try:
         _, result, _, _ = ask(Client(url, verbose=False), EXAMPLE, "toy", 3, 5)
@@ -425,3 +434,15 @@ def test_a_registered_sampler_is_offered_and_runs(page, client, monkeypatch):
     assert calls == [3]
     _, expected, _, _ = ask(client, EXAMPLE, "DDIM", 3, 5)
     assert np.array_equal(pixels(result), pixels(expected))
+
+
+def test_the_bundled_student_is_offered_beside_its_teacher(client):
+    # the bundled student's config.json names its teacher, by a path in the repository
+    config = read_run_config(BUNDLED_STUDENT)
+    assert config["distillation"]["teacher"] == "assets/scene_model/model.pt"
+    sar, result, text, _ = ask(client, EXAMPLE, "Consistency (distilled student)", 2, 3, STUDENT)
+    assert pixels(result).std() > 5
+    assert "--sampler consistency --timestep_respacing 2" in text
+    # the teacher's sampler refused for it, in one message naming the right one
+    _, result, text, _ = ask(client, EXAMPLE, "DPM-Solver++", 2, 3, STUDENT)
+    assert result is None and "consistency" in text

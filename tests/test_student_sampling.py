@@ -224,7 +224,7 @@ def test_the_page_offers_the_samplers_that_fit_the_model(runs, tmp_path):
     # choosing the student switches the sampler and its steps; back, the teacher's
     fits, shown, steps = app.sampler_update(translator, "student", app.DEFAULT_SAMPLER)
     assert (
-        fits == [app.SAMPLER_LABELS["consistency"]] and shown == fits[0] and steps == 4
+        fits == [app.SAMPLER_LABELS["consistency"]] and shown == fits[0] and steps == sampling.STUDENT_STEPS
     )
     fits, shown, steps = app.sampler_update(translator, "teacher", shown)
     assert shown == app.DEFAULT_SAMPLER and steps == app.DEFAULT_STEPS
@@ -300,7 +300,7 @@ def test_the_default_sampler_follows_the_model(runs, tmp_path):
     assert (
         FolderJob.from_flags({**values, "model_path": str(teacher)}).sampler == "ddpm"
     )
-    assert sampling.student_respacing("", 1000) == "trailing4"
+    assert sampling.student_respacing("", 1000) == "trailing2"
     assert sampling.student_respacing("8", 1000) == "trailing8"
     assert sampling.student_respacing("trailing2", 1000) == "trailing2"
 

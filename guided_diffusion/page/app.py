@@ -248,7 +248,7 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
     :param runs_dir: a folder of training runs (--runs_dir): each run folder in it
         (or the folder itself) that holds checkpoints gives its newest one
         (:func:`~guided_diffusion.io.checkpoints.newest_sampling_checkpoint`).
-    :param bundled: offer the bundled demo model too, last.
+    :param bundled: offer the bundled demo model and its distilled student too, last.
     :return: an ordered dict, name shown -> checkpoint path.
     :raises PageError: a --model_path that is no file, or a --runs_dir with no run.
     """
@@ -273,14 +273,16 @@ def find_models(model_paths=(), runs_dir=None, *, bundled=True):
                 "runs, or the files with --model_path"
             )
         paths += [os.path.abspath(p) for p in found]
+    shipped = {
+        scene_translation.BUNDLED_MODEL: " (bundled demo)",
+        scene_translation.BUNDLED_STUDENT: " (bundled demo, distilled student)",
+    }
     if bundled:
-        paths.append(scene_translation.BUNDLED_MODEL)
+        paths += [p for p in shipped if os.path.isfile(p)]
     models = OrderedDict()
     for path in dict.fromkeys(paths):  # each file once, in order
         run = os.path.basename(os.path.dirname(path))
-        name = run + (
-            " (bundled demo)" if path == scene_translation.BUNDLED_MODEL else ""
-        )
+        name = run + shipped.get(path, "")
         if name in models:
             name = f"{run} ({os.path.basename(path)})"
         models[name] = path
@@ -1188,12 +1190,15 @@ def build_page(translator, examples=()):
                     label=f"SAR image (up to {limits.upload_mb:g} MB)",
                     file_types=list(INPUT_EXTENSIONS), elem_id="sar-upload",
                 )  # fmt: skip
-                model = gr.Dropdown(names, value=names[0], label="Model")
+                model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
                 fits, first, first_steps = sampler_update(
                     translator, names[0], DEFAULT_SAMPLER
                 )
+                # every sampler is a valid value (a client of the API may choose
+                # any model), and the page shows those that fit the model chosen
+                # (set as the page loads, and when the model changes)
                 sampler = gr.Radio(
-                    fits, value=first, label="Sampler", elem_id="sampler"
+                    list(choices), value=first, label="Sampler", elem_id="sampler"
                 )
                 steps = gr.Slider(
                     1, 1000, value=first_steps or DEFAULT_STEPS, step=1, label="Steps",
@@ -1245,6 +1250,7 @@ def build_page(translator, examples=()):
             return gr.update(choices=fits, value=shown), kept
 
         model.change(model_chosen, [model, sampler], [sampler, steps], api_name=False)
+        page.load(model_chosen, [model, sampler], [sampler, steps], api_name=False)
         samples.change(
             lambda k: [gr.update(visible=k > 1)] * 2, [samples], [mean_view, spread_view],
             api_name=False,

@@ -78,6 +78,11 @@ BUNDLED_MODEL = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "assets", "scene_model", "model.pt",
 )
+# Its distilled few-step student (benchmarks/bench_distill.py --part bundle): the
+# same network, sampled with the consistency sampler in 2 calls by default.
+BUNDLED_STUDENT = os.path.join(
+    os.path.dirname(os.path.dirname(BUNDLED_MODEL)), "scene_student", "model.pt"
+)
 # --memory auto keeps the arrays in memory while they take at most this share of
 # the memory available when the job starts (shared by the processes of a machine).
 MEMORY_SHARE = 0.5
