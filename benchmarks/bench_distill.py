@@ -19,6 +19,8 @@ in three parts, each resumable:
     # the data, and the teacher's training time: a fresh run of the bundled model's recipe
     time RUN_DIR=logs/teacher_timing DATA_FORMAT=sen12ms bash demo.sh
     python benchmarks/bench_distill.py --part distill --teacher_minutes M   # 4 runs of 2 M min
+    # or the budget in steps (2 M min at the step rate measured alone), which does
+    # not depend on what else runs: --max_steps N; RESULTS.md used 1400
     python benchmarks/bench_distill.py --part eval
     python benchmarks/bench_distill.py --part figure
     python benchmarks/bench_distill.py --quick   # every part, tiny: seconds
