@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch as th
@@ -144,8 +144,6 @@ class Limits:
         """The limits with ``pixels`` set for ``device`` when it was left to it."""
         if self.pixels is not None:
             return self
-        from dataclasses import replace
-
         gpu = th.device(device).type == "cuda"
         return replace(self, pixels=MAX_PIXELS_GPU if gpu else MAX_PIXELS_CPU)
 
@@ -515,8 +513,8 @@ class Translator:
         self.limits = (limits or Limits()).resolved(dist_util.dev())
         self._lock = threading.Lock()
         self._count = 0
-        # one request translates at a time, also when Gradio has let go of one
-        # that is still finishing its network call after a cancel
+        # one request translates at a time, whoever calls (Gradio's queue does the
+        # same for the page; a script may call translate from several threads)
         self._worker = threading.Lock()
         self._running = {}  # the user's session -> the Control of its request
 
@@ -997,8 +995,9 @@ class Translator:
         return result
 
 
-# Bytes a scene request writes in the work folder per pixel, beyond its GeoTIFFs
-# (scene_outputs.disk_needed): the PNGs and the saved job, generously.
+# Bytes a request writes in the work folder per pixel, beyond a scene's GeoTIFFs
+# (scene_outputs.disk_needed): the PNGs and the saved job, generously (4 to 15
+# measured).
 WORK_BYTES_PER_PIXEL = 64
 
 
@@ -1006,7 +1005,10 @@ def request_bytes(job, height, width):
     """At most the bytes a request's files take in the work folder."""
     if isinstance(job, FolderJob):
         # the PNG, the GeoTIFF and with K > 1 the mean, spread and its values
-        return 64 * height * width * (1 + (job.samples_per_input > 1)) + 2**20
+        return (
+            WORK_BYTES_PER_PIXEL * height * width * (1 + (job.samples_per_input > 1))
+            + 2**20
+        )
     pixels = height * width
     return scene_outputs.disk_needed(job, height, width) + WORK_BYTES_PER_PIXEL * pixels
 
@@ -1190,7 +1192,9 @@ def build_page(translator, examples=()):
                     label=f"SAR image (up to {limits.upload_mb:g} MB)",
                     file_types=list(INPUT_EXTENSIONS), elem_id="sar-upload",
                 )  # fmt: skip
-                model = gr.Dropdown(names, value=names[0], label="Model", elem_id="model")
+                model = gr.Dropdown(
+                    names, value=names[0], label="Model", elem_id="model"
+                )
                 fits, first, first_steps = sampler_update(
                     translator, names[0], DEFAULT_SAMPLER
                 )
