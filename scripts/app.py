@@ -91,7 +91,8 @@ def create_argparser():
         "--max_upload_mb",
         type=float,
         default=MAX_UPLOAD_MB,
-        help=f"the largest upload, in MB (default {MAX_UPLOAD_MB})",
+        help="the largest upload, in MB of 2**20 bytes as Gradio counts them "
+        f"(default {MAX_UPLOAD_MB})",
     )
     limits.add_argument("--max_pixels", type=int, default=None,
                         help="the most pixels of an image the page translates (default "
